@@ -1,0 +1,41 @@
+"""Where kernels can run, and the interpreter's bf16 shim.
+
+Triton's CPU interpreter mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise
+math gives garbage; see shared/TRITON_CPU.md). Our answer: under the interpreter only,
+launchers widen bf16 operands to fp32 before the launch (exact) and round the fp32 result
+back to bf16 with torch (round-to-nearest-even) afterwards. On a GPU nothing is widened.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def can_launch(device: torch.device) -> bool:
+    """True when a Triton kernel can run on tensors of ``device``."""
+    if not triton_installed():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a launcher hands to the kernel for ``dtype`` operands on ``device``
+    (bf16 -> fp32 under the interpreter, everything else unchanged)."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return torch.float32
+    return dtype

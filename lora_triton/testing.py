@@ -1,0 +1,79 @@
+"""Helpers for testing kernels against the reference (used by tests/ and bench/).
+
+The error measure is the one the project promises: ``||out - ref|| / ||ref||`` with the
+reference computed in float64. Bounds per activation dtype come from the unit roundoff of
+the output dtype times a small factor for the reduction length (see ``REL_TOL``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import NF4Weight
+
+#: Relative-error bounds (||out-ref||/||ref||) per activation dtype for kernel outputs.
+#: fp32 accumulates in fp32 (u = 6e-8, sums of a few thousand terms give ~1e-6);
+#: fp16/bf16 outputs are rounded once to u = 4.9e-4 / 3.9e-3 and their inputs were rounded
+#: too, so a few units of u bound the error of a correct kernel.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref||_F / ||ref||_F`` computed in float64 (0 when both are zero)."""
+    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    denom = ref64.norm()
+    if denom == 0:
+        return float((out64 - ref64).norm())
+    return float((out64 - ref64).norm() / denom)
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, what: str = "") -> float:
+    """Assert shapes match, ``out`` is finite and its relative error is within ``REL_TOL``.
+
+    ``dtype`` picks the bound (default ``out.dtype``). Returns the error for reporting.
+    """
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values in output"
+    tol = REL_TOL[dtype or out.dtype]
+    err = relative_error(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.1e} for {dtype or out.dtype}"
+    return err
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN in place (integer tensors with their max value): a kernel that
+    forgets to write an element then fails the comparison instead of passing on stale data."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def random_lora_problem(
+    m: int,
+    n: int,
+    k: int,
+    r: int,
+    dtype: torch.dtype = torch.float32,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    bias: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> dict:
+    """Fresh random inputs of a LoRA-on-NF4 layer, scaled like a real layer.
+
+    Returns a dict with ``x [m, k]`` (dtype), ``weight`` (NF4Weight of a ``[n, k]`` bf16
+    weight), ``lora_a [r, k]``, ``lora_b [n, r]`` (dtype, both non-zero), ``scale`` and
+    ``bias [n]`` or None.
+    """
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    randn = lambda *shape, std=1.0: (torch.randn(*shape, generator=gen) * std)  # noqa: E731
+    w = randn(n, k, std=k**-0.5).to(torch.bfloat16)
+    return {
+        "x": randn(m, k).to(dtype).to(device),
+        "weight": NF4Weight.quantize(w, blocksize, double_quant).to(device),
+        "lora_a": randn(r, k, std=k**-0.5).to(dtype).to(device),
+        "lora_b": randn(n, r, std=r**-0.5).to(dtype).to(device),
+        "scale": 2.0 / r,
+        "bias": randn(n).to(dtype).to(device) if bias else None,
+    }
