@@ -228,24 +228,30 @@ class NF4Weight:
             raise TypeError(f"quant state dtype must be float32, float16 or bfloat16, got {self.dtype}")
         _expect(self.packed, "packed weight", torch.uint8, (self.numel + 1) // 2)
         _expect(self.code, "quant_map", torch.float32, 16)
-        if not torch.equal(self.code.cpu(), nf4_code()):
-            raise ValueError("quant_map is not the NF4 code book (an fp4 or corrupt quant state?)")
         if self.double_quant:
             _expect(self.absmax, "absmax (double-quantized)", torch.uint8, self.n_blocks)
             _expect(self.nested_absmax, "nested_absmax", torch.float32, math.ceil(self.n_blocks / NESTED_BLOCKSIZE))
             _expect(self.nested_code, "nested_quant_map", torch.float32, 256)
             if self.offset is None or self.offset.numel() != 1:
                 raise ValueError("double-quantized NF4 state needs a scalar nested offset")
-            _expect_finite(self.nested_absmax, "nested_absmax")
-            _expect_finite(self.offset, "nested offset")
         else:
             if self.nested_code is not None or self.offset is not None:
                 raise ValueError("nested_quant_map/offset given without nested_absmax")
             _expect(self.absmax, "absmax", torch.float32, self.n_blocks)
-            _expect_finite(self.absmax, "absmax")
         devices = {t.device for t in (self.packed, self.absmax, self.nested_absmax) if t is not None}
         if len(devices) != 1:
             raise ValueError(f"NF4 state tensors are on different devices: {sorted(map(str, devices))}")
+        if self.device.type != "meta":  # a meta weight has shapes but no values to check
+            self._validate_values()
+
+    def _validate_values(self) -> None:
+        if not torch.equal(self.code.cpu(), nf4_code()):
+            raise ValueError("quant_map is not the NF4 code book (an fp4 or corrupt quant state?)")
+        floats = [(self.nested_absmax, "nested_absmax"), (self.offset, "nested offset")] if self.double_quant \
+            else [(self.absmax, "absmax")]
+        for t, name in floats:
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN/Inf: corrupt NF4 state")
 
 
 def _expect(t: torch.Tensor | None, name: str, dtype: torch.dtype, numel: int) -> None:
@@ -256,11 +262,6 @@ def _expect(t: torch.Tensor | None, name: str, dtype: torch.dtype, numel: int) -
     if t.numel() != numel:
         raise ValueError(f"{name} must have {numel} elements for this shape and block size, got {t.numel()} "
                          "(truncated or mismatched state?)")
-
-
-def _expect_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN/Inf: corrupt NF4 state")
 
 
 def _parse_quant_state_blob(blob: torch.Tensor) -> dict:

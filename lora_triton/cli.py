@@ -1,0 +1,96 @@
+"""The ``lora-triton`` command.
+
+    lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
+
+``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
+checks the reference layer against float64, and prints the memory the packed format saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+from .format import NF4Weight
+from .reference import lora_forward
+from .testing import relative_error
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:8.2f} MiB"
+
+
+def _compare_with_bitsandbytes(weight: torch.Tensor, ours: NF4Weight) -> str:
+    # bitsandbytes warns at import on AVX512-BF16 CPUs when the optional Hugging Face
+    # `kernels` package is absent; that fetch is irrelevant here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return "bitsandbytes not installed: byte comparison skipped"
+    packed, state = bnbf.quantize_4bit(weight, blocksize=ours.blocksize, quant_type="nf4",
+                                       compress_statistics=ours.double_quant)
+    same = torch.equal(packed.view(-1), ours.packed) and torch.equal(state.absmax, ours.absmax)
+    same = same and torch.equal(bnbf.dequantize_4bit(packed, state), ours.dequantize())
+    if ours.double_quant:
+        same = same and torch.equal(state.state2.absmax, ours.nested_absmax) and torch.equal(state.offset, ours.offset)
+    return "bit-exact with bitsandbytes" if same else "MISMATCH with bitsandbytes"
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Quantize, compare, run the reference layer, report memory. Returns the exit code."""
+    torch.manual_seed(args.seed)
+    n, k, r = args.out_features, args.in_features, args.rank
+    weight = (torch.randn(n, k) * k**-0.5).to(torch.bfloat16)
+    start = time.perf_counter()
+    ours = NF4Weight.quantize(weight, args.blocksize, not args.no_double_quant)
+    seconds = time.perf_counter() - start
+    print(f"weight [{n}, {k}] bf16 -> NF4, blocksize {ours.blocksize}, double quant {ours.double_quant} "
+          f"({seconds * 1e3:.0f} ms on {weight.device})")
+    bnb_status = _compare_with_bitsandbytes(weight, ours)
+    print(f"  format:      {bnb_status}")
+
+    quant_err = relative_error(ours.dequantize(torch.float32), weight)
+    print(f"  NF4 error:   ||dequant(W) - W|| / ||W|| = {quant_err:.4f}")
+
+    x = torch.randn(args.tokens, k)
+    a, b = torch.randn(r, k) * k**-0.5, torch.randn(n, r) * r**-0.5
+    y32, _ = lora_forward(x, ours, a, b, 2.0)
+    y64, _ = lora_forward(x.double(), ours, a.double(), b.double(), 2.0)
+    layer_err = relative_error(y32, y64)
+    print(f"  reference:   fp32 layer vs float64, relative error {layer_err:.2e} (M={args.tokens}, r={r})")
+
+    dense16 = weight.numel() * 2
+    print(f"  memory:      fp16/bf16 {_mib(dense16)} -> NF4 {_mib(ours.nbytes)} "
+          f"({ours.bits_per_weight:.3f} bits/weight, {100 * (1 - ours.nbytes / dense16):.1f}% saved)")
+    ok = "MISMATCH" not in bnb_status and layer_err < 1e-5 and quant_err < 0.15
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-triton", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="quantize a weight, check it against bitsandbytes and the reference")
+    v.add_argument("--out-features", type=int, default=4096)
+    v.add_argument("--in-features", type=int, default=4096)
+    v.add_argument("--blocksize", type=int, default=64)
+    v.add_argument("--no-double-quant", action="store_true")
+    v.add_argument("--rank", type=int, default=16)
+    v.add_argument("--tokens", type=int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
