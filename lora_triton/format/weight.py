@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
 import torch
@@ -63,6 +63,10 @@ class NF4Weight:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         self.validate()
+        # The double-quant offset as a Python float (0.0 without), read once here so kernel
+        # launches never sync the device to fetch it.
+        has_value = self.offset is not None and self.offset.device.type != "meta"
+        object.__setattr__(self, "offset_value", float(self.offset) if has_value else 0.0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -90,6 +94,17 @@ class NF4Weight:
         q_absmax, nested_absmax, offset = quantize_absmax_dynamic8(absmax)
         return cls(absmax=q_absmax, nested_absmax=nested_absmax, nested_code=dynamic_map_signed(weight.device),
                    offset=offset, **fields)
+
+    @classmethod
+    def from_validated_fields(cls, **values) -> "NF4Weight":
+        """Rebuild a weight from the tensors of one that was already validated, skipping the
+        checks (they read values, which costs a device sync per call on CUDA). For the ops
+        layer, which passes an ``NF4Weight`` through ``torch.library`` as separate tensors."""
+        weight = object.__new__(cls)
+        for field in fields(cls):
+            object.__setattr__(weight, field.name, values.get(field.name))
+        object.__setattr__(weight, "offset_value", values.get("offset_value", 0.0))
+        return weight
 
     # ------------------------------------------------------------------ properties
     @property

@@ -55,5 +55,5 @@ def nf4_kernel_args(weight: NF4Weight) -> tuple:
     nested pointers alias ``code`` (never read) and ``offset`` is 0.0."""
     if weight.double_quant:
         return (weight.packed, weight.code, weight.absmax, weight.nested_absmax, weight.nested_code,
-                float(weight.offset))
+                weight.offset_value)
     return weight.packed, weight.code, weight.absmax, weight.code, weight.code, 0.0

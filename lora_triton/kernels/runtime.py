@@ -8,7 +8,6 @@ back to bf16 with torch (round-to-nearest-even) afterwards. On a GPU nothing is 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -20,15 +19,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def can_launch(device: torch.device) -> bool:
     """True when a Triton kernel can run on tensors of ``device``."""
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 

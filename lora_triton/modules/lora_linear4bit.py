@@ -1,0 +1,158 @@
+"""``LoRALinear4bit``: the drop-in QLoRA layer.
+
+State-dict layout follows PEFT's LoRA layer around a bitsandbytes base, so both ecosystems
+read it: ``base_layer.weight`` (+ bitsandbytes' ``weight.absmax`` ... keys), ``base_layer.bias``,
+``lora_A.<adapter>.weight`` ``[r, in]``, ``lora_B.<adapter>.weight`` ``[out, r]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from ..format import NF4Weight
+from ..ops import lora_nf4_linear
+from .nf4_linear import NF4Linear
+
+INITS = ("kaiming", "gaussian", "zeros_b_only")
+
+
+def lora_scale(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear4bit(nn.Module):
+    """``y = x @ dequant(W)^T + b + s * (drop(x) @ A^T) @ B^T`` with a frozen NF4 ``W``.
+
+    Build it with ``from_linear`` (quantizes an ``nn.Linear``), ``from_bnb`` (shares a
+    bitsandbytes ``Linear4bit``'s bytes) or from an ``NF4Linear``. Several named adapters may
+    exist; exactly one is active and only it trains. ``backend`` (``"auto"``, ``"triton"``,
+    ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels: Triton on CUDA,
+    plain torch on CPU unless forced.
+    """
+
+    def __init__(self, base_layer: NF4Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: str | bool = True, adapter_name: str = "default",
+                 train_bias: bool = False, backend: str | None = None):
+        super().__init__()
+        if not isinstance(base_layer, NF4Linear):
+            raise TypeError(f"base_layer must be an NF4Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.backend = backend
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(train_bias)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, blocksize: int = 64,
+                    double_quant: bool = True, **kwargs) -> "LoRALinear4bit":
+        """Quantize ``linear`` to NF4 and wrap it with a fresh adapter."""
+        return cls(NF4Linear.from_linear(linear, blocksize, double_quant), r, lora_alpha, **kwargs)
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module, r: int = 8, lora_alpha: float = 16, **kwargs) -> "LoRALinear4bit":
+        """Wrap a quantized ``bitsandbytes.nn.Linear4bit`` (NF4), sharing its bytes."""
+        return cls(NF4Linear.from_bnb(layer), r, lora_alpha, **kwargs)
+
+    @classmethod
+    def from_nf4(cls, weight: NF4Weight, bias: torch.Tensor | None = None, r: int = 8, lora_alpha: float = 16,
+                 **kwargs) -> "LoRALinear4bit":
+        """Wrap NF4 data (an ``NF4Weight``) and an optional bias."""
+        return cls(NF4Linear(weight, bias), r, lora_alpha, **kwargs)
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: str | bool = True) -> None:
+        """Add adapter ``name`` (``A [r, in]``, ``B [out, r]``, fp32) and make it the active one."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        device = self.base_layer.nf4.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
+        self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, lora_alpha, lora_dropout
+        self.use_rslora[name] = use_rslora
+        self.scaling[name] = lora_scale(r, lora_alpha, use_rslora)
+        self.reset_adapter(name, init_lora_weights)
+        self.set_adapter(name)
+
+    def reset_adapter(self, name: str, init: str | bool = True) -> None:
+        """Initialise adapter ``name``: ``True``/``"kaiming"`` is PEFT's default (A Kaiming-uniform,
+        B zero), ``"gaussian"`` draws A from N(0, 1/r) with B zero, ``False`` leaves both random
+        (non-zero B: for tests)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init is True or init == "kaiming":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+                nn.init.zeros_(b)
+            elif init is False:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.normal_(b, std=1.0 / math.sqrt(self.r[name]))
+            else:
+                raise ValueError(f"unknown init_lora_weights {init!r}; expected True, False, 'kaiming' or 'gaussian'")
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter; only its parameters require grad."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
+        self.active_adapter = name
+        for other in self.lora_A:
+            for module in (self.lora_A[other], self.lora_B[other]):
+                module.weight.requires_grad_(other == name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, no adapter is active afterwards."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
+        del self.lora_A[name], self.lora_B[name]
+        for table in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+            del table[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the layer computes the base output only."""
+        previous, self.disabled = self.disabled, True
+        try:
+            yield self
+        finally:
+            self.disabled = previous
+
+    # ---------------------------------------------------------------- compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if self.disabled or name is None:
+            return self.base_layer(x)
+        return lora_nf4_linear(x, self.base_layer.nf4, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.scaling[name], self.base_layer.bias, self.lora_dropout[name],
+                               self.training, self.backend)
+
+    def extra_repr(self) -> str:
+        name = self.active_adapter
+        nf4 = self.base_layer.nf4
+        adapter = (f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, scale={self.scaling[name]:.4g}, "
+                   f"dropout={self.lora_dropout[name]}" if name else "no active adapter")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapter={name!r}, {adapter}, "
+                f"blocksize={nf4.blocksize}, double_quant={nf4.double_quant}")

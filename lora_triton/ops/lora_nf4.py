@@ -1,0 +1,190 @@
+"""The QLoRA layer as a ``torch.library`` custom op with autograd and fake (meta) kernels.
+
+``lora_nf4_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, training)`` is what
+modules call. It flattens ``x`` to ``[M, K]``, casts the adapter and bias to the activation
+dtype (autograd takes care of the casts' gradients), and calls two custom ops:
+
+* ``lora_triton::lora_nf4_forward``  -> ``(y [M, N], S [M, r])``
+* ``lora_triton::lora_nf4_backward`` -> ``(dx, dA, dB, dbias)`` (empty tensors where not needed)
+
+Both take the ``NF4Weight`` as its separate tensors, so ``torch.compile(fullgraph=True)``
+traces through them without graph breaks. Saved for backward: ``x``, ``S``, the dropout seed
+(a 0-d tensor; the mask is regenerated) and references to the packed weight.
+
+Backends: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests),
+``"reference"`` (plain torch, ``reference.py``), ``"auto"`` = Triton on CUDA, reference
+elsewhere. ``LORA_TRITON_BACKEND`` sets the default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..format import NF4Weight
+from ..kernels.runtime import can_launch
+from ..reference import lora_backward, lora_forward
+
+BACKENDS = ("auto", "triton", "reference")
+_WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
+
+def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+    """``"triton"`` or ``"reference"`` for tensors on ``device``.
+
+    ``requested`` (default: env ``LORA_TRITON_BACKEND``, else ``"auto"``) is one of ``BACKENDS``.
+    Asking for ``"triton"`` where it cannot run raises instead of silently falling back.
+    """
+    requested = requested or os.environ.get("LORA_TRITON_BACKEND", "auto")
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and can_launch(device) else "reference"
+    if requested == "triton" and not can_launch(device):
+        raise RuntimeError(f"the Triton backend cannot run on {device}: use a CUDA device, or set "
+                           "TRITON_INTERPRET=1 before importing lora_triton (CPU interpreter, for tests)")
+    return requested
+
+
+# ----------------------------------------------------------------------------- weight plumbing
+def _weight_tensors(weight: NF4Weight) -> list[Optional[Tensor]]:
+    return [getattr(weight, name) for name in _WEIGHT_FIELDS]
+
+
+def _rebuild_weight(tensors, offset_value: float, n: int, k: int, blocksize: int) -> NF4Weight:
+    return NF4Weight.from_validated_fields(**dict(zip(_WEIGHT_FIELDS, tensors)), shape=(n, k), blocksize=blocksize,
+                                           dtype=torch.float32, offset_value=offset_value)
+
+
+def _reference_dropout_mask(seed: int, p: float, m: int, k: int, like: Tensor) -> Tensor:
+    """Dropout mask of the reference backend, regenerated from ``seed`` by torch's CPU RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(m, k, generator=gen) >= p
+    return (keep.to(torch.float32) / (1.0 - p)).to(device=like.device, dtype=like.dtype)
+
+
+# ----------------------------------------------------------------------------- forward op
+@torch.library.custom_op("lora_triton::lora_nf4_forward", mutates_args=())
+def _forward_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                nested_code: Optional[Tensor], offset: Optional[Tensor], offset_value: float, n: int, k: int,
+                blocksize: int, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
+                dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    weight = _rebuild_weight((packed, absmax, code, nested_absmax, nested_code, offset), offset_value, n, k, blocksize)
+    seed_value = int(seed)
+    if backend == "triton":
+        from ..kernels.lora_forward import lora_forward_triton
+
+        return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed_value)
+    mask = _reference_dropout_mask(seed_value, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
+    y, s = lora_forward(x, weight, lora_a, lora_b, scale, bias, mask)
+    return y.contiguous(), s.contiguous()
+
+
+@_forward_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, offset_value, n, k, blocksize, lora_a, lora_b,
+      scale, bias, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+# ----------------------------------------------------------------------------- backward op
+@torch.library.custom_op("lora_triton::lora_nf4_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, s: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
+                 nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                 offset_value: float, n: int, k: int, blocksize: int, lora_a: Tensor, lora_b: Tensor, scale: float,
+                 dropout_p: float, seed: Tensor, backend: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    weight = _rebuild_weight((packed, absmax, code, nested_absmax, nested_code, offset), offset_value, n, k, blocksize)
+    seed_value = int(seed)
+    dy = dy.contiguous()  # the expanded (stride-0) gradient of .sum() lands here
+    if backend == "triton":
+        from ..kernels.lora_dx import lora_backward_triton
+
+        grads = lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed_value, tuple(needs))
+    else:
+        mask = _reference_dropout_mask(seed_value, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
+        grads = lora_backward(dy, x, weight, lora_a, lora_b, scale, s, mask, tuple(needs))
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in (grads.dx, grads.dA, grads.dB, grads.dbias))
+
+
+@_backward_op.register_fake
+def _(dy, x, s, packed, absmax, code, nested_absmax, nested_code, offset, offset_value, n, k, blocksize, lora_a,
+      lora_b, scale, dropout_p, seed, backend, needs):
+    shapes = (x.shape, lora_a.shape, lora_b.shape, (n,))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+# ----------------------------------------------------------------------------- autograd
+_FORWARD_ARGS = ("x", "packed", "absmax", "code", "nested_absmax", "nested_code", "offset", "offset_value", "n",
+                 "k", "blocksize", "lora_a", "lora_b", "scale", "bias", "dropout_p", "seed", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FORWARD_ARGS, inputs))
+    _, s = output
+    ctx.save_for_backward(args["x"], s, args["lora_a"], args["lora_b"], args["seed"], args["packed"], args["absmax"],
+                          args["code"], args["nested_absmax"], args["nested_code"], args["offset"])
+    ctx.meta = {name: args[name] for name in ("offset_value", "n", "k", "blocksize", "scale", "dropout_p", "backend")}
+    ctx.has_bias = args["bias"] is not None
+
+
+def _backward(ctx, dy, _ds):
+    x, s, lora_a, lora_b, seed, *weight_tensors = ctx.saved_tensors
+    m = ctx.meta
+    # Input order: x, packed, absmax, code, nested_absmax, nested_code, offset, offset_value,
+    # n, k, blocksize, lora_a, lora_b, scale, bias, dropout_p, seed, backend.
+    need = ctx.needs_input_grad
+    needs = [need[0], need[11], need[12], need[14] and ctx.has_bias]
+    if not any(needs):
+        return (None,) * len(_FORWARD_ARGS)
+    dx, da, db, dbias = _backward_op(dy, x, s, *weight_tensors, m["offset_value"], m["n"], m["k"], m["blocksize"],
+                                     lora_a, lora_b, m["scale"], m["dropout_p"], seed, m["backend"], needs)
+    keep = lambda g, wanted: g if wanted else None  # noqa: E731
+    return (keep(dx, needs[0]), None, None, None, None, None, None, None, None, None, None,
+            keep(da, needs[1]), keep(db, needs[2]), None, keep(dbias, needs[3]), None, None, None)
+
+
+torch.library.register_autograd("lora_triton::lora_nf4_forward", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry
+def lora_nf4_linear(
+    x: Tensor,
+    weight: NF4Weight,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """``y = x @ dequant(W)^T + scale * (drop(x) @ A^T) @ B^T + bias``, differentiable.
+
+    Args:
+        x: ``[..., K]`` fp16 / bf16 / fp32 (under ``torch.autocast`` it is cast to the autocast dtype).
+        weight: ``NF4Weight`` ``[N, K]`` (frozen: it never gets a gradient; its quant-state dtype
+            may differ from x's).
+        lora_a: ``[r, K]``; lora_b: ``[N, r]``; bias: ``[N]`` or None - any float dtype, cast to
+            x's dtype for the computation (gradients come back in their own dtype).
+        scale: the LoRA scale; dropout_p: LoRA dropout, applied only when ``training``.
+        backend: ``"auto"`` / ``"triton"`` / ``"reference"`` (default: env ``LORA_TRITON_BACKEND``).
+    Returns:
+        ``[..., N]`` in x's (compute) dtype.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    dtype = x.dtype
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must end in in_features={k}, got shape {list(x.shape)}")
+    p = float(dropout_p) if training else 0.0
+    seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else torch.zeros((), dtype=torch.int64)
+    x2d = x.reshape(-1, k).contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = _forward_op(x2d, *_weight_tensors(weight), weight.offset_value, n, k, weight.blocksize,
+                           lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), float(scale),
+                           None if bias is None else bias.to(dtype).contiguous(), p, seed,
+                           resolve_backend(x.device, backend))
+    return y.reshape(*x.shape[:-1], n)
