@@ -1,6 +1,7 @@
 """The ``lora-triton`` command.
 
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
+    lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -72,6 +73,35 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def memory(args: argparse.Namespace) -> int:
+    """Print the memory estimate of full / LoRA / QLoRA fine-tuning, optionally checked
+    against measured training steps of a small LLaMA."""
+    import json
+
+    from .memory_estimate import METHODS, PRESETS, ModelShape, TrainingSetup, estimate, format_table
+
+    if args.model in PRESETS:
+        shape = PRESETS[args.model]
+    else:
+        with open(args.model) as f:
+            shape = ModelShape.from_config(json.load(f))
+    setup = TrainingSetup(batch=args.batch, seq=args.seq, rank=args.rank,
+                          gradient_checkpointing=not args.no_checkpointing)
+    print(f"model {args.model}: {shape.params / 1e9:.2f} B parameters; batch {setup.batch} x seq {setup.seq}, "
+          f"r={setup.rank}, gradient checkpointing {setup.gradient_checkpointing}")
+    print(format_table([estimate(shape, setup, m) for m in METHODS]))
+    if args.measure:
+        from .memory_measure import measure_all
+
+        small = TrainingSetup(batch=2, seq=128, rank=8, gradient_checkpointing=setup.gradient_checkpointing)
+        print(f"\ncheck on a small LLaMA (hidden 256, 4 layers), one bf16 training step on {args.device}:")
+        print(f"{'method':<8}{'measured MiB':>14}{'estimated MiB':>15}{'ratio':>8}")
+        for row in measure_all(small, args.device):
+            print(f"{row.method:<8}{row.measured_bytes / 2**20:>14.2f}{row.estimated_bytes / 2**20:>15.2f}"
+                  f"{row.ratio:>8.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-triton", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokens", type=int, default=64)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=verify)
+    m = sub.add_parser("memory", help="memory of full / LoRA / QLoRA fine-tuning for a model size or config")
+    m.add_argument("model", nargs="?", default="7b", help="7b, 13b, 70b, or a path to a transformers config.json")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--seq", type=int, default=512)
+    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("--no-checkpointing", action="store_true", help="model activations without gradient checkpointing")
+    m.add_argument("--measure", action="store_true", help="also measure real steps of a small LLaMA and compare")
+    m.add_argument("--device", default="cpu")
+    m.set_defaults(func=memory)
     return parser
 
 

@@ -45,3 +45,35 @@ def load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     block = offs_n[:, None].to(tl.int64) * (K // BLOCKSIZE) + offs_k[None, :] // BLOCKSIZE
     absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT)
     return value * absmax
+
+
+@triton.jit
+def decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                     byte_index, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """Decode the packed bytes ``byte_index`` (any shape) into two fp32 tensors of that shape:
+    ``(hi, lo)`` = the values of the even and the odd element of each byte.
+
+    ``block`` holds each byte's absmax block (both nibbles of a byte share it because block
+    sizes are even). Masked bytes decode to 0. Each byte is read once, not once per nibble.
+    """
+    byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
+    absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT)
+    hi = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * absmax
+    lo = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * absmax
+    return hi, lo
+
+
+@triton.jit
+def load_nf4_tile_pairs(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                        offs_n, offs_p, N, K,
+                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The even/odd-column split of a tile of ``W`` (shared/DESIGN.md): for pair indices
+    ``offs_p`` (columns ``2*p`` and ``2*p + 1``) return fp32 ``(W[offs_n, 2p], W[offs_n, 2p+1])``,
+    each ``[len(offs_n), len(offs_p)]``, so a kernel does two dots (even and odd columns of
+    ``x``) instead of interleaving nibbles. Needs an even ``K``; out-of-range entries read 0.
+    """
+    mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)
+    byte_index = offs_n[:, None].to(tl.int64) * (K // 2) + offs_p[None, :]
+    block = offs_n[:, None].to(tl.int64) * (K // BLOCKSIZE) + (2 * offs_p[None, :]) // BLOCKSIZE
+    return decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                            byte_index, block, mask, DOUBLE_QUANT)

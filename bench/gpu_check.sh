@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run on the GPU machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
+#
+# 1. the whole test suite on the GPU (same tests as CI's interpreter run), one fixed kernel
+#    config (LORA_TRITON_AUTOTUNE=0) so it compiles each kernel variant once;
+# 2. the forward benchmark (autotuned) with a time budget.
+# Everything lands in "$OUT": pytest.log, bench_forward.csv, bench_forward.log, summary.txt.
+# Budget: at most 200 s of tests + 300 s of benchmark, well under 9 minutes in all.
+# bitsandbytes is optional: without it the benchmark leaves out baseline (c).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:?set OUT to the folder that receives the results}"
+mkdir -p "$OUT"
+cd "$ROOT"
+# Import lora_triton from this checkout without installing it (nothing installs from a
+# registry on the GPU machine). No bitsandbytes there, so the top-level kernels/ folder on
+# sys.path is harmless (see shared/DESIGN.md).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+{
+  date -u +"start %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee "$OUT/summary.txt"
+
+LORA_TRITON_AUTOTUNE=0 timeout 200 python -m pytest tests --device cuda -x -q \
+  > "$OUT/pytest.log" 2>&1
+tests_rc=$?
+tail -n 15 "$OUT/pytest.log"
+echo "pytest exit code: $tests_rc" | tee -a "$OUT/summary.txt"
+
+timeout 300 python bench/bench_forward.py "$OUT/bench_forward.csv" --budget-s 240 \
+  > "$OUT/bench_forward.log" 2>&1
+bench_rc=$?
+cat "$OUT/bench_forward.log"
+echo "bench exit code: $bench_rc" | tee -a "$OUT/summary.txt"
+date -u +"end %Y-%m-%dT%H:%M:%SZ" | tee -a "$OUT/summary.txt"
+
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

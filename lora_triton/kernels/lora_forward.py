@@ -1,0 +1,573 @@
+"""Forward of the QLoRA layer in Triton: ``y = x @ dequant(W)^T + s * S @ B^T + b``, ``S = drop(x) @ A^T``.
+
+Shapes and dtypes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' packed layout, plain or
+double-quantized absmax), ``A [r, K]``, ``B [N, r]``, ``b [N]``; activations, adapter and bias
+share one dtype (fp16, bf16 or fp32); accumulation is fp32; ``y [M, N]`` and ``S [M, r]`` come
+back in ``x``'s dtype. Ranks 1..128 (padded inside to a power of two >= 16, masked). ``K`` must
+be a multiple of the NF4 block size (kernels read whole blocks); other weights use the
+reference path (``method="reference"``).
+
+Four candidates compute the same thing (shared/DESIGN.md asks to measure, not assume):
+
+``fused``    one kernel: NF4 tile decoded in registers inside the K loop, ``S`` accumulated in
+             the same loop (``r / BLOCK_N`` extra MMA work per N tile), LoRA and bias added in
+             the epilogue. No dequantized ``W`` ever reaches memory.
+``split``    ``S`` first in a small kernel, then the fused kernel reads it in its epilogue
+             (reads ``x`` twice, no redundant MMA).
+``decode``   small ``M``: split-K over a grid of ``(N tiles, K splits)`` so a few rows still
+             fill the GPU; fp32 partials are atomically added, a small epilogue kernel adds
+             LoRA and bias and casts. Memory-bound: each packed byte is read once.
+``dequant``  a Triton kernel dequantizes ``W`` to a dense ``x.dtype`` tensor, then cuBLAS
+             (``F.linear``) and the ``S`` kernel + ``addmm`` for LoRA (what bitsandbytes + PEFT
+             do, minus their separate dropout pass).
+
+``choose_method`` picks one per ``(device, M, N, K, r)``; see its docstring for the default rule.
+All kernels read ``W`` through ``nf4_tile.load_nf4_tile_pairs`` (even/odd-column split) and
+dropout through ``dropout.dropout_scale``, so every candidate sees the same mask for a seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..format import NF4Weight
+from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
+from .dropout import dropout_scale
+from .nf4_tile import decode_nf4_bytes, load_nf4_tile_pairs
+from .runtime import can_launch, interpreter_enabled, kernel_dtype
+
+METHODS = ("fused", "split", "decode", "dequant")
+"""Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
+
+MAX_RANK = 128
+#: Default switch points of ``choose_method`` (guesses until the bench table replaces them).
+DECODE_MAX_M = 16
+DEQUANT_MIN_M = 1024
+SINGLE_PASS_MAX_RANK = 16
+
+
+# ====================================================================== configs
+def _interpreting() -> bool:
+    # Read once at import, like triton.jit itself: the interpreter runs exactly one config
+    # (autotuning more than one fails on CPU, shared/TRITON_CPU.md).
+    return interpreter_enabled()
+
+
+def _autotuning() -> bool:
+    """False under the interpreter, or on a GPU when ``LORA_TRITON_AUTOTUNE=0`` (the GPU test run,
+    which would otherwise compile every config for every constexpr combination it covers)."""
+    return not _interpreting() and os.environ.get("LORA_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _fused_configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})]
+    if not _autotuning():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): matmul-tutorial tiles for Hopper plus small-M ones
+        (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 4, 8), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (32, 128, 128, 3, 4), (16, 128, 128, 3, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+def _decode_configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2})]
+    if not _autotuning():
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_stages=3, num_warps=4)]
+    shapes = [(64, 128, 4), (64, 256, 2), (32, 256, 4), (128, 128, 2), (32, 128, 8), (64, 256, 1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_stages=3, num_warps=4)
+            for bn, bk, sk in shapes]
+
+
+def _prune_to_legal(configs, named_args, **_):
+    """Drop tiles a shape cannot use: dot K-dims under 16 (two dots over BLOCK_K/2 pairs),
+    tiles far larger than M, N or K. Keeps the smallest config if nothing survives."""
+    m, n, k = (named_args.get(name, 1) for name in ("M", "N", "K"))
+    cap = lambda size: max(16, triton.next_power_of_2(size))  # noqa: E731
+    legal = [c for c in configs
+             if c.kwargs["BLOCK_K"] // 2 >= 16 and c.kwargs["BLOCK_K"] <= cap(k)
+             and c.kwargs.get("BLOCK_M", 16) <= cap(m) and c.kwargs["BLOCK_N"] <= cap(n)]
+    if legal:
+        return legal
+    return [min(configs, key=lambda c: c.kwargs.get("BLOCK_M", 16) * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+def _bench_quietly(fn, quantiles):
+    """Autotune timing: shorter than do_bench's defaults so the benchmark fits its budget."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+_AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune_to_legal}, do_bench=_bench_quietly)
+# S kernel, decode epilogue and dequant kernel are light: one fixed config each.
+_S_BLOCK_M, _S_BLOCK_K = (32, 64) if _interpreting() else (64, 128)
+_EPILOGUE_BLOCK_N = 64 if _interpreting() else 128
+_DEQUANT_BLOCK = 1024
+# Ints that only enter masks, seeds or autotune keys: one compiled kernel for every value
+# (Triton would otherwise recompile for M == 1, M % 16 == 0 and the rest).
+_NOT_SPECIALIZED = ["M", "R", "M_BUCKET", "seed"]
+
+
+# ====================================================================== shared jit pieces
+@triton.jit
+def _load_x_pairs(x_ptr, offs_m, offs_p, M, K):
+    """``(x[offs_m, 2p], x[offs_m, 2p+1])``, each ``[len(offs_m), len(offs_p)]``, 0 outside."""
+    mask = (offs_m[:, None] < M) & (offs_p[None, :] < K // 2)
+    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * K + 2 * offs_p[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 1, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                  offset, offs_n, offs_p, N, K,
+                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc [BM, BN] += x[:, cols] @ W[offs_n, cols]^T`` for the columns of pairs ``offs_p``;
+    the NF4 tile is decoded in registers and cast to x's dtype for the MMA."""
+    w_even, w_odd = load_nf4_tile_pairs(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                        offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT)
+    acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision=DOT_PRECISION)
+    return tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``s_acc [BM, R_PAD] += drop(x)[:, cols] @ A[:, cols]^T`` for the columns of pairs ``offs_p``."""
+    even = 2 * offs_p
+    if HAS_DROPOUT:
+        x_even = x_even * dropout_scale(seed, offs_m, even, K, p).to(x_even.dtype)
+        x_odd = x_odd * dropout_scale(seed, offs_m, even + 1, K, p).to(x_odd.dtype)
+    mask = (offs_p[:, None] < K // 2) & (offs_r[None, :] < R)
+    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * K + even[:, None]  # A^T tile [pairs, R_PAD]
+    s_acc = tl.dot(x_even, tl.load(a_ptrs, mask=mask, other=0.0), s_acc, input_precision=DOT_PRECISION)
+    return tl.dot(x_odd, tl.load(a_ptrs + 1, mask=mask, other=0.0), s_acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R):
+    return s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], (offs_m[:, None] < M) & (offs_r[None, :] < R)
+
+
+@triton.jit
+def _lora_epilogue(acc, s, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R, scale,
+                   HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Store ``y = acc + scale * s @ B[offs_n]^T (+ bias)`` in y's dtype; ``s [BM, R_PAD]`` is in
+    x's dtype (``S`` is rounded to it before the B product, as the reference does)."""
+    b_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+    b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None], mask=b_mask, other=0.0)
+    acc += scale * tl.dot(s, b_t, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share their W column tiles in L2."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+# ====================================================================== kernels
+@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "SINGLE_PASS"], **_AUTOTUNE)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _fused_forward_kernel(
+        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr,
+        M, N, K, R, M_BUCKET, scale, seed, p,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SINGLE_PASS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y``. SINGLE_PASS: accumulate ``S`` in the K loop and
+    store it (from the first N tile); otherwise read the ``S`` the S kernel wrote."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_p = k0 // 2 + offs_h
+        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
+        acc = _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
+                            nested_code_ptr, offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        if SINGLE_PASS:
+            s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+                                 HAS_DROPOUT, DOT_PRECISION)
+    s_ptrs, s_mask = _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R)
+    if SINGLE_PASS:
+        s = s_acc.to(s_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(s_ptrs, s, mask=s_mask)
+    else:
+        s = tl.load(s_ptrs, mask=s_mask, other=0.0)
+    _lora_epilogue(acc, s, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R, scale, HAS_BIAS, DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["M", "R", "seed"])
+def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p,
+                   HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``S[rows] = drop(x[rows]) @ A^T`` for one block of BLOCK_M rows, stored in S's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_p = k0 // 2 + offs_h
+        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
+        s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+                             HAS_DROPOUT, DOT_PRECISION)
+    s_ptrs, s_mask = _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R)
+    tl.store(s_ptrs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
+
+
+@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "R_PAD"],
+                 reset_to_zero=["y32_ptr", "s32_ptr"], **_AUTOTUNE)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _decode_partial_kernel(
+        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        a_ptr, y32_ptr, s32_ptr,
+        M, N, K, R, M_BUCKET, seed, p,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split-K partial sums for small M: program ``(n, k, m)`` adds ``x @ W^T`` over its K range
+    into the zeroed fp32 ``y32 [M, N]``; programs of the first N tile also add their part of
+    ``S`` into the zeroed fp32 ``s32 [M, r]``."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_p = k0 // 2 + offs_h
+        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
+        acc = _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
+                            nested_code_ptr, offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        if pid_n == 0:
+            s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+                                 HAS_DROPOUT, DOT_PRECISION)
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.atomic_add(y32_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=y_mask)
+    s_ptrs, s_mask = _s_tile_ptrs(s32_ptr, offs_m, offs_r, M, R)
+    if pid_n == 0:
+        tl.atomic_add(s_ptrs, s_acc, mask=s_mask)
+
+
+@triton.jit
+def _decode_epilogue_kernel(y32_ptr, s32_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, M, N, R, scale,
+                            HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``y = y32 + scale * S @ B^T (+ bias)`` and ``S = s32`` cast to the output dtype."""
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.load(y32_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=y_mask, other=0.0)
+    s32_ptrs, s_mask = _s_tile_ptrs(s32_ptr, offs_m, offs_r, M, R)
+    s = tl.load(s32_ptrs, mask=s_mask, other=0.0).to(s_ptr.dtype.element_ty)
+    s_ptrs, _ = _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R)
+    if pid_n == 0:
+        tl.store(s_ptrs, s, mask=s_mask)
+    _lora_epilogue(acc, s, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R, scale, HAS_BIAS, DOT_PRECISION)
+
+
+@triton.jit
+def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
+                    n_bytes, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    """Dense ``W`` (flattened) in out's dtype from BLOCK packed bytes per program; values are
+    computed in fp32 and cast once, like ``NF4Weight.dequantize``."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_bytes
+    hi, lo = decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                              offs, (2 * offs) // BLOCKSIZE, mask, DOUBLE_QUANT)
+    values = tl.reshape(tl.join(hi, lo), (2 * BLOCK,)).to(out_ptr.dtype.element_ty)  # interleave even/odd
+    out_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
+
+
+# ====================================================================== launchers
+@dataclass(frozen=True)
+class _Operands:
+    """Validated operands in the dtype the kernels see (bf16 widened under the interpreter)."""
+
+    x: torch.Tensor
+    weight: NF4Weight
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    dropout_p: float
+    seed: int
+
+    @property
+    def m(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def r(self) -> int:
+        return self.lora_a.shape[0]
+
+    def new_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised ``y [M, N]`` and ``S [M, r]`` in the kernels' dtype."""
+        return (_new_output((self.m, self.n), self.x.dtype, self.x.device),
+                _new_output((self.m, self.r), self.x.dtype, self.x.device))
+
+    def weight_args(self) -> tuple:
+        return nf4_kernel_args(self.weight)
+
+    def bias_arg(self) -> torch.Tensor:
+        """The bias pointer (any tensor when there is no bias: HAS_BIAS=False never reads it)."""
+        return self.x if self.bias is None else self.bias
+
+    def meta(self) -> dict:
+        """Constexprs every kernel of this problem shares."""
+        return dict(R_PAD=padded_rank(self.r),
+                    DOT_PRECISION="ieee" if self.x.dtype == torch.float32 else "tf32")
+
+    def weight_meta(self) -> dict:
+        return dict(BLOCKSIZE=self.weight.blocksize, DOUBLE_QUANT=self.weight.double_quant)
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel must fill completely comes from here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def padded_rank(r: int) -> int:
+    """The rank the kernels compute with: a power of two >= 16 (tl.dot's smallest tile)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: its next power of two, so a new sequence length does not retune."""
+    return triton.next_power_of_2(m)
+
+
+def _launch_s(op: _Operands) -> torch.Tensor:
+    """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel."""
+    s = _new_output((op.m, op.r), op.x.dtype, op.x.device)
+    _lora_s_kernel[(triton.cdiv(op.m, _S_BLOCK_M),)](
+        op.x, op.lora_a, s, op.m, op.k, op.r, op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0,
+        BLOCK_M=_S_BLOCK_M, BLOCK_K=_S_BLOCK_K, **op.meta())
+    return s
+
+
+def _launch_fused_kernel(op: _Operands, single_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if single_pass:
+        y, s = op.new_outputs()
+    else:
+        y, s = op.new_outputs()[0], _launch_s(op)
+    grid = lambda meta: (triton.cdiv(op.m, meta["BLOCK_M"]) * triton.cdiv(op.n, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_forward_kernel[grid](
+        op.x, *op.weight_args(), op.lora_a, op.lora_b, op.bias_arg(), s, y,
+        op.m, op.n, op.k, op.r, _m_bucket(op.m), op.scale, op.seed, op.dropout_p,
+        SINGLE_PASS=single_pass, HAS_BIAS=op.bias is not None, HAS_DROPOUT=op.dropout_p > 0,
+        **op.weight_meta(), **op.meta())
+    return y, s
+
+
+def _launch_fused(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fused_kernel(op, single_pass=True)
+
+
+def _launch_split(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fused_kernel(op, single_pass=False)
+
+
+def _launch_decode(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    block_m = 16  # tl.dot's smallest tile; decode rows beyond 16 get more M programs
+    work = torch.zeros(op.m * (op.n + op.r), dtype=torch.float32, device=op.x.device)  # one memset for both
+    y32, s32 = work[: op.m * op.n].view(op.m, op.n), work[op.m * op.n:].view(op.m, op.r)
+    grid = lambda meta: (triton.cdiv(op.n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(op.m, block_m))  # noqa: E731
+    _decode_partial_kernel[grid](
+        op.x, *op.weight_args(), op.lora_a, y32, s32, op.m, op.n, op.k, op.r, _m_bucket(op.m),
+        op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0, BLOCK_M=block_m, **op.weight_meta(), **op.meta())
+    y, s = op.new_outputs()
+    _decode_epilogue_kernel[(triton.cdiv(op.n, _EPILOGUE_BLOCK_N), triton.cdiv(op.m, block_m))](
+        y32, s32, op.lora_b, op.bias_arg(), s, y, op.m, op.n, op.r, op.scale, HAS_BIAS=op.bias is not None,
+        BLOCK_M=block_m, BLOCK_N=_EPILOGUE_BLOCK_N, **op.meta())
+    return y, s
+
+
+def _launch_dequant(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    w = dequantize_nf4(op.weight, op.x.dtype)
+    s = _launch_s(op)
+    y = F.linear(op.x, w, op.bias)
+    y.addmm_(s, op.lora_b.t(), alpha=op.scale)
+    return y, s
+
+
+_LAUNCHERS = {"fused": _launch_fused, "split": _launch_split, "decode": _launch_decode, "dequant": _launch_dequant}
+
+
+# ====================================================================== public API
+def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``W [N, K]`` in ``dtype`` (fp16/bf16/fp32) from a Triton kernel, equal bit for bit
+    to ``weight.dequantize(dtype)``. Under the interpreter bf16 is decoded in fp32 and rounded by torch.
+    """
+    check_nf4_weight(weight, weight.device)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"can dequantize to float16, bfloat16 or float32 only, got {dtype}")
+    _require_launchable(weight.device)
+    kdt = kernel_dtype(dtype, weight.device)
+    out = _new_output(weight.shape, kdt, weight.device)
+    n_bytes = weight.numel // 2
+    _dequant_kernel[(triton.cdiv(n_bytes, _DEQUANT_BLOCK),)](
+        *nf4_kernel_args(weight), out, n_bytes, BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+        BLOCK=_DEQUANT_BLOCK)
+    return out.to(dtype)
+
+
+def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
+    """The candidate to run for a problem ``x [m, k]``, ``W [n, k]``, rank ``r``.
+
+    Default rule, not yet measured on a GPU (replace the constants from the table of
+    ``bench/bench_forward.py``, which times every candidate per shape):
+
+    * ``"reference"`` where Triton cannot run (CPU without the interpreter);
+    * ``"decode"`` for ``m <= DECODE_MAX_M`` (16): memory-bound, split-K fills the GPU;
+    * ``"dequant"`` for ``m >= DEQUANT_MIN_M`` (1024): compute-bound, where bitsandbytes found
+      dequantize + cuBLAS hard to beat on Hopper and the dense copy (``2*n*k`` bytes) is small
+      next to the GEMM's ``2*m*n*k`` FLOPs;
+    * in between ``"fused"`` for ``r <= SINGLE_PASS_MAX_RANK`` (16; the in-loop ``S`` costs
+      ``r / BLOCK_N``, ~12% extra MMA) and ``"split"`` above (~50% extra at r=64).
+
+    ``n`` and ``k`` do not enter the default rule yet.
+    """
+    if not can_launch(device):
+        return "reference"
+    if m <= DECODE_MAX_M:
+        return "decode"
+    if m >= DEQUANT_MIN_M:
+        return "dequant"
+    return "fused" if r <= SINGLE_PASS_MAX_RANK else "split"
+
+
+def lora_forward_triton(
+    x2d: torch.Tensor,
+    weight: NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    method: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the QLoRA layer through Triton.
+
+    Args:
+        x2d: ``[M, K]`` activations, fp16 / bf16 / fp32, contiguous.
+        weight: ``NF4Weight`` ``[N, K]`` on x's device, ``K`` a multiple of its block size.
+        lora_a: ``[r, K]``, lora_b: ``[N, r]``, bias: ``[N]`` or None, all in x's dtype; ``1 <= r <= 128``.
+        scale: the LoRA scale ``s``.
+        dropout_p: LoRA dropout probability in ``[0, 1)``; the mask is ``dropout.dropout_mask(seed, p, M, K)``.
+        seed: dropout seed (ignored when ``dropout_p == 0``).
+        method: one of ``METHODS`` or ``"reference"``; None lets ``choose_method`` decide.
+    Returns:
+        ``(y [M, N], S [M, r])`` in x's dtype, ``S = drop(x) @ A^T`` (saved for the backward).
+    Raises:
+        TypeError / ValueError for bad inputs; RuntimeError when Triton cannot run on x's
+        device (CPU without ``TRITON_INTERPRET=1``) and the reference cannot stand in (dropout).
+    """
+    _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
+    m, k = x2d.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    method = choose_method(x2d.device, m, n, k, r) if method is None else method
+    if method not in METHODS + ("reference",):
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['reference']}")
+    if method == "reference":
+        return _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+    _require_launchable(x2d.device)
+    if m == 0:
+        return x2d.new_empty(0, n), x2d.new_empty(0, r)
+    kdt = kernel_dtype(x2d.dtype, x2d.device)
+    widen = lambda t: None if t is None else t.to(kdt)  # noqa: E731
+    op = _Operands(widen(x2d), weight, widen(lora_a), widen(lora_b), widen(bias), float(scale),
+                   float(dropout_p), int(seed))
+    y, s = _LAUNCHERS[method](op)
+    return y.to(x2d.dtype), s.to(x2d.dtype)
+
+
+# ====================================================================== helpers
+def _require_launchable(device: torch.device) -> None:
+    if not can_launch(device):
+        raise RuntimeError(f"cannot run Triton kernels on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
+                           "before importing lora_triton kernels (tests), or method='reference'")
+
+
+def _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
+    """Raise TypeError/ValueError with a clear message unless the operands form a valid problem."""
+    if not isinstance(x2d, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x2d).__name__}")
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K] (flatten leading dims first), got shape {list(x2d.shape)}")
+    device = x2d.device
+    check_nf4_weight(weight, device)
+    n, k = weight.shape
+    m = x2d.shape[0]
+    check_tensor("x", x2d, (m, k), device)
+    if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
+        raise TypeError("lora_a and lora_b must be torch.Tensors")
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != lora_b.shape[-1]:
+        raise ValueError(f"mismatched LoRA ranks: lora_a {list(lora_a.shape)} is [r, K] and lora_b "
+                         f"{list(lora_b.shape)} is [N, r] with the same r")
+    r = lora_a.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank must be in 1..{MAX_RANK}, got r={r}")
+    check_tensor("lora_a", lora_a, (r, k), device, dtypes=(x2d.dtype,))
+    check_tensor("lora_b", lora_b, (n, r), device, dtypes=(x2d.dtype,))
+    if bias is not None:
+        check_tensor("bias", bias, (n,), device, dtypes=(x2d.dtype,))
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+
+
+def _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed):
+    """Plain-torch forward (``reference.lora_forward``) for devices Triton cannot run on."""
+    from ..reference import lora_forward
+
+    if dropout_p > 0:
+        if not can_launch(x2d.device):
+            raise RuntimeError("LoRA dropout needs the Triton mask generator (dropout.dropout_mask), which cannot "
+                               f"run on {x2d.device}; set TRITON_INTERPRET=1 or use dropout_p=0")
+        from .dropout import dropout_mask
+
+        mask = dropout_mask(seed, dropout_p, x2d.shape[0], x2d.shape[1], x2d.device)
+        return lora_forward(x2d, weight, lora_a, lora_b, scale, bias, mask)
+    return lora_forward(x2d, weight, lora_a, lora_b, scale, bias)
