@@ -13,10 +13,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
 cd "$ROOT"
-# Import lora_triton from this checkout without installing it (nothing installs from a
-# registry on the GPU machine). No bitsandbytes there, so the top-level kernels/ folder on
-# sys.path is harmless (see shared/DESIGN.md).
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Wheels the GPU image lacks (bitsandbytes) travel in .whl/ (bench/fetch_gpu_wheels.sh makes it;
+# name .whl in the device tool's carry). Installed into a private target, never the image.
+SITE="$(mktemp -d)"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+# Import lora_triton from this checkout without installing it, through a link in a private
+# folder: the repository root itself stays off sys.path, so the top-level kernels/ folder is
+# never seen as a Python package (shared/DESIGN.md).
+ln -s "$ROOT/lora_triton" "$SITE/lora_triton"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 
 {
@@ -25,7 +32,7 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$OUT/summary.txt"
 
-LORA_TRITON_AUTOTUNE=0 timeout 200 python -m pytest tests --device cuda -x -q \
+LORA_TRITON_AUTOTUNE=0 timeout 200 python3 -P -m pytest -p no:cacheprovider --import-mode=importlib tests --device cuda -x -q \
   > "$OUT/pytest.log" 2>&1
 tests_rc=$?
 tail -n 15 "$OUT/pytest.log"
