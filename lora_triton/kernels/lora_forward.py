@@ -40,7 +40,7 @@ from ..format import NF4Weight
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
 from .nf4_tile import decode_nf4_bytes, load_nf4_tile_pairs
-from .runtime import can_launch, interpreter_enabled, kernel_dtype
+from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
 
 METHODS = ("fused", "split", "decode", "dequant")
 """Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
@@ -369,11 +369,6 @@ def padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for M: its next power of two, so a new sequence length does not retune."""
-    return triton.next_power_of_2(m)
-
-
 def _launch_s(op: _Operands) -> torch.Tensor:
     """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel."""
     s = _new_output((op.m, op.r), op.x.dtype, op.x.device)
@@ -391,7 +386,7 @@ def _launch_fused_kernel(op: _Operands, single_pass: bool) -> tuple[torch.Tensor
     grid = lambda meta: (triton.cdiv(op.m, meta["BLOCK_M"]) * triton.cdiv(op.n, meta["BLOCK_N"]),)  # noqa: E731
     _fused_forward_kernel[grid](
         op.x, *op.weight_args(), op.lora_a, op.lora_b, op.bias_arg(), s, y,
-        op.m, op.n, op.k, op.r, _m_bucket(op.m), op.scale, op.seed, op.dropout_p,
+        op.m, op.n, op.k, op.r, m_bucket(op.m), op.scale, op.seed, op.dropout_p,
         SINGLE_PASS=single_pass, HAS_BIAS=op.bias is not None, HAS_DROPOUT=op.dropout_p > 0,
         **op.weight_meta(), **op.meta())
     return y, s
@@ -411,7 +406,7 @@ def _launch_decode(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
     y32, s32 = work[: op.m * op.n].view(op.m, op.n), work[op.m * op.n:].view(op.m, op.r)
     grid = lambda meta: (triton.cdiv(op.n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(op.m, block_m))  # noqa: E731
     _decode_partial_kernel[grid](
-        op.x, *op.weight_args(), op.lora_a, y32, s32, op.m, op.n, op.k, op.r, _m_bucket(op.m),
+        op.x, *op.weight_args(), op.lora_a, y32, s32, op.m, op.n, op.k, op.r, m_bucket(op.m),
         op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0, BLOCK_M=block_m, **op.weight_meta(), **op.meta())
     y, s = op.new_outputs()
     _decode_epilogue_kernel[(triton.cdiv(op.n, _EPILOGUE_BLOCK_N), triton.cdiv(op.m, block_m))](

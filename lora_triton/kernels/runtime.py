@@ -29,6 +29,12 @@ def can_launch(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
+def m_bucket(m: int) -> int:
+    """Autotune key for the row count M: its next power of two, so a new sequence length
+    reuses the tuning of its bucket instead of benchmarking every config again."""
+    return 1 << max(0, m - 1).bit_length()
+
+
 def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a launcher hands to the kernel for ``dtype`` operands on ``device``
     (bf16 -> fp32 under the interpreter, everything else unchanged)."""

@@ -1,0 +1,280 @@
+"""Fused input gradient of the QLoRA layer, and the whole backward for the ops layer.
+
+For ``dy [M, N]``, NF4 ``W [N, K]``, ``A [r, K]`` and ``G = dy @ B [M, r]``:
+
+    dx = dy @ dequant(W) + s * (G @ A) * mask                                  [M, K]
+
+``_lora_dx_kernel`` computes one ``[BLOCK_M, BLOCK_K]`` tile of ``dx`` per program: it reduces
+over ``N`` with ``[BLOCK_N, BLOCK_K]`` tiles of ``W`` decoded from the packed bytes in
+registers (the dequantized weight never reaches memory), then adds the LoRA term from ``G``
+and ``A`` in the same fp32 accumulator, with the dropout mask regenerated from the forward's
+seed. ``G`` is an input because the caller needs it for ``dA`` as well.
+
+``lora_backward_triton`` assembles every gradient of the layer: ``G`` once, ``dx`` through the
+fused kernel, ``dA``, ``dB`` and the bias gradient through torch matmuls/reductions (cuBLAS on
+a GPU), each only when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import NF4Weight
+from ..reference import LoRAGrads
+from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
+from .dropout import dropout_mask, dropout_scale
+from .nf4_tile import load_nf4_tile
+from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
+
+#: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
+MAX_RANK = 128
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy_ptr, g_ptr, a_ptr, dx_ptr,
+    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    scale, seed, dropout_p,
+    M, N, K, R, M_BUCKET,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row tiles sweep the K tiles together, so the W column panel a
+    # group reads stays in L2 (Triton's matmul tutorial).
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    group_size = GROUP_M * tiles_k
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_k = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    in_m = offs_m < M
+    in_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows[:, None] * N + offs_n[None, :],
+                     mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
+        w = load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n, offs_k, N, K, BLOCKSIZE, DOUBLE_QUANT)
+        # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
+        # fp16/bf16 operands are unaffected.
+        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
+
+    offs_r = tl.arange(0, R_PAD)
+    in_r = offs_r < R
+    g = tl.load(g_ptr + rows[:, None] * R + offs_r[None, :], mask=in_m[:, None] & in_r[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=in_r[:, None] & in_k[None, :], other=0.0)
+    lora = tl.dot(g, a, input_precision="ieee") * scale
+    if HAS_DROPOUT:
+        lora = lora * dropout_scale(seed, offs_m, offs_k, K, dropout_p)
+    acc += lora
+
+    tl.store(dx_ptr + rows[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_k[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+def _gpu_configs() -> list[triton.Config]:
+    """Autotuning candidates: large tiles for training-sized M, thin ones for small M.
+
+    ``tl.dot`` needs every tile dimension >= 16 on a GPU; BLOCK_N is the reduction depth.
+    Stages are chosen so that every config fits an H100/H200's 227 KiB of shared memory:
+    compiled offline for sm_90 (triton 3.9), the pipelined NF4 tile costs about 9-10 bytes per
+    ``BLOCK_N x BLOCK_K`` element per stage with double quant (packed byte, absmax byte and a
+    gathered fp32 nested absmax per element), so 8192-element tiles get 2 stages.
+    """
+    return [
+        _config(128, 32, 128, 8, 3),
+        _config(128, 64, 128, 8, 2),
+        _config(128, 32, 64, 4, 4),
+        _config(64, 32, 128, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(64, 32, 64, 4, 5),
+        _config(32, 64, 64, 4, 4),
+        _config(32, 32, 128, 4, 4),
+        _config(16, 128, 64, 4, 2),
+        _config(16, 64, 64, 4, 4),
+    ]
+
+
+#: The single configuration used under the interpreter (autotuning cannot benchmark there):
+#: 16-row tiles keep small M cheap. Tests override it to cover other tilings (partial K tiles,
+#: several groups), which a GPU's autotuned configs produce.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+def _tile_cap(extent: int) -> int:
+    """Largest useful tile along a dimension of ``extent``: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(extent))
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs with tiles larger than the problem needs (they only waste lanes).
+
+    Rules apply in order of what they save (rows of M first: a 128-row tile at M = 1 wastes
+    127 rows of every MMA), each only if it leaves a config, so some config always remains.
+    """
+    m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    rules = [lambda c: c.kwargs["BLOCK_M"] <= _tile_cap(m),
+             lambda c: c.kwargs["BLOCK_K"] <= _tile_cap(k),
+             lambda c: c.kwargs["BLOCK_N"] <= _tile_cap(n)]
+    kept = list(configs)
+    for fits in rules:
+        kept = [c for c in kept if fits(c)] or kept
+    return kept
+
+
+_lora_dx_kernel_autotuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOUBLE_QUANT", "BLOCKSIZE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_lora_dx_kernel)
+
+
+def _check_matrix(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {list(t.shape)}")
+
+
+def _check_dx_inputs(dy, weight, lora_a, g, scale, dropout_p, seed) -> None:
+    _check_matrix("dy", dy)
+    device = dy.device
+    if not can_launch(device):
+        raise RuntimeError(f"cannot run Triton on {device}: use a CUDA device, or set TRITON_INTERPRET=1 "
+                           "before importing lora_triton for CPU tensors")
+    check_nf4_weight(weight, device)
+    n, k = weight.shape
+    m = dy.shape[0]
+    check_tensor("dy", dy, (m, n), device)
+    _check_matrix("lora_a", lora_a)
+    r = lora_a.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank must be in 1..{MAX_RANK}, got {r} (lora_a shape {list(lora_a.shape)})")
+    check_tensor("lora_a", lora_a, (r, k), device, dtypes=(dy.dtype,))
+    check_tensor("g", g, (m, r), device, dtypes=(dy.dtype,))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
+
+
+def lora_dx_triton(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g: torch.Tensor, scale: float,
+                   dropout_p: float = 0.0, seed: int = 0, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dx = dy @ dequant(W) + scale * (g @ lora_a) * mask`` in one fused kernel.
+
+    Args:
+        dy: ``[M, N]`` output gradient, fp16/bf16/fp32, contiguous.
+        weight: ``NF4Weight`` ``[N, K]`` on dy's device, ``K`` divisible by its block size.
+        lora_a: ``[r, K]`` in dy's dtype, ``1 <= r <= 128``.
+        g: ``[M, r]`` = ``dy @ lora_b`` in dy's dtype (the caller reuses it for ``dA``).
+        scale: the LoRA scale ``s``.
+        dropout_p, seed: the forward's LoRA dropout; the mask is regenerated from ``seed``
+            exactly as ``dropout.dropout_mask(seed, dropout_p, M, K)``. ``dropout_p=0``: no mask.
+        out: optional contiguous ``[M, K]`` tensor in dy's dtype to write ``dx`` into.
+    Returns:
+        ``dx`` ``[M, K]`` in dy's dtype (accumulated in fp32); ``out`` when given.
+    Raises:
+        TypeError / ValueError on a wrong type, dtype, device, shape, layout or parameter;
+        RuntimeError when Triton cannot run on dy's device.
+    """
+    _check_dx_inputs(dy, weight, lora_a, g, scale, dropout_p, seed)
+    m, n = dy.shape
+    k = weight.shape[1]
+    r = lora_a.shape[0]
+    if out is None:
+        dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    else:
+        check_tensor("out", out, (m, k), dy.device, dtypes=(dy.dtype,))
+        dx = out
+    if m == 0:
+        return dx
+
+    run_dtype = kernel_dtype(dy.dtype, dy.device)  # bf16 -> fp32 under the interpreter only
+    dy_k, a_k, g_k = (t.to(run_dtype) for t in (dy, lora_a, g))
+    # The widened buffer exists only under the interpreter (tests): NaN-filled so that an
+    # element the kernel fails to write cannot pass a comparison.
+    dx_k = dx if run_dtype == dx.dtype else torch.full((m, k), float("nan"), dtype=run_dtype, device=dy.device)
+
+    args = (dy_k, g_k, a_k, dx_k, *nf4_kernel_args(weight), float(scale), seed, float(dropout_p), m, n, k, r,
+            m_bucket(m))
+    meta = dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+                R_PAD=_tile_cap(r), HAS_DROPOUT=dropout_p > 0)
+    if interpreter_enabled():
+        cfg = INTERPRETER_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
+        _lora_dx_kernel[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)  # noqa: E731
+        _lora_dx_kernel_autotuned[grid](*args, **meta)
+
+    if dx_k is not dx:
+        dx.copy_(dx_k)  # torch rounds fp32 -> bf16 to nearest even
+    return dx
+
+
+def lora_backward_triton(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    s: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> LoRAGrads:
+    """Every gradient of the layer, each only when asked for (same contract as
+    ``reference.lora_backward``, with the dropout mask given by ``(dropout_p, seed)``).
+
+    Args:
+        dy: ``[M, N]`` output gradient; any strides (stride-0 / non-contiguous gradients are
+            made contiguous here). Cast to x's dtype, the compute dtype, like the reference.
+        x: ``[M, K]`` forward input (fp16/bf16/fp32); weight: ``NF4Weight`` ``[N, K]``.
+        lora_a: ``[r, K]``; lora_b: ``[N, r]`` (cast to x's dtype); scale: ``s``.
+        s: ``[M, r]`` = ``drop(x) @ A^T`` saved by the forward.
+        dropout_p, seed: the forward's LoRA dropout (mask regenerated, never saved).
+        needs: which of ``(dx, dA, dB, dbias)`` to compute.
+    Returns:
+        ``LoRAGrads`` in x's dtype; fields not asked for are None. ``G = dy @ B`` is computed
+        once, and only when dx or dA is needed; ``drop(x)`` exists only transiently for dA.
+    """
+    need_dx, need_da, need_db, need_dbias = needs
+    dtype = x.dtype
+    dy = dy.to(dtype).contiguous()
+    g = dy @ lora_b.to(dtype) if (need_dx or need_da) else None
+    dx = da = db = dbias = None
+    if need_dx:
+        dx = lora_dx_triton(dy, weight, lora_a.to(dtype).contiguous(), g, scale, dropout_p, seed)
+    if need_da:
+        x_drop = x
+        if dropout_p > 0:
+            m, k = x.shape
+            # fp32 mask times x, rounded once to the compute dtype
+            x_drop = (x * dropout_mask(seed, dropout_p, m, k, x.device)).to(dtype)
+        da = scale * (g.t() @ x_drop)
+    if need_db:
+        db = scale * (dy.t() @ s.to(dtype))
+    if need_dbias:
+        dbias = dy.sum(0)
+    return LoRAGrads(dx, da, db, dbias)
