@@ -47,11 +47,12 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
     return y, grads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("need_x, need_a, need_b, bias_mode", COMBOS)
-def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, device, monkeypatch):
-    dtype = torch.float32
+def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
+                                         monkeypatch):
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)
     seed = 1234
@@ -153,12 +154,13 @@ def test_torch_compile_inductor_on_cpu():
     assert relative_error(compiled(x), model(x)) < 1e-6
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    p = random_lora_problem(9, 32, 64, 4, bias=True, seed=5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = lora_nf4_linear(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"], backend="reference")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_runs_in_the_autocast_dtype(backend, device):
+    p = random_lora_problem(9, 32, 64, 4, bias=True, seed=5, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = lora_nf4_linear(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"], backend=backend)
     assert y.dtype == torch.bfloat16
-    y_ref, _ = _expected(p, torch.zeros(9, 32), 0, 0.0, "reference")
+    y_ref, _ = _expected(p, torch.zeros(9, 32, device=device), 0, 0.0, backend)
     assert relative_error(y, y_ref) < REL_TOL[torch.bfloat16]
 
 
