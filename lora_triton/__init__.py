@@ -4,13 +4,20 @@ Layers, in the order a newcomer should read them:
     format     - NF4 code books, quantize/dequantize, ``NF4Weight`` (bitsandbytes' bytes and keys)
     reference  - the layer's forward and backward in plain torch (oracle and CPU path)
     kernels    - Triton kernels and their launchers
+    ops        - the torch.library custom ops (autograd, torch.compile) that pick a backend
+    modules    - NF4Linear and LoRALinear4bit, the drop-in layers
+    integration- inject into existing models, PEFT files and models, merging
     testing    - error measures and random problems shared by tests and benchmarks
 """
 
 from .format import NF4Weight, dynamic_map_signed, nf4_code
+from .integration import from_peft, inject_lora, load_adapter, merge_into_nf4, merge_to_linear, save_adapter, unmerge
+from .modules import LoRALinear4bit, NF4Linear
+from .ops import lora_nf4_linear
 from .reference import lora_backward, lora_forward, lora_linear_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "nf4_code", "dynamic_map_signed", "lora_forward", "lora_backward",
-           "lora_linear_reference", "__version__"]
+__all__ = ["NF4Weight", "nf4_code", "dynamic_map_signed", "lora_forward", "lora_backward", "lora_linear_reference",
+           "lora_nf4_linear", "NF4Linear", "LoRALinear4bit", "inject_lora", "save_adapter", "load_adapter",
+           "from_peft", "merge_to_linear", "merge_into_nf4", "unmerge", "__version__"]

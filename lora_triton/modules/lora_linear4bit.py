@@ -52,6 +52,8 @@ class LoRALinear4bit(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.disabled = False
+        self.merged_adapter: str | None = None  # set while an adapter is merged into the NF4 base
+        self._unmerged_nf4: NF4Weight | None = None
         self.backend = backend
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
@@ -114,6 +116,7 @@ class LoRALinear4bit(nn.Module):
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the active adapter; only its parameters require grad."""
+        self._check_unmerged(f"set adapter {name!r}")
         if name not in self.lora_A:
             raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
         self.active_adapter = name
@@ -123,6 +126,7 @@ class LoRALinear4bit(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; if it was active, no adapter is active afterwards."""
+        self._check_unmerged(f"delete adapter {name!r}")
         if name not in self.lora_A:
             raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
         del self.lora_A[name], self.lora_B[name]
@@ -134,16 +138,65 @@ class LoRALinear4bit(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within the block the layer computes the base output only."""
+        self._check_unmerged("disable the adapter")
         previous, self.disabled = self.disabled, True
         try:
             yield self
         finally:
             self.disabled = previous
 
+    # ---------------------------------------------------------------- merging
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """The adapter's update ``s * B @ A``, float32 ``[out, in]`` (default: the active adapter)."""
+        name = name or self.active_adapter
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
+        a, b = self.lora_A[name].weight.detach().float(), self.lora_B[name].weight.detach().float()
+        return self.scaling[name] * (b @ a)
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32, name: str | None = None) -> torch.Tensor:
+        """``dequant(W) + s * B @ A`` computed in float32, then cast once to ``dtype``: the
+        weight the adapter was trained against, ``[out, in]``."""
+        return (self.base_layer.nf4.dequantize(torch.float32) + self.delta_weight(name)).to(dtype)
+
+    def merge_to_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """A plain ``nn.Linear`` (weight and bias in ``dtype``) computing the active adapter's output."""
+        if self.merged_adapter is not None:
+            raise RuntimeError("the adapter is merged into the NF4 base; unmerge() first")
+        bias = self.base_layer.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=dtype,
+                           device=self.base_layer.nf4.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight(dtype))
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear.requires_grad_(False)
+
+    def merge_nf4(self) -> None:
+        """Re-quantize ``dequant(W) + s*B@A`` to NF4 (same block size and double quant) as the new
+        base; the layer then computes the base only. The old bytes are kept for ``unmerge``."""
+        self._check_unmerged("merge again")
+        name = self.active_adapter
+        if name is None:
+            raise RuntimeError("no active adapter to merge")
+        old = self.base_layer.nf4
+        self.base_layer.nf4 = NF4Weight.quantize(self.merged_weight(old.dtype), old.blocksize, old.double_quant)
+        self._unmerged_nf4, self.merged_adapter = old, name
+
+    def unmerge(self) -> None:
+        """Undo ``merge_nf4`` exactly: restore the original NF4 bytes, use the adapter again."""
+        if self.merged_adapter is None:
+            raise RuntimeError("nothing is merged")
+        self.base_layer.nf4, self._unmerged_nf4, self.merged_adapter = self._unmerged_nf4, None, None
+
+    def _check_unmerged(self, action: str) -> None:
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"cannot {action} while adapter {self.merged_adapter!r} is merged; unmerge() first")
+
     # ---------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
-        if self.disabled or name is None:
+        if self.disabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
         return lora_nf4_linear(x, self.base_layer.nf4, self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], self.base_layer.bias, self.lora_dropout[name],

@@ -15,6 +15,16 @@ from ..format import NF4Weight
 _WEIGHT_PREFIX = "weight"
 
 
+def check_standard_bnb_layout(layer: nn.Module, name: str = "layer") -> None:
+    """Raise ``ValueError`` if a bitsandbytes ``Linear4bit`` holds its CPU-only repacked bytes
+    (bitsandbytes 0.50 repacks them at the first eval-mode CPU forward on AVX512-BF16 CPUs),
+    which are no longer the NF4 format."""
+    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ValueError(f"{name!r}: bitsandbytes has repacked this Linear4bit for its CPU bf16 kernel, so its "
+                         "bytes are no longer the NF4 format; convert it before running it in eval mode on CPU "
+                         "(or set layer.support_avx512bf16_for_cpu = False before the first forward)")
+
+
 class NF4Linear(nn.Module):
     """Frozen ``y = x @ dequant(W)^T + b`` over a packed NF4 weight ``[out_features, in_features]``.
 
@@ -44,6 +54,7 @@ class NF4Linear(nn.Module):
         state = getattr(layer.weight, "quant_state", None)
         if state is None:
             raise ValueError("the bitsandbytes layer is not quantized yet (move it to a device first)")
+        check_standard_bnb_layout(layer)
         tensors = {k: v for k, v in layer.state_dict().items() if k.startswith(_WEIGHT_PREFIX)}
         return cls(NF4Weight.from_bnb_state_dict(tensors, _WEIGHT_PREFIX), layer.bias)
 
