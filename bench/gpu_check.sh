@@ -3,10 +3,11 @@
 #
 # 1. the whole test suite on the GPU (same tests as CI's interpreter run), one fixed kernel
 #    config (LORA_TRITON_AUTOTUNE=0) so it compiles each kernel variant once;
-# 2. the forward benchmark (autotuned) with a time budget.
-# Everything lands in "$OUT": pytest.log, bench_forward.csv, bench_forward.log, summary.txt.
-# Budget: at most 200 s of tests + 300 s of benchmark, well under 9 minutes in all.
-# bitsandbytes is optional: without it the benchmark leaves out baseline (c).
+# 2. the forward and layer benchmark tables (autotuned), one shared time budget.
+# Everything lands in "$OUT": pytest.log, bench/{forward,layer}.{csv,png}, bench.log, summary.txt.
+# Budget: at most 200 s of tests + 280 s of benchmark (220 s of points, then it stops starting
+# new ones), about 8 minutes in the worst case.
+# bitsandbytes is optional: without it the tables leave out its baselines.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,10 +39,10 @@ tests_rc=$?
 tail -n 15 "$OUT/pytest.log"
 echo "pytest exit code: $tests_rc" | tee -a "$OUT/summary.txt"
 
-timeout 300 python bench/bench_forward.py "$OUT/bench_forward.csv" --budget-s 240 \
-  > "$OUT/bench_forward.log" 2>&1
+timeout 280 python bench/run.py --what forward,layer --out "$OUT/bench" --budget-s 220 \
+  > "$OUT/bench.log" 2>&1
 bench_rc=$?
-cat "$OUT/bench_forward.log"
+cat "$OUT/bench.log"
 echo "bench exit code: $bench_rc" | tee -a "$OUT/summary.txt"
 date -u +"end %Y-%m-%dT%H:%M:%SZ" | tee -a "$OUT/summary.txt"
 

@@ -2,6 +2,7 @@
 
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
+    lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from .bench.cli import add_bench_parser
 from .format import NF4Weight
 from .reference import lora_forward
 from .testing import relative_error
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--measure", action="store_true", help="also measure real steps of a small LLaMA and compare")
     m.add_argument("--device", default="cpu")
     m.set_defaults(func=memory)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,39 +1,133 @@
-"""``bench/bench_forward.py --quick`` still runs and writes the table it promises (CI keeps it from rotting)."""
+"""``lora-triton bench --quick`` still runs every table and writes what it promises (CI keeps
+the benchmarks from rotting). One subprocess runs the forward, layer and CPU tables; on CPU
+the forward and layer tables go through Triton's interpreter at tiny shapes."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib.util
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_forward.py"
+import pytest
+
+from lora_triton.bench import add_bench_parser
+from lora_triton.bench import cpu as cpu_table
+from lora_triton.bench import forward as forward_table
+from lora_triton.bench import layer as layer_table
+
 CANDIDATES = {"fused", "split", "decode", "dequant"}
+META = ["device", "threads", "torch", "timestamp", "peak_copy_gbps", "peak_matmul_tflops", "peak_matmul_dtype"]
 
 
-def test_quick_bench_writes_a_complete_csv(tmp_path, device):
-    out = tmp_path / "nested" / "forward.csv"
+def _bnb_and_peft() -> bool:
+    if importlib.util.find_spec("peft") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _finite_positive(value: str) -> bool:
+    return math.isfinite(float(value)) and float(value) > 0
+
+
+def _read(path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, request):
+    """Run all three quick tables once; yield (output folder, stdout, stderr)."""
+    device = request.config.getoption("--device")
+    out = tmp_path_factory.mktemp("bench") / "nested"
     env = dict(os.environ)
-    if device.type == "cpu":
+    if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    # cwd=tmp_path keeps the repository root (and its top-level kernels/ folder) off sys.path.
-    done = subprocess.run([sys.executable, str(BENCH), "--quick", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # cwd outside the repository keeps its top-level kernels/ folder off sys.path.
+    done = subprocess.run([sys.executable, "-m", "lora_triton.bench", "--quick", "--what", "forward,layer,cpu",
+                           "--out", str(out)], cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert ": failed (" not in done.stderr, done.stderr[-3000:]
-    rows = list(csv.DictReader(out.open()))
+    return out, done.stdout, done.stderr
+
+
+def _check_meta(row: dict) -> None:
+    for field in META:
+        assert row[field], (field, row)
+    assert _finite_positive(row["peak_copy_gbps"]) and _finite_positive(row["peak_matmul_tflops"]), row
+
+
+def test_forward_table(quick_run):
+    out, stdout, _ = quick_run
+    fields, rows = _read(out / "forward.csv")
+    assert fields == forward_table.FIELDS
     methods = {row["method"] for row in rows}
     assert CANDIDATES | {"dense", "dequant_linear"} <= methods, methods
     assert {row["M"] for row in rows} == {"1", "17"}
     for row in rows:
-        assert row["gpu"] and row["torch"] and row["triton"] and row["timestamp"], row
-        assert float(row["ms"]) > 0 and math.isfinite(float(row["tflops"])) and float(row["gbps"]) > 0, row
+        _check_meta(row)
+        assert row["triton"], row
+        for field in ("ms", "tflops", "gbps", "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense",
+                      "x_vs_dequant_linear"):
+            assert _finite_positive(row[field]), (field, row)
         assert float(row["rel_err"]) < 2e-2, row  # bf16 output vs an fp32 product on the same weight
         assert row["dispatch"] in CANDIDATES, row
-        assert float(row["x_vs_dense"]) > 0, row
     for m in ("1", "17"):
         assert sum(int(row["fastest_candidate"]) for row in rows if row["M"] == m) == 1
         assert {row["method"] for row in rows if row["M"] == m and row["fastest_candidate"] == "1"} <= CANDIDATES
-    assert f"wrote {len(rows)} rows" in done.stdout
+    assert f"forward: wrote {len(rows)} rows" in stdout
+    assert (out / "forward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_layer_rows(rows: list[dict], passes: set[str], dtype_bound: float, on_cuda: bool) -> None:
+    impls = {"ours", "dequant_linear"} | ({"bnb_peft"} if _bnb_and_peft() else set())
+    assert {row["impl"] for row in rows} == impls
+    assert {row["pass"] for row in rows} == passes
+    assert len(rows) == len(impls) * len(passes) * len({(r["K"], r["N"], r["r"], r["M"], r["dtype"]) for r in rows})
+    for row in rows:
+        _check_meta(row)
+        for field in ("ms", "tflops", "pct_peak_tflops", "x_vs_dequant_linear"):
+            assert _finite_positive(row[field]), (field, row)
+        if "bnb_peft" in impls:
+            assert _finite_positive(row["x_vs_bnb_peft"]), row
+        assert float(row["rel_err"]) < dtype_bound, row  # y, dx, dA, dB vs an fp32 reference
+        assert bool(row["peak_mib"]) == (on_cuda and row["pass"] == "fwd+bwd"), row
+
+
+def test_layer_table(quick_run, device):
+    out, stdout, _ = quick_run
+    fields, rows = _read(out / "layer.csv")
+    assert fields == layer_table.FIELDS
+    _check_layer_rows(rows, set(layer_table.PASSES), 3e-2, device.type == "cuda")
+    assert {row["M"] for row in rows} == {"17"}
+    assert f"layer: wrote {len(rows)} rows" in stdout
+    assert (out / "layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_table(quick_run):
+    out, stdout, _ = quick_run
+    fields, rows = _read(out / "cpu.csv")
+    assert fields == cpu_table.FIELDS
+    _check_layer_rows(rows, set(cpu_table.PASSES), 1e-4, on_cuda=False)  # fp32
+    assert all("interpreter" not in row["device"] for row in rows)  # the CPU path is plain torch
+    assert {row["M"] for row in rows} == {"1", "16"}
+    assert f"cpu: wrote {len(rows)} rows" in stdout
+    assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_subcommand_options():
+    parser = argparse.ArgumentParser(prog="lora-triton")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--quick", "--out", "somewhere", "--budget-s", "12", "--what", "cpu"])
+    assert (args.command, args.quick, args.out, args.budget_s, args.what) == ("bench", True, "somewhere", 12.0, "cpu")
+    assert callable(args.func)
+    defaults = parser.parse_args(["bench"])
+    assert not defaults.quick and defaults.what is None and defaults.budget_s > 0

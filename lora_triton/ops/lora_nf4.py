@@ -27,6 +27,7 @@ from torch import Tensor
 from ..format import NF4Weight
 from ..kernels.runtime import can_launch
 from ..reference import lora_backward, lora_forward
+from .cpu_dequant import dequantize_dense
 
 BACKENDS = ("auto", "triton", "reference")
 _WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
@@ -79,7 +80,7 @@ def _forward_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_
 
         return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed_value)
     mask = _reference_dropout_mask(seed_value, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
-    y, s = lora_forward(x, weight, lora_a, lora_b, scale, bias, mask)
+    y, s = lora_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
     return y.contiguous(), s.contiguous()
 
 
@@ -104,7 +105,8 @@ def _backward_op(dy: Tensor, x: Tensor, s: Tensor, packed: Tensor, absmax: Tenso
         grads = lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed_value, tuple(needs))
     else:
         mask = _reference_dropout_mask(seed_value, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
-        grads = lora_backward(dy, x, weight, lora_a, lora_b, scale, s, mask, tuple(needs))
+        dense = dequantize_dense(weight, x.dtype) if needs[0] else weight  # only dx reads W
+        grads = lora_backward(dy, x, dense, lora_a, lora_b, scale, s, mask, tuple(needs))
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in (grads.dx, grads.dA, grads.dB, grads.dbias))
 
 

@@ -1,0 +1,195 @@
+"""Forward table: every lora-triton forward candidate against the usual baselines.
+
+For each projection shape (K, N), rank r and token count M it times the candidates of
+``lora_forward.METHODS`` and three baselines, all in the same run:
+
+``dense``           ``F.linear`` on a dense bf16 weight + PEFT-style LoRA matmuls
+``dequant_linear``  dequantize NF4 (bitsandbytes' kernel when installed, else ours) +
+                    ``F.linear`` + PEFT-style LoRA: what bitsandbytes + PEFT does
+``bnb_matmul_4bit`` ``bitsandbytes.matmul_4bit`` + LoRA, only when bitsandbytes imports
+
+One row per (shape, method): relative error of ``y`` against an fp32 product on the same
+dequantized weight (a fast but wrong kernel shows), median time, TFLOP/s, GB/s, both as % of
+the device peaks measured in the same run, speed-up over each baseline, the dispatcher's
+choice and whether this method was the fastest candidate (so ``choose_method``'s constants
+can be set from the table). GB/s counts the bytes an NF4 forward must move (packed W,
+absmax, x, y, A, B, S) for every row, so rows compare on the same work. Small M is timed
+from CUDA graphs (launch overhead would dominate), the rest with do_bench; L2 flushed in both.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .environment import META_FIELDS, import_bitsandbytes
+from .report import Speedup
+from .timing import time_ms
+
+LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/k/v/o, gate/up, down
+FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
+QUICK = dict(shapes=[(128, 96)], ranks=[8], ms=[1, 17], dtype=torch.bfloat16)
+DECODE_BENCH_MAX_M = 128  # the decode kernel is timed up to here; beyond it is off its design point
+CUDA_GRAPH_MAX_M = 128  # launch-bound below this: time from CUDA graphs
+BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
+FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "rel_err", "ms", "timer", "tflops", "gbps",
+                        "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense", "x_vs_dequant_linear",
+                        "x_vs_bnb_matmul_4bit", "dispatch", "fastest_candidate", "note"]
+
+
+@dataclass
+class Problem:
+    """One benchmark point and the operands every method reads."""
+
+    m: int
+    n: int
+    k: int
+    r: int
+    x: torch.Tensor
+    weight: object  # NF4Weight
+    dense: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+    def flops(self) -> float:
+        return 2.0 * self.m * (self.n * self.k + self.k * self.r + self.r * self.n)
+
+    def min_bytes(self) -> float:
+        """Bytes an NF4 forward must move: packed W + stats, x, y, A, B, S."""
+        itemsize = self.x.element_size()
+        weight = self.weight.nbytes - self.weight.code.numel() * 4
+        acts = itemsize * (self.m * self.k + self.m * self.n + self.m * self.r)
+        return weight + acts + itemsize * self.r * (self.k + self.n)
+
+
+def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[dict]:
+    """All rows of the forward table (points past ``budget_s`` seconds are skipped and named)."""
+    plan = QUICK if quick else FULL
+    start, rows = time.monotonic(), []
+    for r in plan["ranks"]:  # r=16 over every shape first: a spent budget cuts r=64 rows
+        for k, n in plan["shapes"]:
+            for m in plan["ms"]:
+                if time.monotonic() - start > budget_s:
+                    print(f"forward: budget of {budget_s:.0f}s spent, skipping K={k} N={n} r={r} M={m}",
+                          file=sys.stderr)
+                    continue
+                problem = make_problem(m, n, k, r, plan["dtype"], device)
+                rows.extend(bench_problem(problem, meta, device, quick))
+                del problem
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def make_problem(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torch.device) -> Problem:
+    from ..format import NF4Weight
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).mul_(std)
+
+    weight = NF4Weight.quantize(randn(n, k, std=k ** -0.5).to(dtype), 64, True)
+    return Problem(m, n, k, r, x=randn(m, k, std=1.0).to(dtype), weight=weight, dense=weight.dequantize(dtype),
+                   lora_a=randn(r, k, std=k ** -0.5).to(dtype), lora_b=randn(n, r, std=r ** -0.5).to(dtype),
+                   scale=2.0 / r)
+
+
+# ---------------------------------------------------------------------- methods
+def peft_lora(y: torch.Tensor, p: Problem) -> torch.Tensor:
+    """PEFT's LoRA branch: ``y + lora_B(lora_A(x)) * s`` as separate matmuls."""
+    return y + torch.nn.functional.linear(torch.nn.functional.linear(p.x, p.lora_a), p.lora_b) * p.scale
+
+
+def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
+    """Every method to time for ``p``: name -> zero-argument callable."""
+    import torch.nn.functional as F
+
+    from ..kernels import lora_forward as lf
+
+    fns = {"dense": lambda: peft_lora(F.linear(p.x, p.dense), p)}
+    dequant = lambda: lf.dequantize_nf4(p.weight, p.x.dtype)  # noqa: E731  (stand-in when bitsandbytes is absent)
+    quantized = _bnb_quantized(p)
+    if quantized is not None:
+        bnb, (packed, state) = quantized
+        dequant = lambda: bnb.functional.dequantize_4bit(packed, state)  # noqa: E731
+        fns["bnb_matmul_4bit"] = lambda: peft_lora(bnb.matmul_4bit(p.x, packed.t(), quant_state=state), p)
+    fns["dequant_linear"] = lambda: peft_lora(F.linear(p.x, dequant()), p)
+    for method in lf.METHODS:
+        if method == "decode" and p.m > DECODE_BENCH_MAX_M:
+            continue
+        fns[method] = (lambda method=method: lf.lora_forward_triton(p.x, p.weight, p.lora_a, p.lora_b, p.scale,
+                                                                    method=method))
+    return fns
+
+
+def _bnb_quantized(p: Problem):
+    bnb = import_bitsandbytes()
+    if bnb is None:
+        return None
+    try:
+        return bnb, bnb.functional.quantize_4bit(p.dense, blocksize=64, compress_statistics=True, quant_type="nf4")
+    except Exception as err:  # no kernels for this device in this build
+        print(f"bitsandbytes unusable here ({err}); skipping its rows", file=sys.stderr)
+        return None
+
+
+def reference_output(p: Problem) -> torch.Tensor:
+    """``y`` in fp32 from the dequantized weight: every method's output is checked against it."""
+    x, a, b = p.x.float(), p.lora_a.float(), p.lora_b.float()
+    return x @ p.dense.float().t() + p.scale * (x @ a.t()) @ b.t()
+
+
+def output_error(out, expected: torch.Tensor) -> float:
+    """Relative error of a method's ``y`` (methods return ``y`` or ``(y, S)``)."""
+    from ..testing import relative_error
+
+    return relative_error(out[0] if isinstance(out, tuple) else out, expected)
+
+
+def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[dict]:
+    from ..kernels import lora_forward as lf
+
+    timings, timers, errors = {}, {}, {}
+    expected = reference_output(p)
+    for name, fn in methods_for(p).items():
+        try:
+            errors[name] = output_error(fn(), expected)
+            timings[name], timers[name] = time_ms(fn, device, use_cuda_graph=p.m <= CUDA_GRAPH_MAX_M, quick=quick)
+        except Exception as err:  # one broken candidate must not hide the others' numbers
+            print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+    candidates = {name: t for name, t in timings.items() if name in lf.METHODS}
+    fastest = min(candidates, key=candidates.get) if candidates else ""
+    dispatch = lf.choose_method(device, p.m, p.n, p.k, p.r)
+    peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
+    rows = []
+    for name, ms in timings.items():
+        ratio = lambda base: f"{timings[base] / ms:.3f}" if base in timings else ""  # noqa: E731
+        tflops, gbps = p.flops() / ms / 1e9, p.min_bytes() / ms / 1e6
+        rows.append({**meta, "dtype": str(p.x.dtype).removeprefix("torch."), "K": p.k, "N": p.n, "r": p.r,
+                     "M": p.m, "method": name, "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.5f}",
+                     "timer": timers[name], "tflops": f"{tflops:.4g}", "gbps": f"{gbps:.4g}",
+                     "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
+                     "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": ratio("dense"),
+                     "x_vs_dequant_linear": ratio("dequant_linear"), "x_vs_bnb_matmul_4bit": ratio("bnb_matmul_4bit"),
+                     "dispatch": dispatch, "fastest_candidate": int(name == fastest),
+                     "note": "baseline" if name in BASELINES else ""})
+    return rows
+
+
+def speedups(rows: list[dict]) -> list[Speedup]:
+    """Plot points: the dispatched method's speed-up over each baseline, per shape and rank."""
+    points = []
+    for row in rows:
+        if row["method"] != row["dispatch"]:
+            continue
+        for base in BASELINES:
+            if row[f"x_vs_{base}"]:
+                points.append(Speedup(f"K={row['K']} N={row['N']}", f"vs {base}, r={row['r']}", int(row["M"]),
+                                      float(row[f"x_vs_{base}"])))
+    return points

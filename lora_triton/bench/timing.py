@@ -1,0 +1,104 @@
+"""Timers: the median time of a zero-argument callable, after warm-up, on GPU or CPU.
+
+* ``gpu_ms``  - ``triton.testing.do_bench`` (median, L2 flushed before every call), or for
+  launch-bound work a CUDA graph of ``reps`` flushed calls, minus a graph of the flushes alone.
+* ``cpu_ms``  - wall clock: warm-up calls, then the median of repeated calls.
+* ``time_ms`` - the right one for a device; returns ``(ms, timer name)`` so tables can say how
+  each number was taken.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+#: Bytes zeroed between timed calls to evict the L2 cache (H100/H200 L2: 50-60 MB).
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def cpu_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, max_reps: int = 50,
+           min_time_s: float = 0.3) -> float:
+    """Median wall-clock milliseconds of ``fn`` on CPU: ``warmup`` untimed calls, then at least
+    ``min_reps`` timed calls, more (up to ``max_reps``) until ``min_time_s`` has passed."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def do_bench_ms(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> float:
+    """Median milliseconds from ``triton.testing.do_bench`` (it flushes L2 before each call)."""
+    import triton
+
+    fn()  # compile / autotune outside the timed region
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
+
+
+def cuda_graph_ms(fn: Callable[[], object], reps: int = 20, replays: int = 7) -> float:
+    """Median milliseconds per call of ``fn`` replayed from a CUDA graph (no launch overhead).
+
+    One graph holds ``reps`` x (zero an L2-sized buffer, ``fn``), a second the flushes alone;
+    the per-call time is the difference of their median replay times over ``reps``. ``fn``
+    must be capturable (no host synchronisation, no allocation that depends on data).
+    """
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    fn()  # compile / autotune before capture: tuning cannot run inside a graph
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs ask
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def capture(with_fn: bool) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        return graph
+
+    work, flushes = capture(True), capture(False)
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    replay_ms(work), replay_ms(flushes)  # first replays upload the graphs
+    work_ms = statistics.median(replay_ms(work) for _ in range(replays))
+    flush_ms = statistics.median(replay_ms(flushes) for _ in range(replays))
+    return max(work_ms - flush_ms, 1e-6) / reps
+
+
+def gpu_ms(fn: Callable[[], object], use_cuda_graph: bool = False) -> tuple[float, str]:
+    """``(median ms, timer)`` on a GPU: a CUDA graph when asked and capturable, else do_bench."""
+    if use_cuda_graph:
+        try:
+            return cuda_graph_ms(fn), "cuda_graph"
+        except Exception:  # not capturable (host sync, CPU-side work): fall back, and say so
+            torch.cuda.synchronize()
+    return do_bench_ms(fn), "do_bench"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, use_cuda_graph: bool = False,
+            quick: bool = False) -> tuple[float, str]:
+    """``(median ms, timer)`` of ``fn`` on ``device`` (``quick``: fewer CPU repetitions)."""
+    if device.type == "cuda":
+        return gpu_ms(fn, use_cuda_graph)
+    if quick:
+        return cpu_ms(fn, warmup=1, min_reps=2, max_reps=3, min_time_s=0.0), "cpu_wall"
+    return cpu_ms(fn), "cpu_wall"
