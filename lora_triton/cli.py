@@ -3,6 +3,7 @@
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
+    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -104,6 +105,14 @@ def memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def forgetting(args: argparse.Namespace) -> int:
+    """Run the forgetting benchmark (lora_triton/bench/forgetting.py)."""
+    from .bench.forgetting import run_forgetting_benchmark
+
+    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-triton", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.set_defaults(func=memory)
     add_bench_parser(sub)
+    f = sub.add_parser("forgetting", help="sequential-domain forgetting benchmark: naive LoRA vs stacked vs protected")
+    f.add_argument("--quick", action="store_true", help="tiny model and budgets (about a minute; CI)")
+    f.add_argument("--out-dir", default="forgetting_results")
+    f.add_argument("--seeds", type=int, default=None)
+    f.set_defaults(func=forgetting)
     return parser
 
 

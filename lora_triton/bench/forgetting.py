@@ -1,0 +1,324 @@
+"""Forgetting benchmark: one QLoRA model trained on domain after domain, three ways.
+
+    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N]
+
+A byte-level causal transformer is pretrained briefly here (on Python standard-library source
+and Python's own documentation), NF4-quantized, and its linear layers get LoRA adapters. Three
+domains follow in turn, all built from text any Python install ships (``text_domains``:
+code, prose, arithmetic; held-out splits for each).
+
+Methods: ``naive`` (one adapter trained on every domain in turn), ``stacked`` (a new frozen
+block per domain, no constraint: ``ContinualLoRA(energy=0)``) and ``ours`` (stacked blocks with
+the orthogonal-complement constraint: ``ContinualLoRA(energy=0.999)``). For each seed and
+method it records the held-out loss of every domain after every stage, and reports for the
+earlier domains the relative drift ``100 (L_after - L_before) / L_before``, the absolute
+change, backward transfer (mean of ``L_before - L_after``; negative = forgetting) and the last
+domain's own loss. Writes ``forgetting.csv`` (per seed), ``forgetting.md`` (mean over seeds)
+and ``forgetting.png``; prints the table.
+
+``run_forgetting_benchmark(quick, out_dir)`` is the entry point for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..modules import LoRALinear4bit
+from ..text_domains import DOMAINS, build_corpora, eval_windows, random_batch, to_tensor
+from ..training import ContinualLoRA
+
+METHODS = ("naive", "stacked", "ours")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and budgets of one run."""
+
+    d_model: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    context: int = 64
+    batch: int = 32
+    pretrain_steps: int = 300
+    task_steps: int = 90
+    rank: int = 8
+    lora_alpha: float = 16
+    lr: float = 1e-3
+    pretrain_lr: float = 3e-3
+    energy: float = 0.999
+    eval_windows: int = 48
+    calib_batches: int = 4
+    domain_bytes: int = 240_000
+    seeds: int = 3
+
+
+FULL = Config()
+QUICK = replace(FULL, d_model=64, n_layer=1, context=32, batch=16, pretrain_steps=40, task_steps=20, lr=3e-3,
+                eval_windows=24, calib_batches=2, domain_bytes=40_000, seeds=2)
+
+
+# =============================================================================== model
+class Block(nn.Module):
+    """Pre-LN transformer block with causal self-attention and a GELU MLP."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_head, d // self.n_head).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ByteLM(nn.Module):
+    """Byte-level causal LM: ``[B, T]`` int64 bytes -> ``[B, T, 256]`` logits (tied head)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(256, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(cfg.context, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x) @ self.embed.weight.T
+
+
+def lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of ``windows [B, T+1]``."""
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, 256), windows[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, windows: torch.Tensor) -> float:
+    model.eval()
+    loss = float(lm_loss(model, windows))
+    model.train()
+    return loss
+
+
+def pretrain(cfg: Config, text: bytes, seed: int = 0) -> ByteLM:
+    """Train the float model from scratch on ``text`` (AdamW, cosine decay)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model, data = ByteLM(cfg), to_tensor(text)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps)
+    for _ in range(cfg.pretrain_steps):
+        loss = lm_loss(model, random_batch(data, cfg.batch, cfg.context, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+def quantize_with_lora(float_model: ByteLM, cfg: Config) -> ByteLM:
+    """A copy of ``float_model`` whose block linears are NF4 ``LoRALinear4bit`` layers; every
+    other parameter frozen."""
+    model = ByteLM(cfg)
+    model.load_state_dict(float_model.state_dict())
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for name in ("qkv", "proj", "fc1", "fc2"):
+            setattr(block, name, LoRALinear4bit.from_linear(getattr(block, name), r=cfg.rank,
+                                                            lora_alpha=cfg.lora_alpha, backend="reference"))
+    return model
+
+
+# =============================================================================== methods
+def train_steps(model: nn.Module, params: list, data: torch.Tensor, cfg: Config, gen: torch.Generator) -> None:
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    for _ in range(cfg.task_steps):
+        loss = lm_loss(model, random_batch(data, cfg.batch, cfg.context, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def run_method(method: str, base: ByteLM, domains: dict, cfg: Config, seed: int) -> list[list[float]]:
+    """Train ``method`` on the domains in order; ``losses[stage][domain]`` = held-out loss of
+    ``domain`` after training stage ``stage`` (stage 0 = the NF4 model before any adapter)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = quantize_with_lora(base, cfg)
+    held_out = [eval_windows(to_tensor(domains[d][1]), cfg.eval_windows, cfg.context) for d in DOMAINS]
+    manager = None if method == "naive" else ContinualLoRA(model, energy=cfg.energy if method == "ours" else 0.0,
+                                                          r=cfg.rank, lora_alpha=cfg.lora_alpha)
+    losses = [[held_out_loss(model, w) for w in held_out]]
+    for name in DOMAINS:
+        train = to_tensor(domains[name][0])
+        if manager is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = manager.begin_task(name)
+        train_steps(model, params, train, cfg, gen)
+        if manager is not None:
+            manager.end_task([random_batch(train, cfg.batch, cfg.context, gen)[:, :-1] for _ in range(cfg.calib_batches)])
+        losses.append([held_out_loss(model, w) for w in held_out])
+    if manager is not None and method == "ours":
+        print(manager.report(), file=sys.stderr)
+    return losses
+
+
+def summarise(losses: list[list[float]]) -> dict:
+    """Per earlier domain ``i``: ``L_before`` (after stage i) and ``L_after`` (after the last
+    stage), relative drift %, absolute change; BWT; the last domain's own loss."""
+    last = len(DOMAINS)
+    rows = {}
+    for i, name in enumerate(DOMAINS[:-1]):
+        before, after = losses[i + 1][i], losses[last][i]
+        rows[name] = {"before": before, "after": after, "rel_drift_pct": 100 * (after - before) / before,
+                      "abs_change": after - before}
+    bwt = statistics.mean(before_after["before"] - before_after["after"] for before_after in rows.values())
+    return {"domains": rows, "bwt": bwt, "last_loss": losses[last][last - 1],
+            "mean_rel_drift_pct": statistics.mean(r["rel_drift_pct"] for r in rows.values())}
+
+
+# =============================================================================== output
+def write_csv(results: dict, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "domain", "loss_before", "loss_after", "rel_drift_pct", "abs_change",
+                         "bwt", "last_domain_loss"])
+        for (method, seed), summary in sorted(results.items()):
+            for domain, row in summary["domains"].items():
+                writer.writerow([method, seed, domain, f"{row['before']:.5f}", f"{row['after']:.5f}",
+                                 f"{row['rel_drift_pct']:.3f}", f"{row['abs_change']:.5f}", f"{summary['bwt']:.5f}",
+                                 f"{summary['last_loss']:.5f}"])
+
+
+def _mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def markdown_table(results: dict, seeds: list[int]) -> str:
+    """Mean ± std over seeds per method."""
+    earlier = DOMAINS[:-1]
+    head = ["method"] + [f"{d}: L before → after" for d in earlier] + [f"{d} drift %" for d in earlier] + \
+        ["mean drift %", "mean abs change", "BWT", f"{DOMAINS[-1]} loss (last domain)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in METHODS:
+        runs = [results[(method, s)] for s in seeds]
+        cells = [method]
+        for d in earlier:
+            before = statistics.mean(r["domains"][d]["before"] for r in runs)
+            after = statistics.mean(r["domains"][d]["after"] for r in runs)
+            cells.append(f"{before:.3f} → {after:.3f}")
+        cells += [_mean_std([r["domains"][d]["rel_drift_pct"] for r in runs]) for d in earlier]
+        cells.append(_mean_std([r["mean_rel_drift_pct"] for r in runs]))
+        cells.append(_mean_std([statistics.mean(v["abs_change"] for v in r["domains"].values()) for r in runs]))
+        cells.append(_mean_std([r["bwt"] for r in runs]))
+        cells.append(_mean_std([r["last_loss"] for r in runs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, trajectories: dict, seeds: list[int], path: Path) -> bool:
+    """Left: held-out loss of each domain over the stages (mean over seeds) per method.
+    Right: relative drift of each earlier domain per method. Returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"naive": "-", "stacked": "--", "ours": ":"}
+    stages = ["NF4 base"] + [f"after {d}" for d in DOMAINS]
+    for method in METHODS:
+        for j, domain in enumerate(DOMAINS):
+            mean = [statistics.mean(trajectories[(method, s)][k][j] for s in seeds) for k in range(len(stages))]
+            left.plot(stages, mean, styles[method], marker="o", color=f"C{j}", label=f"{method}: {domain}")
+    left.set_ylabel("held-out loss (nats/byte)")
+    left.legend(fontsize=7, ncol=3)
+    width = 0.25
+    for m, method in enumerate(METHODS):
+        drifts = [statistics.mean(results[(method, s)]["domains"][d]["rel_drift_pct"] for s in seeds)
+                  for d in DOMAINS[:-1]]
+        right.bar([i + m * width for i in range(len(drifts))], drifts, width, label=method)
+    right.set_xticks([i + width for i in range(len(DOMAINS) - 1)], DOMAINS[:-1])
+    right.axhline(0, color="black", linewidth=0.5)
+    right.set_ylabel("relative drift after all domains (%)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# =============================================================================== entry
+def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "forgetting_results",
+                             seeds: int | None = None) -> dict:
+    """Run the benchmark; write ``forgetting.csv``, ``forgetting.md``, ``forgetting.png`` into
+    ``out_dir``; print the table. Returns ``{(method, seed): summary}``."""
+    cfg = QUICK if quick else FULL
+    cfg = cfg if seeds is None else replace(cfg, seeds=seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    start = time.perf_counter()
+    pretrain_text, domains = build_corpora(cfg.domain_bytes)
+    base = pretrain(cfg, pretrain_text)
+    print(f"pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    seed_list = list(range(cfg.seeds))
+    results, trajectories = {}, {}
+    for seed in seed_list:
+        for method in METHODS:
+            trajectories[(method, seed)] = run_method(method, base, domains, cfg, seed)
+            results[(method, seed)] = summarise(trajectories[(method, seed)])
+            print(f"seed {seed} {method:8s} mean drift {results[(method, seed)]['mean_rel_drift_pct']:+7.2f}%  "
+                  f"last loss {results[(method, seed)]['last_loss']:.3f}  ({time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    table = markdown_table(results, seed_list)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    header = (f"Forgetting benchmark ({'quick' if quick else 'full'}): {len(seed_list)} seeds, domains "
+              f"{' → '.join(DOMAINS)}, {cfg.task_steps} steps each, rank {cfg.rank} per block, energy {cfg.energy}; "
+              f"{machine}; {elapsed:.0f} s")
+    write_csv(results, out / "forgetting.csv")
+    (out / "forgetting.md").write_text(header + "\n\n" + table + "\n")
+    plotted = plot(results, trajectories, seed_list, out / "forgetting.png")
+    print(header)
+    print(table)
+    print(f"wrote {out / 'forgetting.csv'}, {out / 'forgetting.md'}" +
+          (f", {out / 'forgetting.png'}" if plotted else " (matplotlib missing: no plot)"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and budgets (< 60 s; CI)")
+    parser.add_argument("--out-dir", default="forgetting_results")
+    parser.add_argument("--seeds", type=int, default=None)
+    args = parser.parse_args(argv)
+    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

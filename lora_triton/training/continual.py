@@ -1,0 +1,347 @@
+"""Forgetting protection across sequential tasks: stacked adapter blocks, the newest one
+constrained to the inputs earlier tasks did not use.
+
+How it works, per adapted layer (``ContinualLoRALinear4bit``):
+
+* Task ``t`` gets its own block ``(A_t [r_t, K], B_t [N, r_t], s_t)``; the blocks of earlier
+  tasks are frozen. All blocks stay active at inference: no task routing.
+* The stack runs as ONE adapter of rank ``sum_t r_t`` through the fused op:
+  ``A = cat_t A_t`` (along r), ``B = cat_t s_t B_t`` (along r), scale 1, so a single
+  ``lora_nf4_linear`` call computes ``sum_t s_t B_t A_t x``.
+* After task ``t`` (``ContinualLoRA.end_task``) the layer's inputs on that task's calibration
+  data extend an orthonormal basis ``U [K, d]`` of the protected subspace (``subspace.py``).
+  The block being trained is used as ``A_eff = A (I - U U^T)`` inside the forward, so the
+  constraint holds for any optimizer; when its task ends, ``A_eff`` is baked into ``A``.
+
+Guarantee (exact). Let ``X_i`` be the inputs of a layer on task ``i``'s calibration data,
+collected at ``end_task(i)``, and ``U_{i+1}`` the basis built then; later bases contain it,
+so every later block satisfies ``A_t^eff x = A_t (I - U_t U_t^T) x`` with
+``||(I - U_t U_t^T) x|| <= ||(I - U_{i+1} U_{i+1}^T) x||``. The layer's output on ``X_i``
+therefore changes by
+
+    ||dY_i||_F  <=  sqrt(e_i) * sum_{t > i} s_t ||B_t A_t^eff||_2
+                <=  sqrt(1 - energy) * ||X_i||_F * sum_{t > i} s_t ||B_t A_t^eff||_2
+
+where ``e_i = ||X_i (I - U_{i+1} U_{i+1}^T)||_F^2`` is the energy discarded when ``U_{i+1}``
+was built (recorded exactly in ``SubspaceStats.discarded_energy``; ``<= (1-energy)||X_i||^2``
+by construction). With ``energy = 1.0``, ``e_i`` is float noise, every layer's output on its
+calibration inputs is unchanged, and by induction over the layers in forward order (each
+layer's input is the output of unchanged layers) so is the whole model's output on every
+calibration input of every earlier task - provided only the adapter blocks train. In a deep
+model with ``energy < 1`` the per-layer bound holds for the layer's inputs as collected; the
+model-level drift also includes the propagation of earlier layers' drift.
+
+Free dimension: a layer with ``d`` protected directions leaves ``K - d`` for new tasks; when
+``d == K`` the layer is FULL and a new block there cannot change anything (it warns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..modules import LoRALinear4bit, NF4Linear
+from ..ops import lora_nf4_linear
+from .subspace import SubspaceStats, extend_basis
+
+_PLACEHOLDER = "_continual_placeholder"
+_BLOCK_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+
+
+class ContinualLoRALinear4bit(LoRALinear4bit):
+    """A ``LoRALinear4bit`` whose adapters are stacked task blocks, all active at once.
+
+    Adapters live in ``lora_A`` / ``lora_B`` (keys = task names, PEFT shapes). Extra state:
+    buffer ``basis`` float32 ``[K, d]`` (the protected subspace), ``open_task`` (the block being
+    trained, or None) and ``task_stats`` (``SubspaceStats`` per ended task).
+    """
+
+    def __init__(self, base_layer: NF4Linear, backend: str | None = None):
+        super().__init__(base_layer, r=1, adapter_name=_PLACEHOLDER, backend=backend)
+        self.delete_adapter(_PLACEHOLDER)
+        self.register_buffer("basis", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
+        self.open_task: str | None = None
+        self.task_stats: dict[str, SubspaceStats] = {}
+
+    @classmethod
+    def from_lora_layer(cls, layer: LoRALinear4bit, keep_adapters: bool = False) -> "ContinualLoRALinear4bit":
+        """Share ``layer``'s NF4 base. With ``keep_adapters`` its adapters become frozen blocks
+        (needed when an init such as PiSSA moved part of the weight into them); otherwise
+        they are dropped."""
+        new = cls(layer.base_layer, backend=layer.backend)
+        for name in (layer.lora_A if keep_adapters else ()):
+            new.lora_A[name], new.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
+            for table in _BLOCK_FIELDS + ("scaling",):
+                getattr(new, table)[name] = getattr(layer, table)[name]
+            for module in (new.lora_A[name], new.lora_B[name]):
+                module.weight.requires_grad_(False)
+        return new
+
+    # ---------------------------------------------------------------- tasks
+    @property
+    def free_dim(self) -> int:
+        """Input directions not yet protected: ``K - d``. 0 means the layer is full."""
+        return self.in_features - self.basis.shape[1]
+
+    def begin_task(self, name: str, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                   use_rslora: bool = False, init: str | bool = True) -> None:
+        """Add block ``name`` (the only trainable one); earlier blocks stay frozen."""
+        if self.open_task is not None:
+            raise RuntimeError(f"task {self.open_task!r} is still open; call end_task first")
+        self.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init)
+        self.open_task = name
+
+    def end_task(self, gram: torch.Tensor | None, energy: float) -> SubspaceStats | None:
+        """Bake and freeze the open block, then grow ``basis`` from ``gram`` (float64 ``[K, K]``,
+        the task's ``X^T X`` at this layer; None = no calibration data). Returns the stats."""
+        name = self.open_task
+        if name is not None:
+            with torch.no_grad():
+                self.lora_A[name].weight.copy_(self.constrained(self.lora_A[name].weight))
+            for module in (self.lora_A[name], self.lora_B[name]):
+                module.weight.requires_grad_(False)
+            self.open_task = None
+        if gram is None:
+            return None
+        self.basis, stats = extend_basis(self.basis, gram.to(self.basis.device), energy)
+        if name is not None:
+            self.task_stats[name] = stats
+        return stats
+
+    # ---------------------------------------------------------------- compute
+    def constrained(self, a: torch.Tensor) -> torch.Tensor:
+        """``A (I - U U^T)`` for ``A [r, K]``, in A's dtype (differentiable in A)."""
+        u = self.basis.to(a.dtype)
+        return a - (a @ u) @ u.T
+
+    def stacked_adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack as one adapter: ``A [R, K]`` and ``B [N, R]`` (scales folded into B),
+        ``R = sum_t r_t``; the open block's A is constrained."""
+        a_blocks, b_blocks = [], []
+        for name in self.lora_A:
+            a = self.lora_A[name].weight
+            a_blocks.append(self.constrained(a) if name == self.open_task else a)
+            b_blocks.append(self.lora_B[name].weight * self.scaling[name])
+        return torch.cat(a_blocks, dim=0), torch.cat(b_blocks, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``: base + ``sum_t s_t B_t A_t x`` in one fused call (dropout
+        of the open block, applied to the whole stack, only in training)."""
+        if self.disabled or len(self.lora_A) == 0:
+            return self.base_layer(x)
+        a, b = self.stacked_adapter()
+        p = self.lora_dropout[self.open_task] if self.open_task is not None else 0.0
+        return lora_nf4_linear(x, self.base_layer.nf4, a, b, 1.0, self.base_layer.bias, p, self.training,
+                               self.backend)
+
+    def drift_bound(self, task: str) -> float:
+        """Upper bound on ``||dY||_F``, the change of this layer's output on ``task``'s
+        calibration inputs since that task ended: ``sqrt(e_task) * sum_{later t} s_t ||B_t A_t^eff||_2``."""
+        names = list(self.lora_A)
+        later = names[names.index(task) + 1:]
+        norm_sum = 0.0
+        with torch.no_grad():
+            for name in later:
+                a = self.lora_A[name].weight.double()
+                a = self.constrained(a) if name == self.open_task else a
+                product = self.scaling[name] * (self.lora_B[name].weight.double() @ a)
+                norm_sum += float(torch.linalg.matrix_norm(product, ord=2))
+        return math.sqrt(self.task_stats[task].discarded_energy) * norm_sum
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self) -> torch.Tensor:
+        """Block layout, open task and stats as a uint8 tensor of JSON (safetensors-friendly)."""
+        meta = {"blocks": {name: {f: getattr(self, f)[name] for f in _BLOCK_FIELDS} for name in self.lora_A},
+                "open_task": self.open_task,
+                "task_stats": {name: s.to_dict() for name, s in self.task_stats.items()}}
+        return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        meta = _decode_meta(state)
+        self._ensure_blocks(meta["blocks"])
+        self.open_task = meta["open_task"]
+        self.task_stats = {name: SubspaceStats(**s) for name, s in meta["task_stats"].items()}
+        for name in self.lora_A:
+            for module in (self.lora_A[name], self.lora_B[name]):
+                module.weight.requires_grad_(name == self.open_task)
+
+    def _ensure_blocks(self, blocks: dict) -> None:
+        """Create the blocks named in ``blocks`` that this layer lacks (weights loaded later)."""
+        for name, spec in blocks.items():
+            if name not in self.lora_A:
+                self.add_adapter(name, spec["r"], spec["lora_alpha"], spec["lora_dropout"], spec["use_rslora"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Blocks and the basis' width are data-dependent: shape them before the tensors load.
+        meta_key, basis_key = prefix + "_extra_state", prefix + "basis"
+        if meta_key in state_dict:
+            self._ensure_blocks(_decode_meta(state_dict[meta_key])["blocks"])
+        if basis_key in state_dict:
+            self.basis = torch.zeros_like(state_dict[basis_key], device=self.basis.device, dtype=torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _decode_meta(state: torch.Tensor) -> dict:
+    return json.loads(bytes(state.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+
+
+# ==================================================================== the manager
+def make_continual(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
+    """Replace every ``LoRALinear4bit`` in ``model`` (in place) by a ``ContinualLoRALinear4bit``
+    sharing its NF4 base. Returns ``model`` (a bare ``LoRALinear4bit`` is returned converted)."""
+    if isinstance(model, LoRALinear4bit) and not isinstance(model, ContinualLoRALinear4bit):
+        return ContinualLoRALinear4bit.from_lora_layer(model, keep_adapters)
+    for name, child in list(model.named_children()):
+        if isinstance(child, LoRALinear4bit) and not isinstance(child, ContinualLoRALinear4bit):
+            setattr(model, name, ContinualLoRALinear4bit.from_lora_layer(child, keep_adapters))
+        else:
+            make_continual(child, keep_adapters)
+    return model
+
+
+@contextlib.contextmanager
+def collect_input_grams(layers: dict[str, nn.Module]):
+    """Within the block, every forward of ``layers[name]`` adds ``x^T x`` (float64 ``[K, K]``,
+    ``x`` flattened to ``[M, K]``) to ``grams[name]``; yields the ``grams`` dict."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
+    try:
+        yield grams
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ContinualLoRA:
+    """Sequential-task training over the ``LoRALinear4bit`` layers of ``model``.
+
+    Usage::
+
+        cl = ContinualLoRA(model, energy=0.99, r=8)
+        for task, data in tasks:
+            params = cl.begin_task(task)             # new block per layer, constrained
+            ... train params with any optimizer ...
+            cl.end_task(calibration_batches)         # freeze, grow the protected subspace
+        print(cl.report())
+
+    ``model``'s ``LoRALinear4bit`` layers are converted in place (``make_continual``); nothing
+    else in the model should train if the guarantee is to hold. ``energy`` (default 0.99) is
+    the input-energy fraction of each task to protect; 0 disables the constraint (plain
+    stacked blocks), 1.0 protects everything seen. ``forward(model, batch)`` runs one
+    calibration batch (default ``model(batch)``).
+    """
+
+    def __init__(self, model: nn.Module, energy: float = 0.99, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, keep_adapters: bool = False,
+                 forward: Callable[[nn.Module, object], object] | None = None):
+        if not 0.0 <= energy <= 1.0:
+            raise ValueError(f"energy must be in [0, 1], got {energy}")
+        self.model = make_continual(model, keep_adapters)
+        self.energy = energy
+        self.defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        self.forward = forward or (lambda m, batch: m(batch))
+        self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, ContinualLoRALinear4bit)}
+        if not self.layers:
+            raise ValueError("model has no LoRALinear4bit layers to protect")
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in training order."""
+        return [name for name in next(iter(self.layers.values())).lora_A]
+
+    def begin_task(self, name: str, init: str | bool = True, **overrides) -> list[nn.Parameter]:
+        """Add block ``name`` to every layer (``overrides``: r, lora_alpha, lora_dropout,
+        use_rslora). Warns for full layers. Returns the trainable parameters (the new blocks)."""
+        spec = {**self.defaults, **overrides}
+        for layer in self.layers.values():
+            layer.begin_task(name, init=init, **spec)
+        full = self.full_layers()
+        if full:
+            warnings.warn(f"task {name!r}: {len(full)} layer(s) are FULL (no free input dimension; their new block "
+                          f"cannot change the output): {full}", stacklevel=2)
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The open task's ``A`` and ``B`` of every layer."""
+        return [p for layer in self.layers.values() for p in layer.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def end_task(self, calibration_batches: Iterable, energy: float | None = None) -> dict[str, SubspaceStats]:
+        """Run ``calibration_batches`` through the model (eval mode), then per layer freeze the
+        open block and protect ``energy`` (default ``self.energy``) of its inputs' energy."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with collect_input_grams(self.layers) as grams:
+                for batch in calibration_batches:
+                    self.forward(self.model, batch)
+        finally:
+            self.model.train(was_training)
+        energy = self.energy if energy is None else energy
+        return {name: layer.end_task(grams.get(name), energy) for name, layer in self.layers.items()}
+
+    # ---------------------------------------------------------------- reports
+    def free_dims(self) -> dict[str, int]:
+        """Free input dimension per layer (``K - d``)."""
+        return {name: layer.free_dim for name, layer in self.layers.items()}
+
+    def full_layers(self) -> list[str]:
+        """Layers with no free input dimension left."""
+        return [name for name, free in self.free_dims().items() if free == 0]
+
+    def report(self) -> str:
+        """One line per layer: input size, protected and free dimensions, FULL flag."""
+        lines = [f"{'layer':40s} {'K':>6s} {'protected':>9s} {'free':>6s}"]
+        for name, layer in self.layers.items():
+            flag = "  FULL: new tasks cannot change this layer" if layer.free_dim == 0 else ""
+            lines.append(f"{name:40s} {layer.in_features:6d} {layer.basis.shape[1]:9d} {layer.free_dim:6d}{flag}")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter blocks, bases and layout of every layer (no base weights): tensors only."""
+        return {f"{name}.{key}": value for name, layer in self.layers.items()
+                for key, value in layer.state_dict().items() if not key.startswith("base_layer.")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``state_dict``: recreates the blocks and bases, loads their values."""
+        for name, layer in self.layers.items():
+            own = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+            if not own:
+                raise KeyError(f"no continual state for layer {name!r}")
+            result = layer.load_state_dict(own, strict=False)
+            bad = [k for k in result.missing_keys if not k.startswith("base_layer.")] + result.unexpected_keys
+            if bad:
+                raise KeyError(f"layer {name!r}: mismatched keys {bad}")
+
+    def save(self, path: str) -> None:
+        """Write ``state_dict()`` to a safetensors file (``energy`` in its metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, path, metadata={"energy": repr(self.energy), "tasks": json.dumps(self.tasks)})
+
+    def load(self, path: str) -> None:
+        """Read a file written by ``save`` into this (same-architecture) model."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        device = next(iter(self.layers.values())).base_layer.nf4.device
+        self.load_state_dict(load_file(path, device=str(device)))
+        with safe_open(path, framework="pt") as f:
+            self.energy = float(f.metadata()["energy"])

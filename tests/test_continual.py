@@ -1,0 +1,177 @@
+"""Forgetting protection: exactness at energy 1.0, the drift bound below it, free dimension and
+full layers, state save/load, the single fused call."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_triton.modules import LoRALinear4bit
+from lora_triton.training import ContinualLoRA, ContinualLoRALinear4bit, extend_basis
+
+K, HIDDEN, OUT = 48, 40, 12
+
+
+def small_model(k: int = K) -> nn.Sequential:
+    """Three NF4 LoRA layers with nonlinearities (everything but the adapters is frozen)."""
+    torch.manual_seed(0)
+    return nn.Sequential(LoRALinear4bit.from_linear(nn.Linear(k, HIDDEN)), nn.GELU(),
+                         LoRALinear4bit.from_linear(nn.Linear(HIDDEN, HIDDEN)), nn.Tanh(),
+                         LoRALinear4bit.from_linear(nn.Linear(HIDDEN, OUT)))
+
+
+def train_task(model, params, x, y, steps: int = 40, lr: float = 3e-2) -> None:
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def run_tasks(energy: float, n_tasks: int = 3, rows: int = 2, r: int = 4):
+    """Train ``n_tasks`` random regression tasks in turn; return (manager, inputs, outputs
+    right after each task)."""
+    model = small_model()
+    cl = ContinualLoRA(model, energy=energy, r=r, lora_alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(rows, 5, K, generator=gen) for _ in range(n_tasks)]
+    ys = [torch.randn(rows, 5, OUT, generator=gen) for _ in range(n_tasks)]
+    after = []
+    for t in range(n_tasks):
+        params = cl.begin_task(f"task{t}")
+        train_task(model, params, xs[t], ys[t])
+        cl.end_task([xs[t][:1], xs[t][1:]])  # two calibration batches (10 tokens per task)
+        with torch.no_grad():
+            after.append(model(xs[t]))
+    return cl, xs, after
+
+
+def test_energy_one_keeps_earlier_outputs_exactly():
+    cl, xs, after = run_tasks(energy=1.0)
+    with torch.no_grad():
+        for t in range(len(xs) - 1):
+            now = cl.model(xs[t])
+            err = float((now - after[t]).abs().max() / after[t].abs().max())
+            assert err < 1e-5, f"task {t}: outputs moved by {err:.2e} (relative)"
+    # the later tasks did learn something (otherwise exactness would be trivial)
+    assert not cl.full_layers()
+    assert all(float(layer.lora_B["task2"].weight.abs().max()) > 1e-2 for layer in cl.layers.values())
+
+
+def test_without_constraint_earlier_outputs_do_move():
+    cl, xs, after = run_tasks(energy=0.0)  # plain stacked blocks: the test above can fail
+    with torch.no_grad():
+        err = float((cl.model(xs[0]) - after[0]).abs().max() / after[0].abs().max())
+    assert err > 1e-2
+
+
+def test_drift_is_within_the_bound_below_energy_one():
+    """Per layer, with the layer's own calibration inputs of task 0 fixed:
+    ||dY||_F <= sqrt(e_0) * sum_{t>0} s_t ||B_t A_t^eff||_2 <= sqrt(1-energy) ||X||_F * (same sum)."""
+    torch.manual_seed(3)
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    cl = ContinualLoRA(layer, energy=0.9, r=4, lora_alpha=8)
+    # task 0 inputs with a decaying spectrum, so 90% energy leaves a real residual
+    x0 = torch.randn(64, K) @ torch.diag(torch.logspace(0, -1.5, K))
+    cl.begin_task("t0")
+    train_task(layer, cl.trainable_parameters(), x0, torch.randn(64, OUT))
+    stats = cl.end_task([x0])[""]
+    before = layer(x0).detach()
+    for t in (1, 2):
+        params = cl.begin_task(f"t{t}")
+        train_task(layer, params, torch.randn(64, K), torch.randn(64, OUT), steps=60)
+        drift = float((layer(x0).detach() - before).norm())
+        bound = layer.drift_bound("t0")
+        assert 0 < drift <= bound * (1 + 1e-5) + 1e-6, (drift, bound)
+        assert drift > 1e-3 * bound  # the bound is not vacuous here
+        cl.end_task([torch.randn(64, K)])
+    assert stats.discarded_energy <= (1 - 0.9) * stats.total_energy * (1 + 1e-9)
+    assert stats.discarded_energy > 0
+    norm_sum = layer.drift_bound("t0") / math.sqrt(stats.discarded_energy)
+    assert layer.drift_bound("t0") <= math.sqrt(0.1) * float(x0.norm()) * norm_sum * (1 + 1e-6)
+
+
+def test_extend_basis_energy_and_nesting():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 16, dtype=torch.float64)
+    gram = x.T @ x
+    empty = torch.zeros(16, 0, dtype=torch.float64)
+    basis, stats = extend_basis(empty, gram, 0.95)
+    kept = float(torch.trace(basis.T @ gram @ basis))
+    assert kept >= 0.95 * stats.total_energy and 0 < basis.shape[1] < 16
+    smaller, _ = extend_basis(empty, gram, 0.95 * kept / stats.total_energy - 1e-3)
+    assert smaller.shape[1] < basis.shape[1]  # minimal: one direction fewer would not do
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-12)
+    grown, _ = extend_basis(basis, torch.randn(30, 16, generator=gen, dtype=torch.float64).T.square() @
+                            torch.ones(30, 1, dtype=torch.float64) @ torch.ones(1, 16, dtype=torch.float64), 1.0)
+    assert torch.equal(grown[:, :basis.shape[1]], basis)  # earlier columns are kept as they were
+    assert extend_basis(empty, gram, 0.0)[0].shape[1] == 0
+    low_rank = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    assert extend_basis(empty, low_rank.T @ low_rank, 1.0)[0].shape[1] == 5  # numerical rank, not K
+
+
+def test_free_dimension_and_full_layer_warning():
+    model = small_model(k=8)
+    cl = ContinualLoRA(model, energy=1.0, r=2)
+    cl.begin_task("a")
+    cl.end_task([torch.randn(20, 8)])  # 20 generic inputs span all of R^8
+    free = cl.free_dims()
+    assert free["0"] == 0 and free["2"] == HIDDEN - 20  # K = 8 is full; 20 tokens use 20 of 40
+    assert "0" in cl.full_layers()
+    assert "FULL" in cl.report().splitlines()[1]
+    with pytest.warns(UserWarning, match="FULL"):
+        cl.begin_task("b")
+    layer = cl.layers["0"]
+    a_eff = layer.stacked_adapter()[0].detach()
+    assert float(a_eff[-2:].abs().max()) < 1e-6  # the new block's A is projected to zero
+
+
+def test_stack_is_one_fused_call_of_the_summed_rank(monkeypatch):
+    import lora_triton.training.continual as continual
+
+    cl, xs, _ = run_tasks(energy=1.0, n_tasks=2)
+    layer = cl.layers["4"]
+    calls = []
+    real = continual.lora_nf4_linear
+    monkeypatch.setattr(continual, "lora_nf4_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
+    x = torch.randn(7, HIDDEN)
+    y = layer(x)
+    assert len(calls) == 1 and calls[0][2].shape == (8, HIDDEN) and calls[0][3].shape == (OUT, 8)
+    expected = layer.base_layer(x) + sum(layer.scaling[n] * x @ layer.lora_A[n].weight.T @ layer.lora_B[n].weight.T
+                                         for n in ("task0", "task1"))
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_state_save_and_load_roundtrip(tmp_path):
+    cl, xs, _ = run_tasks(energy=0.99, n_tasks=2)
+    cl.begin_task("open")  # an open task is restored as open (trainable, constrained)
+    path = tmp_path / "continual.safetensors"
+    cl.save(str(path))
+    fresh_model = small_model()  # same seed: same NF4 bases
+    fresh = ContinualLoRA(fresh_model, energy=0.5)
+    fresh.load(str(path))
+    assert fresh.energy == 0.99 and fresh.tasks == ["task0", "task1", "open"]
+    for name, layer in cl.layers.items():
+        other = fresh.layers[name]
+        assert torch.equal(other.basis, layer.basis) and other.open_task == "open"
+        assert other.task_stats == layer.task_stats
+    assert {id(p) for p in fresh.trainable_parameters()} == {id(fresh.layers[n].lora_A["open"].weight)
+                                                            for n in fresh.layers} | \
+        {id(fresh.layers[n].lora_B["open"].weight) for n in fresh.layers}
+    x = torch.randn(4, K)
+    assert torch.equal(fresh.model(x), cl.model(x))
+    # the full module state dict (bases included) round-trips too
+    again = ContinualLoRA(small_model(), energy=0.99)
+    again.model.load_state_dict(cl.model.state_dict())
+    assert torch.equal(again.model(x), cl.model(x))
+
+
+def test_begin_task_twice_is_an_error():
+    cl = ContinualLoRA(small_model())
+    cl.begin_task("a")
+    with pytest.raises(RuntimeError, match="still open"):
+        cl.begin_task("b")
