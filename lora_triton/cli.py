@@ -1,5 +1,6 @@
 """The ``lora-triton`` command.
 
+    lora-triton demo [--quick] [--out-dir DIR] [--device cuda|cpu]
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
@@ -29,9 +30,6 @@ def _mib(nbytes: int) -> str:
 
 
 def _compare_with_bitsandbytes(weight: torch.Tensor, ours: NF4Weight) -> str:
-    # bitsandbytes warns at import on AVX512-BF16 CPUs when the optional Hugging Face
-    # `kernels` package is absent; that fetch is irrelevant here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
@@ -113,9 +111,22 @@ def forgetting(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    """Run the end-to-end demo (lora_triton/demo.py)."""
+    from .demo import run_demo
+
+    run_demo(args.out_dir, args.quick, args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-triton", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="quantize a small LM, fine-tune it on two domains with forgetting protection")
+    d.add_argument("--out-dir", default="lora_triton_demo")
+    d.add_argument("--quick", action="store_true", help="tiny model and budgets (seconds; CI)")
+    d.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    d.set_defaults(func=demo)
     v = sub.add_parser("verify", help="quantize a weight, check it against bitsandbytes and the reference")
     v.add_argument("--out-features", type=int, default=4096)
     v.add_argument("--in-features", type=int, default=4096)
@@ -144,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns at import on AVX512-BF16 CPUs that the optional Hugging Face `kernels`
+    # package is missing; none of our commands uses what it would fetch.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
