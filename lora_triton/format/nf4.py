@@ -138,8 +138,12 @@ def dequantize_absmax_dynamic8(
     Returns:
         float32 ``[n_blocks]``, computed in float32 in bitsandbytes' order (multiply, then add).
     """
-    index = torch.arange(q_absmax.numel(), device=q_absmax.device) // NESTED_BLOCKSIZE
-    scaled = nested_code[q_absmax.long()] * nested_absmax[index]
+    codes = nested_code.index_select(0, q_absmax.reshape(-1).long())
+    body, tail = _blocks_with_tail(codes, NESTED_BLOCKSIZE)
+    n_full = body.shape[0]
+    scaled = (body * nested_absmax[:n_full].unsqueeze(1)).reshape(-1)
+    if tail.numel():
+        scaled = torch.cat([scaled, tail * nested_absmax[n_full:]])
     return scaled + torch.as_tensor(offset, dtype=torch.float32, device=scaled.device)
 
 
