@@ -69,17 +69,23 @@ def test_without_constraint_earlier_outputs_do_move():
     assert err > 1e-2
 
 
-def test_drift_is_within_the_bound_below_energy_one():
+@pytest.mark.parametrize("energy, rel_threshold, exclude_top", [(0.9, 0.0, False), (0.9, 0.0, True),
+                                                                (0.0, 0.05, False)])
+def test_drift_is_within_the_bound_below_energy_one(energy, rel_threshold, exclude_top):
     """Per layer, with the layer's own calibration inputs of task 0 fixed:
-    ||dY||_F <= sqrt(e_0) * sum_{t>0} s_t ||B_t A_t^eff||_2 <= sqrt(1-energy) ||X||_F * (same sum)."""
+    ||dY||_F <= sqrt(e_0) * sum_{t>0} s_t ||B_t A_t^eff||_2, and e_0 <= (1-energy) ||X||_F^2 (energy
+    rule), e_0 <= (1-energy) (||X||_F^2 - lambda_max) (exclude_top) or
+    e_0 <= (K - d) * rel_threshold * lambda_max (relative spectral threshold), lambda_max of X^T X."""
     torch.manual_seed(3)
     layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
-    cl = ContinualLoRA(layer, energy=0.9, r=4, lora_alpha=8)
-    # task 0 inputs with a decaying spectrum, so 90% energy leaves a real residual
-    x0 = torch.randn(64, K) @ torch.diag(torch.logspace(0, -1.5, K))
+    cl = ContinualLoRA(layer, energy=energy, rel_threshold=rel_threshold, exclude_top=exclude_top, r=4, lora_alpha=8)
+    # task 0 inputs with a decaying spectrum, so 90% energy leaves a real residual; a common
+    # offset (like a mean activation) gives them one dominant direction
+    x0 = torch.randn(64, K) @ torch.diag(torch.logspace(0, -1.5, K)) + 0.5
     cl.begin_task("t0")
     train_task(layer, cl.trainable_parameters(), x0, torch.randn(64, OUT))
     stats = cl.end_task([x0])[""]
+    free_after_t0 = layer.free_dim
     before = layer(x0).detach()
     for t in (1, 2):
         params = cl.begin_task(f"t{t}")
@@ -89,10 +95,16 @@ def test_drift_is_within_the_bound_below_energy_one():
         assert 0 < drift <= bound * (1 + 1e-5) + 1e-6, (drift, bound)
         assert drift > 1e-3 * bound  # the bound is not vacuous here
         cl.end_task([torch.randn(64, K)])
-    assert stats.discarded_energy <= (1 - 0.9) * stats.total_energy * (1 + 1e-9)
     assert stats.discarded_energy > 0
-    norm_sum = layer.drift_bound("t0") / math.sqrt(stats.discarded_energy)
-    assert layer.drift_bound("t0") <= math.sqrt(0.1) * float(x0.norm()) * norm_sum * (1 + 1e-6)
+    lam_max = float(torch.linalg.eigvalsh(x0.double().T @ x0.double())[-1])
+    if exclude_top:
+        assert stats.discarded_energy <= (1 - energy) * (stats.total_energy - lam_max) * (1 + 1e-6)
+    if rel_threshold == 0.0:
+        assert stats.discarded_energy <= (1 - energy) * stats.total_energy * (1 + 1e-9)
+        norm_sum = layer.drift_bound("t0") / math.sqrt(stats.discarded_energy)
+        assert layer.drift_bound("t0") <= math.sqrt(1 - energy) * float(x0.norm()) * norm_sum * (1 + 1e-6)
+    else:
+        assert stats.discarded_energy <= free_after_t0 * rel_threshold * lam_max * (1 + 1e-9)
 
 
 def test_extend_basis_energy_and_nesting():
@@ -110,6 +122,20 @@ def test_extend_basis_energy_and_nesting():
                             torch.ones(30, 1, dtype=torch.float64) @ torch.ones(1, 16, dtype=torch.float64), 1.0)
     assert torch.equal(grown[:, :basis.shape[1]], basis)  # earlier columns are kept as they were
     assert extend_basis(empty, gram, 0.0)[0].shape[1] == 0
+    # relative spectral threshold: exactly the eigen-directions above rel_threshold * lambda_max
+    eig = torch.linalg.eigvalsh(gram)
+    tau = 0.5 * float(eig[-4] + eig[-5]) / float(eig[-1])  # between the 4th and 5th largest
+    thresholded, t_stats = extend_basis(empty, gram, 0.0, rel_threshold=tau)
+    assert thresholded.shape[1] == 4 and t_stats.discarded_energy <= 12 * tau * float(eig[-1])
+    assert torch.allclose(thresholded @ thresholded.T, basis[:, :4] @ basis[:, :4].T, atol=1e-8)
+    # exclude_top: the dominant (mean-like) direction is protected, energy counts the rest
+    shifted = x + 3.0
+    g2 = shifted.T @ shifted
+    top = float(torch.linalg.eigvalsh(g2)[-1])
+    plain, _ = extend_basis(empty, g2, 0.95)
+    varied, v_stats = extend_basis(empty, g2, 0.95, exclude_top=True)
+    assert varied.shape[1] > plain.shape[1]
+    assert v_stats.discarded_energy <= 0.05 * (v_stats.total_energy - top) * (1 + 1e-9)
     low_rank = torch.randn(5, 16, generator=gen, dtype=torch.float64)
     assert extend_basis(empty, low_rank.T @ low_rank, 1.0)[0].shape[1] == 5  # numerical rank, not K
 

@@ -24,7 +24,9 @@ therefore changes by
 
 where ``e_i = ||X_i (I - U_{i+1} U_{i+1}^T)||_F^2`` is the energy discarded when ``U_{i+1}``
 was built (recorded exactly in ``SubspaceStats.discarded_energy``; ``<= (1-energy)||X_i||^2``
-by construction). With ``energy = 1.0``, ``e_i`` is float noise, every layer's output on its
+by construction, ``<= (1-energy)(||X_i||^2 - lambda_max)`` with ``exclude_top``, and
+``<= (K - d) * rel_threshold * lambda_max`` with the spectral threshold alone, ``lambda_max``
+the top eigenvalue of ``X_i^T X_i``). The first line holds whatever the selection rule. With ``energy = 1.0``, ``e_i`` is float noise, every layer's output on its
 calibration inputs is unchanged, and by induction over the layers in forward order (each
 layer's input is the output of unchanged layers) so is the whole model's output on every
 calibration input of every earlier task - provided only the adapter blocks train. In a deep
@@ -97,7 +99,8 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         self.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init)
         self.open_task = name
 
-    def end_task(self, gram: torch.Tensor | None, energy: float) -> SubspaceStats | None:
+    def end_task(self, gram: torch.Tensor | None, energy: float, rel_threshold: float = 0.0,
+                 exclude_top: bool = False) -> SubspaceStats | None:
         """Bake and freeze the open block, then grow ``basis`` from ``gram`` (float64 ``[K, K]``,
         the task's ``X^T X`` at this layer; None = no calibration data). Returns the stats."""
         name = self.open_task
@@ -109,7 +112,8 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             self.open_task = None
         if gram is None:
             return None
-        self.basis, stats = extend_basis(self.basis, gram.to(self.basis.device), energy)
+        self.basis, stats = extend_basis(self.basis, gram.to(self.basis.device), energy, rel_threshold,
+                                         exclude_top)
         if name is not None:
             self.task_stats[name] = stats
         return stats
@@ -242,15 +246,23 @@ class ContinualLoRA:
     ``model``'s ``LoRALinear4bit`` layers are converted in place (``make_continual``); nothing
     else in the model should train if the guarantee is to hold. ``energy`` (default 0.99) is
     the input-energy fraction of each task to protect; 0 disables the constraint (plain
-    stacked blocks), 1.0 protects everything seen. ``forward(model, batch)`` runs one
-    calibration batch (default ``model(batch)``).
+    stacked blocks), 1.0 protects everything seen. ``exclude_top=True`` applies ``energy`` to the
+    variation only (the top input direction, ~the mean activation, is protected outright);
+    ``rel_threshold`` also protects every direction above that fraction of the top eigenvalue
+    (``subspace.extend_basis``). ``forward(model, batch)`` runs one calibration batch (default
+    ``model(batch)``).
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.99, r: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, use_rslora: bool = False, keep_adapters: bool = False,
-                 forward: Callable[[nn.Module, object], object] | None = None):
+                 forward: Callable[[nn.Module, object], object] | None = None, rel_threshold: float = 0.0,
+                 exclude_top: bool = False):
         if not 0.0 <= energy <= 1.0:
             raise ValueError(f"energy must be in [0, 1], got {energy}")
+        if not 0.0 <= rel_threshold <= 1.0:
+            raise ValueError(f"rel_threshold must be in [0, 1], got {rel_threshold}")
+        self.rel_threshold = rel_threshold
+        self.exclude_top = exclude_top
         self.model = make_continual(model, keep_adapters)
         self.energy = energy
         self.defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
@@ -281,19 +293,28 @@ class ContinualLoRA:
         return [p for layer in self.layers.values() for p in layer.parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def end_task(self, calibration_batches: Iterable, energy: float | None = None) -> dict[str, SubspaceStats]:
+    def end_task(self, calibration_batches: Iterable, energy: float | None = None,
+                 rel_threshold: float | None = None) -> dict[str, SubspaceStats]:
         """Run ``calibration_batches`` through the model (eval mode), then per layer freeze the
         open block and protect ``energy`` (default ``self.energy``) of its inputs' energy."""
+        grams = self._input_grams(calibration_batches)
+        energy = self.energy if energy is None else energy
+        rel_threshold = self.rel_threshold if rel_threshold is None else rel_threshold
+        return {name: layer.end_task(grams.get(name), energy, rel_threshold, self.exclude_top)
+                for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def _input_grams(self, batches: Iterable) -> dict[str, torch.Tensor]:
+        """Each layer's float64 ``X^T X`` over ``batches`` (model in eval mode)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with collect_input_grams(self.layers) as grams:
-                for batch in calibration_batches:
+                for batch in batches:
                     self.forward(self.model, batch)
         finally:
             self.model.train(was_training)
-        energy = self.energy if energy is None else energy
-        return {name: layer.end_task(grams.get(name), energy) for name, layer in self.layers.items()}
+        return grams
 
     # ---------------------------------------------------------------- reports
     def free_dims(self) -> dict[str, int]:
@@ -334,7 +355,8 @@ class ContinualLoRA:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={"energy": repr(self.energy), "tasks": json.dumps(self.tasks)})
+        save_file(tensors, path, metadata={"energy": repr(self.energy), "rel_threshold": repr(self.rel_threshold),
+                                           "exclude_top": json.dumps(self.exclude_top), "tasks": json.dumps(self.tasks)})
 
     def load(self, path: str) -> None:
         """Read a file written by ``save`` into this (same-architecture) model."""
@@ -344,4 +366,7 @@ class ContinualLoRA:
         device = next(iter(self.layers.values())).base_layer.nf4.device
         self.load_state_dict(load_file(path, device=str(device)))
         with safe_open(path, framework="pt") as f:
-            self.energy = float(f.metadata()["energy"])
+            meta = f.metadata()
+        self.energy = float(meta["energy"])
+        self.rel_threshold = float(meta.get("rel_threshold", 0.0))
+        self.exclude_top = bool(json.loads(meta.get("exclude_top", "false")))

@@ -7,6 +7,12 @@ basis ``U [K, d]`` the fewest directions (eigenvectors of the part of ``G`` outs
 input energy ``||X||_F^2 = trace(G)``. The bases of successive tasks are nested, so
 ``I - U U^T`` only ever shrinks. ``energy = 1.0`` keeps every direction with non-negligible
 energy (eigenvalue above ``ZERO_ENERGY_RTOL * trace(G)``): the span of all inputs seen.
+
+Two optional variants of the rule: ``exclude_top`` measures ``energy`` on the variation only
+(the top eigen-direction, for uncentered activations roughly the mean input, is protected
+outright, so a dominant mean no longer lets a handful of directions pass as 99.9%), and
+``rel_threshold`` additionally keeps every direction whose eigenvalue exceeds that fraction of
+``lambda_max(G)`` (a relative spectral threshold).
 """
 
 from __future__ import annotations
@@ -45,25 +51,35 @@ def _project_out(basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return (residual + residual.T) / 2
 
 
-def _directions_to_keep(eigenvalues: torch.Tensor, needed: float, total: float, energy: float) -> int:
-    """How many of the descending ``eigenvalues`` to keep so that their sum reaches ``needed``."""
+def _directions_to_keep(eigenvalues: torch.Tensor, needed: float, total: float, energy: float,
+                        floor: float = 0.0) -> int:
+    """How many of the descending ``eigenvalues`` to keep so that their sum reaches ``needed``
+    (and at least every eigenvalue above ``floor``)."""
     significant = int((eigenvalues > ZERO_ENERGY_RTOL * total).sum())
+    above_floor = min(int((eigenvalues > floor).sum()), significant) if floor > 0 else 0
     if energy >= 1.0:
         return significant
     if needed <= 0:
-        return 0
+        return above_floor
     reached = torch.cumsum(eigenvalues, 0) >= needed
     count = int(reached.nonzero()[0, 0]) + 1 if bool(reached.any()) else eigenvalues.numel()
-    return min(count, significant)
+    return max(min(count, significant), above_floor)
 
 
-def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float) -> tuple[torch.Tensor, SubspaceStats]:
+def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float, rel_threshold: float = 0.0,
+                 exclude_top: bool = False) -> tuple[torch.Tensor, SubspaceStats]:
     """Grow ``basis`` until it holds ``energy`` of the energy in ``gram``.
 
     Args:
         basis: ``[K, d]`` with orthonormal columns (any float dtype; ``d`` may be 0).
         gram: ``[K, K]`` float64, ``X^T X`` of the task's inputs at this layer.
         energy: fraction in ``[0, 1]``; ``0`` adds nothing (no protection), ``1`` keeps all.
+        rel_threshold: also keep every residual direction whose eigenvalue exceeds
+            ``rel_threshold * lambda_max(gram)`` (relative spectral threshold; 0 = off).
+        exclude_top: measure ``energy`` on the variation only: the top eigen-direction of
+            ``gram`` (for uncentered activations, ~the mean input) is protected outright and
+            ``span(U)`` must hold ``lambda_max + energy * (trace(G) - lambda_max)``, so the
+            discarded energy is at most ``(1 - energy) * (trace(G) - lambda_max)``.
     Returns:
         ``(new_basis [K, d + k] in basis.dtype, stats)``; the first ``d`` columns are ``basis``.
     """
@@ -76,10 +92,17 @@ def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float) -> tupl
     already = float(torch.trace(u.T @ gram @ u))
     eigenvalues, eigenvectors = torch.linalg.eigh(_project_out(u, gram))
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0.0), eigenvectors.flip(1)
-    k = _directions_to_keep(eigenvalues, energy * total - already, total, energy)
+    floor = rel_threshold * float(torch.linalg.eigvalsh(gram)[-1]) if rel_threshold > 0 else 0.0
+    if exclude_top and 0.0 < energy < 1.0:
+        top = float(torch.linalg.eigvalsh(gram)[-1])
+        needed = energy * (total - top) + top - already
+    else:
+        needed = energy * total - already
+    k = _directions_to_keep(eigenvalues, needed, total, energy, floor)
     # One re-orthogonalisation pass keeps U orthonormal to float64 precision over many tasks.
     new = eigenvectors[:, :k] - u @ (u.T @ eigenvectors[:, :k])
     new = torch.linalg.qr(new).Q if k else new
     grown = torch.cat([u, new], dim=1)
     discarded = max(total - float(torch.trace(grown.T @ gram @ grown)), 0.0)
     return grown.to(basis.dtype), SubspaceStats(total, discarded, k, energy)
+
