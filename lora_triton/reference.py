@@ -129,12 +129,13 @@ class LoRAReferenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, lora_a, lora_b, s, mask = ctx.saved_tensors
-        need_x, _, need_a, need_b, _, need_bias, _ = ctx.needs_input_grad
+        given = len(ctx.needs_input_grad)  # bias / dropout_mask may have been left to their defaults
+        need_x, _, need_a, need_b, _, need_bias, _ = (*ctx.needs_input_grad, False, False)[:7]
         grads = lora_backward(dy, x, ctx.weight, lora_a, lora_b, ctx.scale, s, mask,
                               needs=(need_x, need_a, need_b, need_bias and ctx.bias_dtype is not None))
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         dbias = None if grads.dbias is None else grads.dbias.to(ctx.bias_dtype)
-        return cast(grads.dx, x), None, cast(grads.dA, lora_a), cast(grads.dB, lora_b), None, dbias, None
+        return (cast(grads.dx, x), None, cast(grads.dA, lora_a), cast(grads.dB, lora_b), None, dbias, None)[:given]
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, dropout_mask=None) -> torch.Tensor:
