@@ -170,7 +170,7 @@ def run_demo(out_dir: str = "lora_triton_demo", quick: bool = False, device: str
         reload_err = float((model(input_ids=probe).logits - fresh(input_ids=probe).logits).abs().max())
 
     drift = lambda before, after: 100 * (after - before) / before  # noqa: E731
-    print(f"\nheld-out loss (nats/byte)   code: after code -> after prose     prose (own)")
+    print("\nheld-out loss (nats/byte)   code: after code -> after prose     prose (own)")
     print(f"  naive LoRA                      {naive_before:.3f} -> {naive_after:.3f} ({drift(naive_before, naive_after):+.1f}%)"
           f"   {naive_prose:.3f}")
     print(f"  protected (ContinualLoRA)       {code_before:.3f} -> {protected_after:.3f} "

@@ -52,7 +52,7 @@ def _prepare(method: str, model, rank: int):
 
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in PROJECTIONS and isinstance(child, torch.nn.Linear):
                 setattr(module, child_name, LoRALinear4bit.from_linear(child, r=rank, lora_alpha=2 * rank))
