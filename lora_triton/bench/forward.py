@@ -20,7 +20,7 @@ from CUDA graphs (launch overhead would dominate), the rest with do_bench; L2 fl
 from __future__ import annotations
 
 import sys
-import time
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +28,7 @@ import torch
 
 from .environment import META_FIELDS, import_bitsandbytes
 from .report import Speedup
-from .timing import time_ms
+from .timing import time_ms, within_budget
 
 LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/k/v/o, gate/up, down
 FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
@@ -70,19 +70,15 @@ class Problem:
 def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[dict]:
     """All rows of the forward table (points past ``budget_s`` seconds are skipped and named)."""
     plan = QUICK if quick else FULL
-    start, rows = time.monotonic(), []
-    for r in plan["ranks"]:  # r=16 over every shape first: a spent budget cuts r=64 rows
-        for k, n in plan["shapes"]:
-            for m in plan["ms"]:
-                if time.monotonic() - start > budget_s:
-                    print(f"forward: budget of {budget_s:.0f}s spent, skipping K={k} N={n} r={r} M={m}",
-                          file=sys.stderr)
-                    continue
-                problem = make_problem(m, n, k, r, plan["dtype"], device)
-                rows.extend(bench_problem(problem, meta, device, quick))
-                del problem
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    # r=16 over every shape first: a spent budget cuts r=64 rows
+    points = itertools.product(plan["ranks"], plan["shapes"], plan["ms"])
+    rows = []
+    for r, (k, n), m in within_budget(points, budget_s, "forward"):
+        problem = make_problem(m, n, k, r, plan["dtype"], device)
+        rows.extend(bench_problem(problem, meta, device, quick))
+        del problem
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

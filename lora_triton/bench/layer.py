@@ -19,7 +19,7 @@ bitsandbytes + PEFT at M >= 1024 with peak memory no higher.
 from __future__ import annotations
 
 import sys
-import time
+import itertools
 
 import torch
 
@@ -27,7 +27,7 @@ from . import contenders as cs
 from .environment import META_FIELDS
 from .forward import LLAMA7B_SHAPES
 from .report import Speedup
-from .timing import time_ms
+from .timing import time_ms, within_budget
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 BASELINES = ("bnb_peft", "dequant_linear")
@@ -43,18 +43,12 @@ def run(device: torch.device, meta: dict, quick: bool, budget_s: float, plan: di
     """All rows of a layer table for ``plan`` (default ``QUICK`` or ``FULL``); points past
     ``budget_s`` seconds are skipped and named on stderr."""
     plan = plan or (QUICK if quick else FULL)
-    start, rows = time.monotonic(), []
-    for dtype in plan["dtypes"]:
-        for r in plan["ranks"]:
-            for k, n in plan["shapes"]:
-                for m in plan["ms"]:
-                    if time.monotonic() - start > budget_s:
-                        print(f"{table}: budget of {budget_s:.0f}s spent, skipping {dtype} K={k} N={n} r={r} M={m}",
-                              file=sys.stderr)
-                        continue
-                    rows.extend(bench_point(m, n, k, r, dtype, device, backend, meta, quick, passes))
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+    points = itertools.product(plan["dtypes"], plan["ranks"], plan["shapes"], plan["ms"])
+    rows = []
+    for dtype, r, (k, n), m in within_budget(points, budget_s, table):
+        rows.extend(bench_point(m, n, k, r, dtype, device, backend, meta, quick, passes))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -102,3 +103,14 @@ def time_ms(fn: Callable[[], object], device: torch.device, use_cuda_graph: bool
     if quick:
         return cpu_ms(fn, warmup=1, min_reps=2, max_reps=3, min_time_s=0.0), "cpu_wall"
     return cpu_ms(fn), "cpu_wall"
+
+
+def within_budget(points: Iterable[tuple], budget_s: float, table: str) -> Iterator[tuple]:
+    """Yield ``points`` while less than ``budget_s`` seconds have passed since the first one;
+    name every later point on stderr as skipped."""
+    start = time.monotonic()
+    for point in points:
+        if time.monotonic() - start > budget_s:
+            print(f"{table}: budget of {budget_s:.0f}s spent, skipping {point}", file=sys.stderr)
+            continue
+        yield point
