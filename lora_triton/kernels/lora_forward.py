@@ -88,10 +88,17 @@ def _decode_configs() -> list[triton.Config]:
             for bn, bk, sk in shapes]
 
 
-def _prune_to_legal(configs, named_args, **_):
+def _prune_to_legal(configs, named_args, **kwargs):
     """Drop tiles a shape cannot use: dot K-dims under 16 (two dots over BLOCK_K/2 pairs),
-    tiles far larger than M, N or K. Keeps the smallest config if nothing survives."""
+    tiles far larger than M, N or K. Keeps the smallest config if nothing survives.
+
+    fp32 activations with R_PAD > 64 use only tiles with BLOCK_N * BLOCK_K <= 8192: larger ones
+    need more than the 227 KB of shared memory of an H100/H200 block (bench/compile_check.py,
+    sm_90; FMA dots of fp32 operands), so they must not be the only candidates left."""
     m, n, k = (named_args.get(name, 1) for name in ("M", "N", "K"))
+    x = named_args.get("x_ptr")
+    if getattr(x, "dtype", None) == torch.float32 and kwargs.get("R_PAD", named_args.get("R_PAD", 16)) > 64:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192] or configs
     cap = lambda size: max(16, triton.next_power_of_2(size))  # noqa: E731
     legal = [c for c in configs
              if c.kwargs["BLOCK_K"] // 2 >= 16 and c.kwargs["BLOCK_K"] <= cap(k)
