@@ -131,3 +131,29 @@ def test_bench_subcommand_options():
     assert callable(args.func)
     defaults = parser.parse_args(["bench"])
     assert not defaults.quick and defaults.what is None and defaults.budget_s > 0
+
+
+def test_interleaved_cpu_timer_alternates_and_takes_medians():
+    from lora_triton.bench.timing import cpu_ms_interleaved
+
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    ms = cpu_ms_interleaved(fns, warmup=1, min_rounds=5, max_rounds=5, min_time_s=0.0)
+    assert order == ["a", "b"] * 6  # one warm-up round, then five timed rounds, always in turn
+    assert set(ms) == {"a", "b"} and all(math.isfinite(v) and v >= 0 for v in ms.values())
+
+
+def test_cpu_table_point_times_contenders_interleaved():
+    """A full (non-quick) CPU point at a tiny shape: every contender, both passes, the
+    interleaved timer, correct results, ratios against the baselines present."""
+    import torch
+
+    meta = {name: "x" for name in META} | {"peak_matmul_tflops": "1.0"}
+    rows = layer_table.bench_point(3, 96, 128, 4, torch.float32, torch.device("cpu"), "reference", meta,
+                                   quick=False, passes=cpu_table.PASSES)
+    impls = {row["impl"] for row in rows}
+    assert {"ours", "dequant_linear"} <= impls and (("bnb_peft" in impls) == _bnb_and_peft())
+    assert len(rows) == 2 * len(impls) and all(row["timer"] == "cpu_wall_interleaved" for row in rows)
+    for row in rows:
+        assert _finite_positive(row["ms"]) and float(row["rel_err"]) < 1e-5
+        assert _finite_positive(row["x_vs_dequant_linear"])

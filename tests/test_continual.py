@@ -201,3 +201,109 @@ def test_begin_task_twice_is_an_error():
     cl.begin_task("a")
     with pytest.raises(RuntimeError, match="still open"):
         cl.begin_task("b")
+
+
+# ------------------------------------------------------------------ soft protection (drift penalty)
+def test_residual_factor_is_the_second_moment_outside_the_basis():
+    from lora_triton.training.subspace import residual_factor
+
+    gen = torch.Generator().manual_seed(5)
+    k = 12
+    x1 = torch.randn(80, k, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, k, dtype=torch.float64)
+    x2 = torch.randn(50, k, generator=gen, dtype=torch.float64) + 0.3
+    u1, _ = extend_basis(torch.zeros(k, 0, dtype=torch.float64), x1.T @ x1, 0.8)
+    f1 = residual_factor(u1, x1.T @ x1 / 80, torch.zeros(k, 0), max_rank=k)
+    p1 = torch.eye(k, dtype=torch.float64) - u1 @ u1.T
+    assert torch.allclose(f1.double() @ f1.double().T, p1 @ (x1.T @ x1 / 80) @ p1, atol=1e-6)
+    assert float((u1.T @ f1.double()).abs().max()) < 1e-6
+    # a second task: the basis grows, the earlier residual is projected out of it and the two add
+    u2, _ = extend_basis(u1, x2.T @ x2, 0.8)
+    f2 = residual_factor(u2, x2.T @ x2 / 50, f1, max_rank=k)
+    p2 = torch.eye(k, dtype=torch.float64) - u2 @ u2.T
+    want = p2 @ (x1.T @ x1 / 80 + x2.T @ x2 / 50) @ p2
+    assert torch.allclose(f2.double() @ f2.double().T, want, atol=1e-5)
+    # truncation keeps the largest directions, largest first
+    f_small = residual_factor(u2, x2.T @ x2 / 50, f1, max_rank=2)
+    top2 = torch.linalg.eigvalsh(want).flip(0)[:2]
+    assert f_small.shape == (k, 2) and torch.allclose(f_small.double().norm(dim=0) ** 2, top2, rtol=1e-5)
+
+
+def test_drift_penalty_is_the_mean_squared_output_change_on_earlier_inputs():
+    """With the full residual kept, ``penalty / drift_penalty`` equals sum over earlier tasks of
+    mean_token ||dY||^2 on their calibration inputs, dY the change the open block makes."""
+    torch.manual_seed(4)
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    cl = ContinualLoRA(layer, energy=0.9, r=4, lora_alpha=8, drift_penalty=2.5, residual_rank=K, shrinkage=0.0)
+    olds = [torch.randn(64, K) @ torch.diag(torch.logspace(0, -1.5, K)) + 0.5, torch.randn(40, K) - 0.2]
+    for t, x in enumerate(olds):
+        cl.begin_task(f"t{t}")
+        if t == 0:
+            assert float(cl.penalty()) == 0.0  # nothing to protect yet
+        train_task(layer, cl.trainable_parameters(), x, torch.randn(x.shape[0], OUT))
+        cl.end_task([x[:20], x[20:]])
+    cl.begin_task("new")
+    train_task(layer, cl.trainable_parameters(), torch.randn(64, K), torch.randn(64, OUT), steps=30)
+    with torch.no_grad():
+        open_a = layer.constrained(layer.lora_A["new"].weight.double())
+        delta = layer.scaling["new"] * layer.lora_B["new"].weight.double() @ open_a
+        expected = sum(float((x.double() @ delta.T).square().sum(1).mean()) for x in olds)
+        got = float(cl.penalty()) / 2.5
+    assert expected > 1e-4  # the open block does change the earlier outputs (energy 0.9 < 1)
+    assert got == pytest.approx(expected, rel=1e-4)
+    # shrinkage adds rho * mu * ||s B A_eff||_F^2, mu the mean residual eigenvalue on the free subspace
+    cl.shrinkage = 0.5
+    mu = float(layer.residual.double().square().sum()) / layer.free_dim
+    shrunk = float(cl.penalty()) / 2.5
+    assert shrunk == pytest.approx(expected + 0.5 * mu * float(delta.square().sum()), rel=1e-4)
+
+
+def test_drift_penalty_reduces_drift_and_still_learns():
+    """Same tasks with and without the penalty at energy 0.9: the penalty shrinks the change of
+    task 0's outputs; the new task is still fitted better than by the frozen stack."""
+    def run(penalty: float):
+        torch.manual_seed(3)
+        layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+        cl = ContinualLoRA(layer, energy=0.9, r=4, lora_alpha=8, drift_penalty=penalty, shrinkage=0.0)
+        gen = torch.Generator().manual_seed(8)
+        x0 = torch.randn(64, K, generator=gen) @ torch.diag(torch.logspace(0, -1.5, K)) + 0.5
+        x1, y1 = torch.randn(64, K, generator=gen), torch.randn(64, OUT, generator=gen)
+        cl.begin_task("t0")
+        train_task(layer, cl.trainable_parameters(), x0, torch.randn(64, OUT, generator=gen))
+        cl.end_task([x0])
+        with torch.no_grad():
+            before, fit_before = layer(x0), float(((layer(x1) - y1) ** 2).mean())
+        params = cl.begin_task("t1")
+        opt = torch.optim.Adam(params, lr=3e-2)
+        for _ in range(60):
+            loss = ((layer(x1) - y1) ** 2).mean() + cl.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float((layer(x0) - before).norm() / before.norm()), fit_before, float(((layer(x1) - y1) ** 2).mean())
+
+    free_drift, _, free_fit = run(0.0)
+    drift, fit_before, fit = run(10.0)
+    print(f"drift {drift:.3e} vs {free_drift:.3e} unpenalised; fit {fit:.3f} (from {fit_before:.3f}, "
+          f"unpenalised {free_fit:.3f})")
+    assert drift < 0.3 * free_drift, (drift, free_drift)
+    assert fit < 0.9 * fit_before, (fit, fit_before)
+
+
+def test_drift_penalty_settings_are_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="drift_penalty"):
+        ContinualLoRA(small_model(), drift_penalty=-1.0)
+    model = small_model()
+    cl = ContinualLoRA(model, energy=0.9, r=2, drift_penalty=3.0, residual_rank=6, shrinkage=0.25)
+    cl.begin_task("a")
+    cl.end_task([torch.randn(30, K)])
+    cl.begin_task("b")
+    assert all(layer.residual.shape[1] == 6 for layer in cl.layers.values())
+    path = tmp_path / "cl.safetensors"
+    cl.save(str(path))
+    fresh = ContinualLoRA(small_model(), energy=0.5)
+    fresh.load(str(path))
+    assert fresh.drift_penalty == 3.0 and fresh.residual_rank == 6 and fresh.shrinkage == 0.25
+    for name, layer in cl.layers.items():
+        assert torch.equal(fresh.layers[name].residual, layer.residual)
+    assert float(fresh.penalty()) == pytest.approx(float(cl.penalty()))

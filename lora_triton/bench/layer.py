@@ -27,7 +27,7 @@ from . import contenders as cs
 from .environment import META_FIELDS
 from .forward import LLAMA7B_SHAPES
 from .report import Speedup
-from .timing import time_ms, within_budget
+from .timing import cpu_ms_interleaved, time_ms, within_budget
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 BASELINES = ("bnb_peft", "dequant_linear")
@@ -127,6 +127,8 @@ def bench_point(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torc
     expected = _reference(x, dy, weight, ours.lora_a, ours.lora_b, scale)
     results: dict[tuple[str, str], tuple[float, str]] = {}
     errors, peaks, notes = {}, {}, {}
+    if device.type == "cpu" and not quick:
+        return _rows(_bench_interleaved(contenders, x, dy, expected, passes), meta, m, n, k, r, dtype)
     for c in contenders:
         try:
             errors[c.name] = _max_error(c, x, dy, expected)
@@ -139,6 +141,33 @@ def bench_point(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torc
             notes[c.name] = c.note
         except Exception as err:  # one broken contender must not hide the others' numbers
             print(f"{dtype} K={k} N={n} r={r} M={m} {c.name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+    return _rows((results, errors, peaks, notes), meta, m, n, k, r, dtype)
+
+
+def _bench_interleaved(contenders: list, x: torch.Tensor, dy: torch.Tensor, expected: tuple,
+                       passes: tuple[str, ...]) -> tuple[dict, dict, dict, dict]:
+    """CPU: every contender's pass timed in alternating rounds (``timing.cpu_ms_interleaved``)."""
+    results, errors, notes = {}, {}, {}
+    working = []
+    for c in contenders:
+        try:
+            errors[c.name] = _max_error(c, x, dy, expected)
+            notes[c.name] = c.note
+            working.append(c)
+        except Exception as err:  # one broken contender must not hide the others' numbers
+            print(f"{c.name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+    for name in passes:
+        fns = {c.name: _timed_fn(name, c, x, dy) for c in working}
+        for impl, ms in cpu_ms_interleaved(fns).items():
+            results[(impl, name)] = (ms, "cpu_wall_interleaved")
+        del fns  # frees the graphs backward-only closures retain
+    return results, errors, {}, notes
+
+
+def _rows(measured: tuple[dict, dict, dict, dict], meta: dict, m: int, n: int, k: int, r: int,
+          dtype: torch.dtype) -> list[dict]:
+    """Table rows from ``(results, errors, peaks, notes)`` of one point."""
+    results, errors, peaks, notes = measured
     peak_tflops = float(meta["peak_matmul_tflops"])
     rows = []
     for (impl, name), (ms, timer) in results.items():

@@ -2,7 +2,8 @@
 
 * ``gpu_ms``  - ``triton.testing.do_bench`` (median, L2 flushed before every call), or for
   launch-bound work a CUDA graph of ``reps`` flushed calls, minus a graph of the flushes alone.
-* ``cpu_ms``  - wall clock: warm-up calls, then the median of repeated calls.
+* ``cpu_ms``  - wall clock: warm-up calls, then the median of repeated calls;
+  ``cpu_ms_interleaved`` the same for several callables in alternating rounds.
 * ``time_ms`` - the right one for a device; returns ``(ms, timer name)`` so tables can say how
   each number was taken.
 """
@@ -33,6 +34,27 @@ def cpu_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, max_rep
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def cpu_ms_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, min_rounds: int = 7,
+                       max_rounds: int = 60, min_time_s: float = 0.6) -> dict[str, float]:
+    """Median wall-clock milliseconds of each of ``fns`` on CPU, timed in alternating rounds
+    (one call of each per round, in turn), so a slow spell of a shared machine hits every
+    contender alike instead of whichever was being timed: ``warmup`` untimed rounds, then at least
+    ``min_rounds`` rounds, more (up to ``max_rounds``) until ``min_time_s`` has passed."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < min_time_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def do_bench_ms(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> float:

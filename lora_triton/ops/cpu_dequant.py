@@ -16,18 +16,30 @@ import logging
 import torch
 
 from ..format import NF4Weight
+from ..format.codebooks import NESTED_BLOCKSIZE
 
 
 @functools.lru_cache(maxsize=None)
-def _bnb_dequantize_op():
+def _bnb_ops():
+    """``(dequantize_4bit, dequantize_blockwise)`` of bitsandbytes, or None without it."""
     # bitsandbytes logs a warning at import on AVX512-BF16 CPUs when the optional Hugging Face
-    # `kernels` package is absent; it does not concern this op.
+    # `kernels` package is absent; it does not concern these ops.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return None
-    return torch.ops.bitsandbytes.dequantize_4bit.default
+    return torch.ops.bitsandbytes.dequantize_4bit.default, torch.ops.bitsandbytes.dequantize_blockwise.default
+
+
+def _absmax_float32(weight: NF4Weight, dequantize_blockwise) -> torch.Tensor:
+    """The per-block scales, double quant decoded by bitsandbytes' native blockwise kernel
+    (bit-identical to ``NF4Weight.absmax_float32``: code lookup times nested absmax, then the
+    offset, in float32; ~2x faster on CPU)."""
+    if not weight.double_quant:
+        return weight.absmax
+    return dequantize_blockwise(weight.absmax, weight.nested_absmax, weight.nested_code, NESTED_BLOCKSIZE,
+                                torch.float32).add_(weight.offset_value)
 
 
 def _native_path_applies(weight: NF4Weight) -> bool:
@@ -38,7 +50,9 @@ def _native_path_applies(weight: NF4Weight) -> bool:
 def dequantize_dense(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """``dequant(W)`` ``[N, K]`` in ``dtype`` (transient: callers must not keep it)."""
     if dtype in (torch.float16, torch.bfloat16, torch.float32) and _native_path_applies(weight):
-        op = _bnb_dequantize_op()
-        if op is not None:
-            return op(weight.packed, weight.absmax_float32(), weight.blocksize, "nf4", list(weight.shape), dtype)
+        ops = _bnb_ops()
+        if ops is not None:
+            dequantize_4bit, dequantize_blockwise = ops
+            return dequantize_4bit(weight.packed, _absmax_float32(weight, dequantize_blockwise), weight.blocksize,
+                                   "nf4", list(weight.shape), dtype)
     return weight.dequantize(dtype)

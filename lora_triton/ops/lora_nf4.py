@@ -10,16 +10,18 @@ custom ops:
 
 Both take the ``NF4Weight`` as its separate tensors, so ``torch.compile(fullgraph=True)``
 traces through them without graph breaks. In eager mode a plain ``autograd.Function`` runs the
-same two functions (``_forward_impl`` / ``_backward_impl``) without the custom-op dispatch cost. Saved for backward: ``x``, ``S``, the dropout seed
+same two functions (``_forward_impl`` / ``_backward_impl``) without the custom-op dispatch cost.
+Saved for backward: ``x``, ``S``, the dropout seed
 (a 0-d tensor; the mask is regenerated) and references to the packed weight.
 
 Backends: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests),
-``"reference"`` (plain torch, ``reference.py``), ``"auto"`` = Triton on CUDA, reference
-elsewhere. ``LORA_TRITON_BACKEND`` sets the default.
+``"reference"`` (plain torch: ``reference.py``'s math as fused BLAS calls, ``dense_path.py``),
+``"auto"`` = Triton on CUDA, reference elsewhere. ``LORA_TRITON_BACKEND`` sets the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -28,8 +30,9 @@ from torch import Tensor
 
 from ..format import NF4Weight
 from ..kernels.runtime import can_launch
-from ..reference import LoRAGrads, lora_backward, lora_forward
+from ..reference import LoRAGrads
 from .cpu_dequant import dequantize_dense
+from .dense_path import dense_backward, dense_forward
 
 BACKENDS = ("auto", "triton", "reference")
 _WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
@@ -79,8 +82,8 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
         return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
     k = weight.shape[1]
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
-    y, s = lora_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
-    return y.contiguous(), s.contiguous()
+    y, s = dense_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
+    return y, s.contiguous()
 
 
 def _backward_impl(dy: Tensor, x: Tensor, s: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float,
@@ -92,8 +95,8 @@ def _backward_impl(dy: Tensor, x: Tensor, s: Tensor, weight: NF4Weight, lora_a: 
 
         return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed, needs)
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
-    dense = dequantize_dense(weight, x.dtype) if needs[0] else weight  # only dx reads W
-    return lora_backward(dy, x, dense, lora_a, lora_b, scale, s, mask, needs)
+    dense = dequantize_dense(weight, x.dtype) if needs[0] else None  # only dx reads W
+    return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, s, mask, needs)
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -214,22 +217,24 @@ def lora_nf4_linear(
     Returns:
         ``[..., N]`` in x's (compute) dtype.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         x = x.to(torch.get_autocast_dtype(x.device.type))
     dtype = x.dtype
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x must end in in_features={k}, got shape {list(x.shape)}")
     p = float(dropout_p) if training else 0.0
-    seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else torch.zeros((), dtype=torch.int64)
     x2d = x.reshape(-1, k).contiguous()
     a, b = lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
     bias = None if bias is None else bias.to(dtype).contiguous()
     backend = resolve_backend(x.device, backend)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.compiler.is_compiling():
+            seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else torch.zeros((), dtype=torch.int64)
             y, _ = _forward_op(x2d, *_weight_tensors(weight), weight.offset_value, n, k, weight.blocksize, a, b,
                                float(scale), bias, p, seed, backend)
         else:
-            y = _EagerLoRANF4.apply(x2d, a, b, bias, weight, float(scale), p, int(seed), backend)
+            seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+            y = _EagerLoRANF4.apply(x2d, a, b, bias, weight, float(scale), p, seed, backend)
     return y.reshape(*x.shape[:-1], n)

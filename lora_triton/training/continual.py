@@ -26,7 +26,8 @@ where ``e_i = ||X_i (I - U_{i+1} U_{i+1}^T)||_F^2`` is the energy discarded when
 was built (recorded exactly in ``SubspaceStats.discarded_energy``; ``<= (1-energy)||X_i||^2``
 by construction, ``<= (1-energy)(||X_i||^2 - lambda_max)`` with ``exclude_top``, and
 ``<= (K - d) * rel_threshold * lambda_max`` with the spectral threshold alone, ``lambda_max``
-the top eigenvalue of ``X_i^T X_i``). The first line holds whatever the selection rule. With ``energy = 1.0``, ``e_i`` is float noise, every layer's output on its
+the top eigenvalue of ``X_i^T X_i``). The first line holds whatever the selection rule.
+With ``energy = 1.0``, ``e_i`` is float noise, every layer's output on its
 calibration inputs is unchanged, and by induction over the layers in forward order (each
 layer's input is the output of unchanged layers) so is the whole model's output on every
 calibration input of every earlier task - provided only the adapter blocks train. In a deep
@@ -50,7 +51,7 @@ from torch import nn
 
 from ..modules import LoRALinear4bit, NF4Linear
 from ..ops import lora_nf4_linear
-from .subspace import SubspaceStats, extend_basis
+from .subspace import SubspaceStats, extend_basis, residual_factor
 
 _PLACEHOLDER = "_continual_placeholder"
 _BLOCK_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
@@ -68,6 +69,7 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         super().__init__(base_layer, r=1, adapter_name=_PLACEHOLDER, backend=backend)
         self.delete_adapter(_PLACEHOLDER)
         self.register_buffer("basis", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
+        self.register_buffer("residual", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
         self.open_task: str | None = None
         self.task_stats: dict[str, SubspaceStats] = {}
 
@@ -100,9 +102,12 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         self.open_task = name
 
     def end_task(self, gram: torch.Tensor | None, energy: float, rel_threshold: float = 0.0,
-                 exclude_top: bool = False) -> SubspaceStats | None:
+                 exclude_top: bool = False, tokens: int = 0, residual_rank: int = 0) -> SubspaceStats | None:
         """Bake and freeze the open block, then grow ``basis`` from ``gram`` (float64 ``[K, K]``,
-        the task's ``X^T X`` at this layer; None = no calibration data). Returns the stats."""
+        the task's ``X^T X`` over ``tokens`` inputs at this layer; None = no calibration data).
+        With ``residual_rank > 0`` also refresh ``residual`` (``subspace.residual_factor``), the
+        earlier tasks' input second moment left outside the basis, used by ``drift_penalty``.
+        Returns the stats."""
         name = self.open_task
         if name is not None:
             with torch.no_grad():
@@ -114,6 +119,9 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             return None
         self.basis, stats = extend_basis(self.basis, gram.to(self.basis.device), energy, rel_threshold,
                                          exclude_top)
+        if residual_rank > 0 and tokens > 0:
+            self.residual = residual_factor(self.basis, gram.to(self.basis.device) / tokens, self.residual,
+                                            residual_rank).to(self.basis.device)
         if name is not None:
             self.task_stats[name] = stats
         return stats
@@ -143,6 +151,28 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         p = self.lora_dropout[self.open_task] if self.open_task is not None else 0.0
         return lora_nf4_linear(x, self.base_layer.nf4, a, b, 1.0, self.base_layer.bias, p, self.training,
                                self.backend)
+
+    def drift_penalty(self, shrinkage: float = 0.0) -> torch.Tensor:
+        """``||s B A_eff F||_F^2 + shrinkage * mu * ||s B A_eff||_F^2`` for the open block (0
+        without one).
+
+        The first term is the mean squared change of this layer's output, per earlier-task
+        calibration token, that the open block causes through the directions the basis left
+        free (``F = residual``, orthogonal to the basis, so ``A_eff F = A F``). The second
+        shrinks that second-moment estimate towards isotropy on the free subspace
+        (``mu = ||F||_F^2 / free_dim``, the mean residual eigenvalue): unseen inputs of the
+        earlier tasks have energy in directions their calibration sample barely covered.
+        Differentiable in the open block's ``A`` and ``B``."""
+        name = self.open_task
+        if name is None or self.residual.shape[1] == 0:
+            return self.basis.new_zeros(())
+        a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        f = self.residual.to(a.dtype)
+        penalty = (scale * (b @ (a @ f))).square().sum()
+        if shrinkage > 0:
+            mu = f.square().sum() / max(self.free_dim, 1)
+            penalty = penalty + shrinkage * mu * (scale * (b @ self.constrained(a))).square().sum()
+        return penalty
 
     def drift_bound(self, task: str) -> float:
         """Upper bound on ``||dY||_F``, the change of this layer's output on ``task``'s
@@ -184,11 +214,13 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Blocks and the basis' width are data-dependent: shape them before the tensors load.
-        meta_key, basis_key = prefix + "_extra_state", prefix + "basis"
+        meta_key = prefix + "_extra_state"
         if meta_key in state_dict:
             self._ensure_blocks(_decode_meta(state_dict[meta_key])["blocks"])
-        if basis_key in state_dict:
-            self.basis = torch.zeros_like(state_dict[basis_key], device=self.basis.device, dtype=torch.float32)
+        for buffer in ("basis", "residual"):
+            if prefix + buffer in state_dict:
+                setattr(self, buffer, torch.zeros_like(state_dict[prefix + buffer], device=self.basis.device,
+                                                       dtype=torch.float32))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -212,15 +244,18 @@ def make_continual(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
 
 
 @contextlib.contextmanager
-def collect_input_grams(layers: dict[str, nn.Module]):
+def collect_input_grams(layers: dict[str, nn.Module], counts: dict[str, int] | None = None):
     """Within the block, every forward of ``layers[name]`` adds ``x^T x`` (float64 ``[K, K]``,
-    ``x`` flattened to ``[M, K]``) to ``grams[name]``; yields the ``grams`` dict."""
+    ``x`` flattened to ``[M, K]``) to ``grams[name]`` (and ``M`` to ``counts[name]`` when a
+    ``counts`` dict is given); yields the ``grams`` dict."""
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             grams[name] = grams.get(name, 0) + x.T @ x
+            if counts is not None:
+                counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
@@ -251,18 +286,32 @@ class ContinualLoRA:
     ``rel_threshold`` also protects every direction above that fraction of the top eigenvalue
     (``subspace.extend_basis``). ``forward(model, batch)`` runs one calibration batch (default
     ``model(batch)``).
+
+    Soft protection of what the basis leaves free (off by default): with ``drift_penalty > 0``
+    every ``end_task`` also keeps, per layer, the top ``residual_rank`` directions of the ended
+    tasks' input second moment outside the basis, and ``penalty()`` - to be added to the task
+    loss - is ``drift_penalty`` times the summed mean squared output change the open blocks
+    cause on those inputs (``shrinkage`` blends in an isotropic floor on the free subspace, see
+    ``ContinualLoRALinear4bit.drift_penalty``). The exact guarantee still comes from the basis.
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.99, r: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, use_rslora: bool = False, keep_adapters: bool = False,
                  forward: Callable[[nn.Module, object], object] | None = None, rel_threshold: float = 0.0,
-                 exclude_top: bool = False):
+                 exclude_top: bool = False, drift_penalty: float = 0.0, residual_rank: int = 512,
+                 shrinkage: float = 0.1):
         if not 0.0 <= energy <= 1.0:
             raise ValueError(f"energy must be in [0, 1], got {energy}")
         if not 0.0 <= rel_threshold <= 1.0:
             raise ValueError(f"rel_threshold must be in [0, 1], got {rel_threshold}")
+        if drift_penalty < 0.0 or residual_rank < 0 or shrinkage < 0.0:
+            raise ValueError(f"drift_penalty, residual_rank and shrinkage must be >= 0, got {drift_penalty}, "
+                             f"{residual_rank}, {shrinkage}")
+        self.shrinkage = shrinkage
         self.rel_threshold = rel_threshold
         self.exclude_top = exclude_top
+        self.drift_penalty = drift_penalty
+        self.residual_rank = residual_rank if drift_penalty > 0 else 0
         self.model = make_continual(model, keep_adapters)
         self.energy = energy
         self.defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
@@ -288,6 +337,14 @@ class ContinualLoRA:
                           f"cannot change the output): {full}", stacklevel=2)
         return self.trainable_parameters()
 
+    def penalty(self) -> torch.Tensor:
+        """``drift_penalty * sum_layers ||s B A_eff F||_F^2``: add it to the task loss. Soft
+        protection of what the basis left free - the open blocks' mean squared output change
+        on the earlier tasks' calibration inputs (``ContinualLoRALinear4bit.drift_penalty``).
+        A zero tensor when ``drift_penalty`` is 0 or no task has ended yet."""
+        total = sum(layer.drift_penalty(self.shrinkage) for layer in self.layers.values())
+        return self.drift_penalty * total
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The open task's ``A`` and ``B`` of every layer."""
         return [p for layer in self.layers.values() for p in layer.parameters() if p.requires_grad]
@@ -297,24 +354,26 @@ class ContinualLoRA:
                  rel_threshold: float | None = None) -> dict[str, SubspaceStats]:
         """Run ``calibration_batches`` through the model (eval mode), then per layer freeze the
         open block and protect ``energy`` (default ``self.energy``) of its inputs' energy."""
-        grams = self._input_grams(calibration_batches)
+        grams, counts = self._input_grams(calibration_batches)
         energy = self.energy if energy is None else energy
         rel_threshold = self.rel_threshold if rel_threshold is None else rel_threshold
-        return {name: layer.end_task(grams.get(name), energy, rel_threshold, self.exclude_top)
+        return {name: layer.end_task(grams.get(name), energy, rel_threshold, self.exclude_top,
+                                     counts.get(name, 0), self.residual_rank)
                 for name, layer in self.layers.items()}
 
     @torch.no_grad()
-    def _input_grams(self, batches: Iterable) -> dict[str, torch.Tensor]:
-        """Each layer's float64 ``X^T X`` over ``batches`` (model in eval mode)."""
+    def _input_grams(self, batches: Iterable) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Each layer's float64 ``X^T X`` over ``batches`` (model in eval mode) and its row count."""
         was_training = self.model.training
         self.model.eval()
+        counts: dict[str, int] = {}
         try:
-            with collect_input_grams(self.layers) as grams:
+            with collect_input_grams(self.layers, counts) as grams:
                 for batch in batches:
                     self.forward(self.model, batch)
         finally:
             self.model.train(was_training)
-        return grams
+        return grams, counts
 
     # ---------------------------------------------------------------- reports
     def free_dims(self) -> dict[str, int]:
@@ -356,7 +415,10 @@ class ContinualLoRA:
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, path, metadata={"energy": repr(self.energy), "rel_threshold": repr(self.rel_threshold),
-                                           "exclude_top": json.dumps(self.exclude_top), "tasks": json.dumps(self.tasks)})
+                                           "exclude_top": json.dumps(self.exclude_top), "tasks": json.dumps(self.tasks),
+                                           "drift_penalty": repr(self.drift_penalty),
+                                           "residual_rank": repr(self.residual_rank),
+                                           "shrinkage": repr(self.shrinkage)})
 
     def load(self, path: str) -> None:
         """Read a file written by ``save`` into this (same-architecture) model."""
@@ -370,3 +432,6 @@ class ContinualLoRA:
         self.energy = float(meta["energy"])
         self.rel_threshold = float(meta.get("rel_threshold", 0.0))
         self.exclude_top = bool(json.loads(meta.get("exclude_top", "false")))
+        self.drift_penalty = float(meta.get("drift_penalty", 0.0))
+        self.residual_rank = int(meta.get("residual_rank", 0))
+        self.shrinkage = float(meta.get("shrinkage", 0.0))

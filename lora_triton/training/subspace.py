@@ -106,3 +106,27 @@ def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float, rel_thr
     discarded = max(total - float(torch.trace(grown.T @ gram @ grown)), 0.0)
     return grown.to(basis.dtype), SubspaceStats(total, discarded, k, energy)
 
+
+def residual_factor(basis: torch.Tensor, second_moment: torch.Tensor, previous: torch.Tensor,
+                    max_rank: int) -> torch.Tensor:
+    """A factor ``F [K, m]`` (``m <= max_rank``) of the earlier tasks' input second moment left
+    outside ``span(U)``: ``F F^T ~= P (S + F_prev F_prev^T) P`` with ``P = I - U U^T``.
+
+    Args:
+        basis: ``[K, d]`` orthonormal, the (already extended) protected basis ``U``.
+        second_moment: float64 ``[K, K]``, the ended task's ``X^T X / n`` (mean over its tokens).
+        previous: ``[K, m']``, the factor kept after earlier tasks (``m'`` may be 0).
+        max_rank: keep the ``max_rank`` largest eigen-directions (0 keeps none).
+    Returns:
+        float32 ``[K, m]``, columns ``sqrt(lambda_j) v_j`` orthogonal to ``U``, largest first;
+        ``||B A F||_F^2`` is then the mean squared change that an adapter ``B A`` (acting only
+        outside ``U``) makes to the layer's output on those tasks' inputs (equal weight per task).
+    """
+    u, prev = basis.to(torch.float64), previous.to(torch.float64)
+    moment = second_moment + prev @ prev.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(_project_out(u, moment))
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0.0), eigenvectors.flip(1)
+    keep = min(max_rank, int((eigenvalues > ZERO_ENERGY_RTOL * float(eigenvalues.sum().clamp(min=1e-300))).sum()))
+    vectors = eigenvectors[:, :keep] - u @ (u.T @ eigenvectors[:, :keep])
+    return (vectors * eigenvalues[:keep].sqrt()).to(torch.float32)
+
