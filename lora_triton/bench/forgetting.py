@@ -11,7 +11,7 @@ Methods: ``naive`` (one adapter trained on every domain in turn), ``stacked`` (a
 block per domain, no constraint: ``ContinualLoRA(energy=0)``) and ``ours`` (stacked blocks with
 the orthogonal-complement constraint: ``ContinualLoRA(energy=0.99, exclude_top=True)``, each
 layer's basis built from 32 calibration batches of the domain's TRAINING split, plus the soft
-drift penalty on the free directions: ``drift_penalty=7, shrinkage=0.1``, added to its loss).
+drift penalty on the free directions: ``drift_penalty=3, shrinkage=0.35``, added to its loss).
 For each seed and method it records the held-out loss of every domain after every stage, and
 reports for the earlier domains the relative drift ``100 (L_after - L_before) / L_before``, the absolute
 change, backward transfer (mean of ``L_before - L_after``; negative = forgetting) and the last
@@ -62,9 +62,9 @@ class Config:
     energy: float = 0.99
     rel_threshold: float = 0.0
     exclude_top: bool = True
-    drift_penalty: float = 7.0
+    drift_penalty: float = 3.0
     residual_rank: int = 512
-    shrinkage: float = 0.1
+    shrinkage: float = 0.35
     eval_windows: int = 48
     calib_batches: int = 32
     domain_bytes: int = 240_000

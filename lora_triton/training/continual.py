@@ -299,7 +299,7 @@ class ContinualLoRA:
                  lora_dropout: float = 0.0, use_rslora: bool = False, keep_adapters: bool = False,
                  forward: Callable[[nn.Module, object], object] | None = None, rel_threshold: float = 0.0,
                  exclude_top: bool = False, drift_penalty: float = 0.0, residual_rank: int = 512,
-                 shrinkage: float = 0.1):
+                 shrinkage: float = 0.35):
         if not 0.0 <= energy <= 1.0:
             raise ValueError(f"energy must be in [0, 1], got {energy}")
         if not 0.0 <= rel_threshold <= 1.0:
