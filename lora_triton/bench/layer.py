@@ -125,10 +125,25 @@ def bench_point(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torc
     dy = torch.randn(m, n, generator=gen, device=device).to(dtype)
     ours = contenders[0]
     expected = _reference(x, dy, weight, ours.lora_a, ours.lora_b, scale)
-    results: dict[tuple[str, str], tuple[float, str]] = {}
-    errors, peaks, notes = {}, {}, {}
+    label = f"{dtype} K={k} N={n} r={r} M={m}"
     if device.type == "cpu" and not quick:
-        return _rows(_bench_interleaved(contenders, x, dy, expected, passes), meta, m, n, k, r, dtype)
+        measured = _bench_interleaved(contenders, x, dy, expected, passes, label)
+    else:
+        measured = _bench_one_by_one(contenders, x, dy, expected, passes, device, quick, label)
+    return _rows(measured, meta, m, n, k, r, dtype)
+
+
+def _failed(label: str, c: cs.Contender, err: Exception) -> None:
+    """One broken contender must not hide the others' numbers: name it on stderr."""
+    print(f"{label} {c.name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+
+
+def _bench_one_by_one(contenders: list, x: torch.Tensor, dy: torch.Tensor, expected: tuple,
+                      passes: tuple[str, ...], device: torch.device, quick: bool,
+                      label: str) -> tuple[dict, dict, dict, dict]:
+    """GPU (and CPU quick mode): each contender's passes timed in turn, peak memory on CUDA.
+    Returns ``(results, errors, peaks, notes)``."""
+    results, errors, peaks, notes = {}, {}, {}, {}
     for c in contenders:
         try:
             errors[c.name] = _max_error(c, x, dy, expected)
@@ -139,14 +154,15 @@ def bench_point(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torc
                     peaks[c.name] = _peak_mib(fn, x, c)
                 del fn  # frees the graph a backward-only closure retains
             notes[c.name] = c.note
-        except Exception as err:  # one broken contender must not hide the others' numbers
-            print(f"{dtype} K={k} N={n} r={r} M={m} {c.name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
-    return _rows((results, errors, peaks, notes), meta, m, n, k, r, dtype)
+        except Exception as err:
+            _failed(label, c, err)
+    return results, errors, peaks, notes
 
 
 def _bench_interleaved(contenders: list, x: torch.Tensor, dy: torch.Tensor, expected: tuple,
-                       passes: tuple[str, ...]) -> tuple[dict, dict, dict, dict]:
-    """CPU: every contender's pass timed in alternating rounds (``timing.cpu_ms_interleaved``)."""
+                       passes: tuple[str, ...], label: str) -> tuple[dict, dict, dict, dict]:
+    """CPU: all contenders' pass timed in alternating rounds (``timing.cpu_ms_interleaved``), so a
+    slow spell of a shared machine hits every contender alike. Returns ``(results, errors, {}, notes)``."""
     results, errors, notes = {}, {}, {}
     working = []
     for c in contenders:
@@ -154,8 +170,8 @@ def _bench_interleaved(contenders: list, x: torch.Tensor, dy: torch.Tensor, expe
             errors[c.name] = _max_error(c, x, dy, expected)
             notes[c.name] = c.note
             working.append(c)
-        except Exception as err:  # one broken contender must not hide the others' numbers
-            print(f"{c.name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+        except Exception as err:
+            _failed(label, c, err)
     for name in passes:
         fns = {c.name: _timed_fn(name, c, x, dy) for c in working}
         for impl, ms in cpu_ms_interleaved(fns).items():

@@ -11,8 +11,8 @@ custom ops:
 Both take the ``NF4Weight`` as its separate tensors, so ``torch.compile(fullgraph=True)``
 traces through them without graph breaks. In eager mode a plain ``autograd.Function`` runs the
 same two functions (``_forward_impl`` / ``_backward_impl``) without the custom-op dispatch cost.
-Saved for backward: ``x``, ``S``, the dropout seed
-(a 0-d tensor; the mask is regenerated) and references to the packed weight.
+Saved for backward: ``x``, ``S``, the dropout seed (a 0-d tensor in the custom op, an int in
+eager mode; the mask is regenerated from it) and references to the packed weight.
 
 Backends: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests),
 ``"reference"`` (plain torch: ``reference.py``'s math as fused BLAS calls, ``dense_path.py``),

@@ -61,8 +61,10 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
     """A ``LoRALinear4bit`` whose adapters are stacked task blocks, all active at once.
 
     Adapters live in ``lora_A`` / ``lora_B`` (keys = task names, PEFT shapes). Extra state:
-    buffer ``basis`` float32 ``[K, d]`` (the protected subspace), ``open_task`` (the block being
-    trained, or None) and ``task_stats`` (``SubspaceStats`` per ended task).
+    buffer ``basis`` float32 ``[K, d]`` (the protected subspace), buffer ``residual`` float32
+    ``[K, m]`` (the ended tasks' input second moment outside the basis, for ``drift_penalty``;
+    ``m = 0`` unless the penalty is on), ``open_task`` (the block being trained, or None) and
+    ``task_stats`` (``SubspaceStats`` per ended task).
     """
 
     def __init__(self, base_layer: NF4Linear, backend: str | None = None):
