@@ -5,8 +5,8 @@
 #    config (LORA_TRITON_AUTOTUNE=0) so it compiles each kernel variant once;
 # 2. the forward and layer benchmark tables (autotuned), one shared time budget.
 # Everything lands in "$OUT": pytest.log, bench/{forward,layer}.{csv,png}, bench.log, summary.txt.
-# Budget: at most 200 s of tests + 280 s of benchmark (220 s of points, then it stops starting
-# new ones), about 8 minutes in the worst case.
+# Budget: at most 150 s of tests + 300 s of benchmark (240 s of points, then it stops starting
+# new ones), about 7.5 minutes in the worst case. The GPU image has pytest-xdist and pytest-timeout.
 # bitsandbytes is optional: without it the tables leave out its baselines.
 set -uo pipefail
 
@@ -30,16 +30,21 @@ unset TRITON_INTERPRET
 {
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$OUT/summary.txt"
 
-LORA_TRITON_AUTOTUNE=0 timeout 200 python3 -P -m pytest -p no:cacheprovider --import-mode=importlib tests --device cuda -x -q \
+# 12 xdist workers: the run is bound by Triton compiles (one per kernel variant), which use one
+# CPU core each; no -x, so one failure does not hide the rest; each test at most 120 s.
+# PYTHONSAFEPATH (not -P) so the workers, too, keep the repository root off sys.path.
+LORA_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 150 python3 -m pytest -p no:cacheprovider \
+  --import-mode=importlib tests --device cuda -q -n 12 --timeout 120 -rfE --durations=15 \
   > "$OUT/pytest.log" 2>&1
 tests_rc=$?
-tail -n 15 "$OUT/pytest.log"
+pkill -9 -f "pytest" 2>/dev/null || true  # xdist workers of a timed-out run must not share the GPU with the timings
+tail -n 40 "$OUT/pytest.log"
 echo "pytest exit code: $tests_rc" | tee -a "$OUT/summary.txt"
 
-timeout 280 python bench/run.py --what forward,layer --out "$OUT/bench" --budget-s 220 \
+PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/run.py --what forward,layer --out "$OUT/bench" --budget-s 240 \
   > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/bench.log"
