@@ -80,7 +80,7 @@ def _configs(kernel: str) -> list[tuple[str, dict, int, int]]:
     if kernel == "decode_epilogue":
         return [("fixed", {"BLOCK_M": 16, "BLOCK_N": lf._EPILOGUE_BLOCK_N}, 4, 3)]
     if kernel == "dequant":
-        return [("fixed", {"BLOCK": lf._DEQUANT_BLOCK}, 4, 3)]
+        return [("fixed", {}, 4, 3)]  # BLOCKS_PER_PROGRAM follows BLOCKSIZE: set with the arguments
     if kernel == "dropout_mask":
         return [("fixed", {"BLOCK_M": 16, "BLOCK_K": 64}, 4, 3)]
     raise KeyError(kernel)
@@ -186,7 +186,9 @@ def _kernel_and_args(kernel: str, v: dict):
                     DOT_PRECISION=precision)
         return lf._decode_epilogue_kernel, args
     if kernel == "dequant":
-        args = dict(**weight, out_ptr=act(), n_bytes=4096 * 4096 // 2, **wmeta)
+        per_program = max(1, lf._DEQUANT_BYTES // (wmeta["BLOCKSIZE"] // 2))
+        args = dict(**weight, out_ptr=act(), n_bytes=4096 * 4096 // 2, n_blocks=4096 * 4096 // wmeta["BLOCKSIZE"],
+                    **wmeta, BLOCKS_PER_PROGRAM=per_program)
         return lf._dequant_kernel, args
     if kernel == "dx":
         args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed=1234,

@@ -5,8 +5,9 @@
 #    config (LORA_TRITON_AUTOTUNE=0) so it compiles each kernel variant once;
 # 2. the forward and layer benchmark tables (autotuned), one shared time budget.
 # Everything lands in "$OUT": pytest.log, bench/{forward,layer}.{csv,png}, bench.log, summary.txt.
-# Budget: at most 150 s of tests + 300 s of benchmark (240 s of points, then it stops starting
-# new ones), about 7.5 minutes in the worst case. The GPU image has pytest-xdist and pytest-timeout.
+# Budget by default: at most 150 s of tests + 300 s of benchmark (240 s of points, then it stops
+# starting new ones), about 7.5 minutes in the worst case. The GPU image has pytest-xdist and
+# pytest-timeout.
 # bitsandbytes is optional: without it the tables leave out its baselines.
 set -uo pipefail
 
@@ -33,18 +34,23 @@ unset TRITON_INTERPRET
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$OUT/summary.txt"
 
-# 12 xdist workers: the run is bound by Triton compiles (one per kernel variant), which use one
-# CPU core each; no -x, so one failure does not hide the rest; each test at most 120 s.
+# Which tests and how long: GPU_TESTS (default: every test), GPU_TEST_TIMEOUT_S (150),
+# GPU_BENCH_BUDGET_S (240; the bench process is stopped 60 s after it), all optional.
+# 14 xdist workers: the run is bound by Triton compiles (one per kernel variant), which use one
+# CPU core each; no -x, so one failure does not hide the rest; each test at most 120 s; -v so
+# a run stopped by its timeout still names every test that failed before the stop.
 # PYTHONSAFEPATH (not -P) so the workers, too, keep the repository root off sys.path.
-LORA_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 150 python3 -m pytest -p no:cacheprovider \
-  --import-mode=importlib tests --device cuda -q -n 12 --timeout 120 -rfE --durations=15 \
-  > "$OUT/pytest.log" 2>&1
+LORA_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 "${GPU_TEST_TIMEOUT_S:-150}" \
+  python3 -m pytest -p no:cacheprovider --import-mode=importlib ${GPU_TESTS:-tests} --device cuda -v -n 14 \
+  --timeout 120 -rfE --durations=15 > "$OUT/pytest.log" 2>&1
 tests_rc=$?
 pkill -9 -f "pytest" 2>/dev/null || true  # xdist workers of a timed-out run must not share the GPU with the timings
-tail -n 40 "$OUT/pytest.log"
+grep -E "(FAILED|ERROR) " "$OUT/pytest.log" | sort | uniq | head -60
+tail -n 25 "$OUT/pytest.log"
 echo "pytest exit code: $tests_rc" | tee -a "$OUT/summary.txt"
 
-PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/run.py --what forward,layer --out "$OUT/bench" --budget-s 240 \
+budget="${GPU_BENCH_BUDGET_S:-240}"
+PYTHONUNBUFFERED=1 timeout -k 5 $((budget + 60)) python3 bench/run.py --what forward,layer --out "$OUT/bench" --budget-s "$budget" \
   > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/bench.log"

@@ -102,8 +102,16 @@ def test_all_candidates_agree_with_each_other(device):
 
 @pytest.mark.parametrize("m,r,expected", [(1, 16, "decode"), (16, 64, "decode"), (17, 16, "fused"),
                                           (512, 64, "split"), (1024, 8, "dequant"), (8192, 64, "dequant")])
-def test_default_dispatch_rule(m, r, expected, device):
+def test_dispatch_rule_follows_its_switch_points(m, r, expected, device, monkeypatch):
+    monkeypatch.setattr(lf, "DECODE_MAX_M", 16)
+    monkeypatch.setattr(lf, "DEQUANT_MIN_M", 1024)
     assert lf.choose_method(device, m, 4096, 4096, r) == expected
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 512, 8192])
+def test_default_dispatch_is_the_measured_fastest(m, device):
+    """The H200 table of 2026-11-29 had dequant + cuBLAS ahead at every M (bench/RESULTS.md)."""
+    assert lf.choose_method(device, m, 4096, 4096, 16) == "dequant"
 
 
 def test_dispatch_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
@@ -119,8 +127,11 @@ def test_dispatch_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_dequantize_kernel_is_bit_exact(dtype, double_quant, device):
-    weight = NF4Weight.quantize(torch.randn(70, 192), 64, double_quant).to(device)
+@pytest.mark.parametrize("shape,blocksize", [((70, 192), 64), ((33, 256), 128), ((5, 96), 32), ((3, 4096), 4096)],
+                         ids=["bs64", "bs128", "bs32", "bs4096"])
+def test_dequantize_kernel_is_bit_exact(dtype, double_quant, shape, blocksize, device):
+    """Every block size from 32 (many blocks per program) to 4096 (one block, 2048 bytes, per program)."""
+    weight = NF4Weight.quantize(torch.randn(*shape), blocksize, double_quant).to(device)
     out = lf.dequantize_nf4(weight, dtype)
     assert out.dtype == dtype
     assert torch.equal(out, weight.dequantize(dtype))

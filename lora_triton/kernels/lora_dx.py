@@ -11,8 +11,9 @@ and ``A`` in the same fp32 accumulator, with the dropout mask regenerated from t
 seed. ``G`` is an input because the caller needs it for ``dA`` as well.
 
 ``lora_backward_triton`` assembles every gradient of the layer: ``G`` once, ``dx`` through the
-fused kernel, ``dA``, ``dB`` and the bias gradient through torch matmuls/reductions (cuBLAS on
-a GPU), each only when asked for.
+fused kernel or through dequantize + cuBLAS (``DX_KERNEL_MAX_M`` decides, from a measured
+table), ``dA``, ``dB`` and the bias gradient through torch matmuls/reductions (cuBLAS on a
+GPU), each only when asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
 
 #: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
 MAX_RANK = 128
+#: ``lora_backward_triton`` computes ``dx`` with the fused kernel for ``M <= DX_KERNEL_MAX_M`` and
+#: with dequantize + cuBLAS above. H200, 2026-11-29 (bench/RESULTS.md): the fused kernel's backward
+#: took 34 ms at M = 8192 on a 4096 x 4096 layer where bitsandbytes' dequantize + matmul took
+#: 0.57 ms, and no measured M favoured it, so the kernel is off until a table says otherwise.
+DX_KERNEL_MAX_M = 0
 
 
 @triton.jit
@@ -67,7 +73,7 @@ def _lora_dx_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * N + offs_n[None, :],
                      mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
         w = load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n, offs_k, N, K, BLOCKSIZE, DOUBLE_QUANT)
+                          offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT)
         # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
         # fp16/bf16 operands are unaffected.
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
@@ -265,7 +271,11 @@ def lora_backward_triton(
     g = dy @ lora_b.to(dtype) if (need_dx or need_da) else None
     dx = da = db = dbias = None
     if need_dx:
-        dx = lora_dx_triton(dy, weight, lora_a.to(dtype).contiguous(), g, scale, dropout_p, seed)
+        a = lora_a.to(dtype).contiguous()
+        if dy.shape[0] <= DX_KERNEL_MAX_M:
+            dx = lora_dx_triton(dy, weight, a, g, scale, dropout_p, seed)
+        else:
+            dx = _dx_dequantized(dy, weight, a, g, scale, dropout_p, seed)
     if need_da:
         x_drop = x
         if dropout_p > 0:
@@ -278,3 +288,16 @@ def lora_backward_triton(
     if need_dbias:
         dbias = dy.sum(0)
     return LoRAGrads(dx, da, db, dbias)
+
+
+def _dx_dequantized(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g: torch.Tensor, scale: float,
+                    dropout_p: float, seed: int) -> torch.Tensor:
+    """``dx = dy @ dequant(W) + scale * (g @ lora_a) * mask`` through a dense ``W`` in dy's dtype
+    (``dequantize_nf4``, freed on return) and cuBLAS; same arguments as ``lora_dx_triton``."""
+    from .lora_forward import dequantize_nf4  # lora_forward does not import this module
+
+    dx = dy @ dequantize_nf4(weight, dy.dtype)
+    if dropout_p > 0:
+        m, k = dx.shape
+        return dx + scale * (g @ lora_a) * dropout_mask(seed, dropout_p, m, k, dy.device).to(dy.dtype)
+    return dx.addmm_(g, lora_a, alpha=scale)

@@ -17,12 +17,13 @@ Four candidates compute the same thing (shared/DESIGN.md asks to measure, not as
 ``decode``   small ``M``: split-K over a grid of ``(N tiles, K splits)`` so a few rows still
              fill the GPU; fp32 partials are atomically added, a small epilogue kernel adds
              LoRA and bias and casts. Memory-bound: each packed byte is read once.
-``dequant``  a Triton kernel dequantizes ``W`` to a dense ``x.dtype`` tensor, then cuBLAS
-             (``F.linear``) and the ``S`` kernel + ``addmm`` for LoRA (what bitsandbytes + PEFT
-             do, minus their separate dropout pass).
+``dequant``  a Triton kernel dequantizes ``W`` to a dense ``x.dtype`` tensor, then cuBLAS:
+             ``F.linear``, ``S = x @ A^T`` (the ``S`` kernel when there is dropout) and one
+             ``addmm`` for LoRA (what bitsandbytes + PEFT do, minus their separate dropout
+             and scaling passes).
 
 ``choose_method`` picks one per ``(device, M, N, K, r)``; see its docstring for the default rule.
-All kernels read ``W`` through ``nf4_tile.load_nf4_tile_pairs`` (even/odd-column split) and
+All kernels read ``W`` through ``nf4_tile.load_nf4_tile`` (one absmax load per block) and
 dropout through ``dropout.dropout_scale``, so every candidate sees the same mask for a seed.
 """
 
@@ -39,17 +40,20 @@ import triton.language as tl
 from ..format import NF4Weight
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
-from .nf4_tile import decode_nf4_bytes, load_nf4_tile_pairs
+from .nf4_tile import decode_nibbles, interleave, load_block_absmax, load_nf4_tile
 from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
 
 METHODS = ("fused", "split", "decode", "dequant")
 """Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
 
 MAX_RANK = 128
-#: Default switch points of ``choose_method`` (guesses until the bench table replaces them).
-DECODE_MAX_M = 16
-DEQUANT_MIN_M = 1024
-SINGLE_PASS_MAX_RANK = 16
+#: Switch points of ``choose_method``, set from the H200 forward table of 2026-11-29
+#: (bench/RESULTS.md): ``dequant`` (our dequant kernel + cuBLAS) was the fastest candidate at every
+#: measured M from 1 to 8192, 4.7x ahead of ``decode`` at M = 1 and 10-40x ahead of ``fused`` and
+#: ``split``. An in-register kernel is dispatched to only where a measured table puts it ahead.
+DECODE_MAX_M = 0  # M <= this: decode (off)
+DEQUANT_MIN_M = 1  # M >= this: dequant
+SINGLE_PASS_MAX_RANK = 16  # between the two: fused up to this rank, split above
 
 
 # ====================================================================== configs
@@ -89,7 +93,7 @@ def _decode_configs() -> list[triton.Config]:
 
 
 def _prune_to_legal(configs, named_args, **kwargs):
-    """Drop tiles a shape cannot use: dot K-dims under 16 (two dots over BLOCK_K/2 pairs),
+    """Drop tiles a shape cannot use: dot K-dims under 16,
     tiles far larger than M, N or K. Keeps the smallest config if nothing survives.
 
     fp32 activations with R_PAD > 64 use only tiles with BLOCK_N * BLOCK_K <= 8192: larger ones
@@ -101,7 +105,7 @@ def _prune_to_legal(configs, named_args, **kwargs):
         configs = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192] or configs
     cap = lambda size: max(16, triton.next_power_of_2(size))  # noqa: E731
     legal = [c for c in configs
-             if c.kwargs["BLOCK_K"] // 2 >= 16 and c.kwargs["BLOCK_K"] <= cap(k)
+             if c.kwargs["BLOCK_K"] >= 16 and c.kwargs["BLOCK_K"] <= cap(k)
              and c.kwargs.get("BLOCK_M", 16) <= cap(m) and c.kwargs["BLOCK_N"] <= cap(n)]
     if legal:
         return legal
@@ -117,7 +121,7 @@ _AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune_to_legal}, do_be
 # S kernel, decode epilogue and dequant kernel are light: one fixed config each.
 _S_BLOCK_M, _S_BLOCK_K = (32, 64) if _interpreting() else (64, 128)
 _EPILOGUE_BLOCK_N = 64 if _interpreting() else 128
-_DEQUANT_BLOCK = 1024
+_DEQUANT_BYTES = 1024  # packed bytes per dequant program (more when one block is larger)
 # Ints that only enter masks, seeds or autotune keys: one compiled kernel for every value
 # (Triton would otherwise recompile for M == 1, M % 16 == 0 and the rest).
 _NOT_SPECIALIZED = ["M", "R", "M_BUCKET", "seed"]
@@ -125,37 +129,33 @@ _NOT_SPECIALIZED = ["M", "R", "M_BUCKET", "seed"]
 
 # ====================================================================== shared jit pieces
 @triton.jit
-def _load_x_pairs(x_ptr, offs_m, offs_p, M, K):
-    """``(x[offs_m, 2p], x[offs_m, 2p+1])``, each ``[len(offs_m), len(offs_p)]``, 0 outside."""
-    mask = (offs_m[:, None] < M) & (offs_p[None, :] < K // 2)
-    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * K + 2 * offs_p[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 1, mask=mask, other=0.0)
+def _load_x_tile(x_ptr, offs_m, offs_k, M, K):
+    """``x[offs_m, offs_k]`` ``[len(offs_m), len(offs_k)]``, 0 outside (contiguous rows)."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    return tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                  offset, offs_n, offs_p, N, K,
-                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc [BM, BN] += x[:, cols] @ W[offs_n, cols]^T`` for the columns of pairs ``offs_p``;
-    the NF4 tile is decoded in registers and cast to x's dtype for the MMA."""
-    w_even, w_odd = load_nf4_tile_pairs(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                                        offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT)
-    acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision=DOT_PRECISION)
-    return tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision=DOT_PRECISION)
+def _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                  offset, offs_n, k0, N, K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc [BM, BN] += x [BM, BK] @ W[offs_n, k0:k0+BK]^T``; the NF4 tile is decoded in
+    registers and cast to x's dtype for the MMA."""
+    w = load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT)
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+def _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p,
                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``s_acc [BM, R_PAD] += drop(x)[:, cols] @ A[:, cols]^T`` for the columns of pairs ``offs_p``."""
-    even = 2 * offs_p
+    """``s_acc [BM, R_PAD] += drop(x) [BM, BK] @ A[:, offs_k]^T``."""
     if HAS_DROPOUT:
-        x_even = x_even * dropout_scale(seed, offs_m, even, K, p).to(x_even.dtype)
-        x_odd = x_odd * dropout_scale(seed, offs_m, even + 1, K, p).to(x_odd.dtype)
-    mask = (offs_p[:, None] < K // 2) & (offs_r[None, :] < R)
-    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * K + even[:, None]  # A^T tile [pairs, R_PAD]
-    s_acc = tl.dot(x_even, tl.load(a_ptrs, mask=mask, other=0.0), s_acc, input_precision=DOT_PRECISION)
-    return tl.dot(x_odd, tl.load(a_ptrs + 1, mask=mask, other=0.0), s_acc, input_precision=DOT_PRECISION)
+        x = x * dropout_scale(seed, offs_m, offs_k, K, p).to(x.dtype)
+    mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
+    a_t = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None], mask=mask, other=0.0)  # [BK, R_PAD]
+    return tl.dot(x, a_t, s_acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -204,16 +204,15 @@ def _fused_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
-    offs_h = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_p = k0 // 2 + offs_h
-        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
-        acc = _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
-                            nested_code_ptr, offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
+        acc = _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
         if SINGLE_PASS:
-            s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
+            s_acc = _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p,
                                  HAS_DROPOUT, DOT_PRECISION)
     s_ptrs, s_mask = _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R)
     if SINGLE_PASS:
@@ -232,13 +231,11 @@ def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p,
     """``S[rows] = drop(x[rows]) @ A^T`` for one block of BLOCK_M rows, stored in S's dtype."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    offs_h = tl.arange(0, BLOCK_K // 2)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_p = k0 // 2 + offs_h
-        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
-        s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
-                             HAS_DROPOUT, DOT_PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
+        s_acc = _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p, HAS_DROPOUT, DOT_PRECISION)
     s_ptrs, s_mask = _s_tile_ptrs(s_ptr, offs_m, offs_r, M, R)
     tl.store(s_ptrs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
 
@@ -263,17 +260,15 @@ def _decode_partial_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
-    offs_h = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_p = k0 // 2 + offs_h
-        x_even, x_odd = _load_x_pairs(x_ptr, offs_m, offs_p, M, K)
-        acc = _nf4_dot_step(acc, x_even, x_odd, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
-                            nested_code_ptr, offset, offs_n, offs_p, N, K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
+        acc = _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
         if pid_n == 0:
-            s_acc = _lora_s_step(s_acc, x_even, x_odd, a_ptr, offs_m, offs_r, offs_p, R, K, seed, p,
-                                 HAS_DROPOUT, DOT_PRECISION)
+            s_acc = _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p, HAS_DROPOUT, DOT_PRECISION)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.atomic_add(y32_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=y_mask)
     s_ptrs, s_mask = _s_tile_ptrs(s32_ptr, offs_m, offs_r, M, R)
@@ -302,17 +297,22 @@ def _decode_epilogue_kernel(y32_ptr, s32_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, M, 
 
 @triton.jit
 def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
-                    n_bytes, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
-    """Dense ``W`` (flattened) in out's dtype from BLOCK packed bytes per program; values are
-    computed in fp32 and cast once, like ``NF4Weight.dequantize``."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_bytes
-    hi, lo = decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                              offs, (2 * offs) // BLOCKSIZE, mask, DOUBLE_QUANT)
-    values = tl.reshape(tl.join(hi, lo), (2 * BLOCK,)).to(out_ptr.dtype.element_ty)  # interleave even/odd
-    out_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
+                    n_bytes, n_blocks, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                    BLOCKS_PER_PROGRAM: tl.constexpr):
+    """Dense ``W`` (flattened) in out's dtype, ``BLOCKS_PER_PROGRAM`` absmax blocks per program:
+    one absmax per block, the block's bytes as one contiguous row. Values are computed in fp32
+    and cast once, like ``NF4Weight.dequantize``."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    byte_index = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte_mask = byte_index < n_bytes  # the last block may be partial
+    byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0).to(tl.int32)
+    hi, lo = decode_nibbles(byte, code_ptr)
+    absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks, blocks < n_blocks,
+                               DOUBLE_QUANT)
+    values = interleave(hi * absmax[:, None], lo * absmax[:, None], BLOCKS_PER_PROGRAM, BLOCKSIZE)
+    out_index = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < 2 * n_bytes)
 
 
 # ====================================================================== launchers
@@ -424,7 +424,7 @@ def _launch_decode(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _launch_dequant(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
     w = dequantize_nf4(op.weight, op.x.dtype)
-    s = _launch_s(op)
+    s = _launch_s(op) if op.dropout_p > 0 else op.x @ op.lora_a.t()  # the S kernel only for dropout
     y = F.linear(op.x, w, op.bias)
     y.addmm_(s, op.lora_b.t(), alpha=op.scale)
     return y, s
@@ -445,27 +445,24 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     kdt = kernel_dtype(dtype, weight.device)
     out = _new_output(weight.shape, kdt, weight.device)
     n_bytes = weight.numel // 2
-    _dequant_kernel[(triton.cdiv(n_bytes, _DEQUANT_BLOCK),)](
-        *nf4_kernel_args(weight), out, n_bytes, BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
-        BLOCK=_DEQUANT_BLOCK)
+    per_program = max(1, _DEQUANT_BYTES // (weight.blocksize // 2))
+    _dequant_kernel[(triton.cdiv(weight.n_blocks, per_program),)](
+        *nf4_kernel_args(weight), out, n_bytes, weight.n_blocks, BLOCKSIZE=weight.blocksize,
+        DOUBLE_QUANT=weight.double_quant, BLOCKS_PER_PROGRAM=per_program)
     return out.to(dtype)
 
 
 def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
     """The candidate to run for a problem ``x [m, k]``, ``W [n, k]``, rank ``r``.
 
-    Default rule, not yet measured on a GPU (replace the constants from the table of
-    ``bench/bench_forward.py``, which times every candidate per shape):
-
     * ``"reference"`` where Triton cannot run (CPU without the interpreter);
-    * ``"decode"`` for ``m <= DECODE_MAX_M`` (16): memory-bound, split-K fills the GPU;
-    * ``"dequant"`` for ``m >= DEQUANT_MIN_M`` (1024): compute-bound, where bitsandbytes found
-      dequantize + cuBLAS hard to beat on Hopper and the dense copy (``2*n*k`` bytes) is small
-      next to the GEMM's ``2*m*n*k`` FLOPs;
-    * in between ``"fused"`` for ``r <= SINGLE_PASS_MAX_RANK`` (16; the in-loop ``S`` costs
-      ``r / BLOCK_N``, ~12% extra MMA) and ``"split"`` above (~50% extra at r=64).
+    * ``"decode"`` for ``m <= DECODE_MAX_M``; ``"dequant"`` for ``m >= DEQUANT_MIN_M``;
+    * in between ``"fused"`` for ``r <= SINGLE_PASS_MAX_RANK`` (the in-loop ``S`` costs
+      ``r / BLOCK_N`` extra MMA) and ``"split"`` above.
 
-    ``n`` and ``k`` do not enter the default rule yet.
+    The constants come from the measured forward table (``lora-triton bench --what forward``,
+    its ``fastest_candidate`` column); with today's values every M goes to ``"dequant"``.
+    ``n`` and ``k`` do not enter the rule yet.
     """
     if not can_launch(device):
         return "reference"

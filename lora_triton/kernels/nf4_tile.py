@@ -4,6 +4,12 @@
 codes per byte with the even column in the high nibble, one absmax per ``BLOCKSIZE``
 consecutive elements. Kernels require ``K % BLOCKSIZE == 0``, so a block never straddles two
 rows and the block of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``.
+
+Cost model (measured on an H200, bench/RESULTS.md): decoding is bound by load instructions,
+not bytes. Each packed byte is loaded once (contiguous, so the loads vectorize), each nibble
+is one lookup in the 16-entry code table (L1-resident), and the absmax - with double
+quantization a byte, a nested-code lookup and a nested absmax - is loaded once per
+``(row, block)`` and broadcast over the block, never once per element.
 """
 
 from __future__ import annotations
@@ -30,50 +36,49 @@ def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bl
 
 
 @triton.jit
+def decode_nibbles(byte, code_ptr):
+    """The NF4 code values ``(hi, lo)`` (fp32, each shaped like ``byte``) of int32 bytes in 0..255:
+    ``hi`` belongs to the even element of the byte, ``lo`` to the odd one."""
+    return tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF))
+
+
+@triton.jit
+def interleave(hi, lo, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS]`` from two ``[ROWS, COLS // 2]`` tensors: columns ``2j`` from ``hi``,
+    ``2j + 1`` from ``lo`` (the byte order of the packed weight)."""
+    return tl.reshape(tl.join(hi, lo), (ROWS, COLS))
+
+
+@triton.jit
 def load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                  offs_n, offs_k, N, K,
-                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """Dequantize ``W[offs_n, offs_k]`` into an fp32 tile ``[len(offs_n), len(offs_k)]``.
+                  offs_n, k0, N, K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr):
+    """Dequantize ``W[offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
 
-    Out-of-range rows/columns read as 0. ``code_ptr`` is the 16-entry NF4 table (fp32).
+    ``offs_n`` holds ``BLOCK_N`` row indices; ``k0`` is a multiple of ``BLOCK_K``. Both
+    ``BLOCK_K`` and ``BLOCKSIZE`` are powers of two, so the tile covers either part of one block
+    per row (``BLOCK_K <= BLOCKSIZE``) or ``BLOCK_K // BLOCKSIZE`` whole blocks per row.
+    Rows ``>= N`` and columns ``>= K`` read as 0.
     """
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((offs_k[None, :] % 2) == 0, byte >> 4, byte & 0xF)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = offs_n[:, None].to(tl.int64) * (K // BLOCKSIZE) + offs_k[None, :] // BLOCKSIZE
-    absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT)
-    return value * absmax
-
-
-@triton.jit
-def decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                     byte_index, block, mask, DOUBLE_QUANT: tl.constexpr):
-    """Decode the packed bytes ``byte_index`` (any shape) into two fp32 tensors of that shape:
-    ``(hi, lo)`` = the values of the even and the odd element of each byte.
-
-    ``block`` holds each byte's absmax block (both nibbles of a byte share it because block
-    sizes are even). Masked bytes decode to 0. Each byte is read once, not once per nibble.
-    """
-    byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
-    absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT)
-    hi = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * absmax
-    lo = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * absmax
-    return hi, lo
-
-
-@triton.jit
-def load_nf4_tile_pairs(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                        offs_n, offs_p, N, K,
-                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """The even/odd-column split of a tile of ``W`` (shared/DESIGN.md): for pair indices
-    ``offs_p`` (columns ``2*p`` and ``2*p + 1``) return fp32 ``(W[offs_n, 2p], W[offs_n, 2p+1])``,
-    each ``[len(offs_n), len(offs_p)]``, so a kernel does two dots (even and odd columns of
-    ``x``) instead of interleaving nibbles. Needs an even ``K``; out-of-range entries read 0.
-    """
-    mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)
-    byte_index = offs_n[:, None].to(tl.int64) * (K // 2) + offs_p[None, :]
-    block = offs_n[:, None].to(tl.int64) * (K // BLOCKSIZE) + (2 * offs_p[None, :]) // BLOCKSIZE
-    return decode_nf4_bytes(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                            byte_index, block, mask, DOUBLE_QUANT)
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_b = k0 // 2 + tl.arange(0, HALF)
+    row_ok = offs_n < N
+    byte_mask = row_ok[:, None] & (offs_b[None, :] < K // 2)
+    rows = offs_n.to(tl.int64)
+    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=byte_mask, other=0).to(tl.int32)
+    hi, lo = decode_nibbles(byte, code_ptr)
+    blocks_per_row = K // BLOCKSIZE
+    if BLOCK_K <= BLOCKSIZE:
+        # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
+        absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT)
+        return interleave(hi, lo, BLOCK_N, BLOCK_K) * absmax[:, None]
+    else:
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        offs_blk = k0 // BLOCKSIZE + tl.arange(0, NB)
+        blk_mask = row_ok[:, None] & (offs_blk[None, :] < blocks_per_row)  # zero whole blocks past K
+        absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT)
+        w = tl.reshape(interleave(hi, lo, BLOCK_N, BLOCK_K), (BLOCK_N, NB, BLOCKSIZE))
+        return tl.reshape(w * absmax[:, :, None], (BLOCK_N, BLOCK_K))
