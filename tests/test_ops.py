@@ -185,7 +185,7 @@ def test_stride_zero_and_non_contiguous_gradients(backend, device):
     a = p["lora_a"].clone().requires_grad_()
     y = lora_nf4_linear(x, p["weight"], a, p["lora_b"], p["scale"], backend=backend)
     y.sum().backward()  # the gradient of .sum() is an expanded, stride-0 tensor
-    _, ref = _expected(p, torch.ones(8, 24), 0, 0.0, backend)
+    _, ref = _expected(p, torch.ones(8, 24, device=device), 0, 0.0, backend)
     assert relative_error(x.grad, ref.dx) < REL_TOL[torch.float32]
     assert relative_error(a.grad, ref.dA) < REL_TOL[torch.float32]
 

@@ -448,7 +448,8 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     per_program = max(1, _DEQUANT_BYTES // (weight.blocksize // 2))
     _dequant_kernel[(triton.cdiv(weight.n_blocks, per_program),)](
         *nf4_kernel_args(weight), out, n_bytes, weight.n_blocks, BLOCKSIZE=weight.blocksize,
-        DOUBLE_QUANT=weight.double_quant, BLOCKS_PER_PROGRAM=per_program)
+        DOUBLE_QUANT=weight.double_quant, BLOCKS_PER_PROGRAM=per_program,
+        enable_fp_fusion=False)  # no FMA: absmax = code * nested + offset rounds twice, as in torch
     return out.to(dtype)
 
 
