@@ -4,7 +4,7 @@
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
-    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N]
+    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N] [--jobs N]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -107,7 +107,7 @@ def forgetting(args: argparse.Namespace) -> int:
     """Run the forgetting benchmark (lora_triton/bench/forgetting.py)."""
     from .bench.forgetting import run_forgetting_benchmark
 
-    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds)
+    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
     return 0
 
 
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quick", action="store_true", help="tiny model and budgets (about a minute; CI)")
     f.add_argument("--out-dir", default="forgetting_results")
     f.add_argument("--seeds", type=int, default=None)
+    f.add_argument("--jobs", type=int, default=None,
+                   help="worker processes for the (method, seed) runs (default: one per core, at most 9); "
+                        "the numbers do not depend on it")
     f.set_defaults(func=forgetting)
     return parser
 

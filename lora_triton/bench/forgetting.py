@@ -1,6 +1,6 @@
 """Forgetting benchmark: one QLoRA model trained on domain after domain, three ways.
 
-    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N]
+    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N] [--jobs N]
 
 A byte-level causal transformer is pretrained briefly here (on Python standard-library source
 and Python's own documentation), NF4-quantized, and its linear layers get LoRA adapters. Three
@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -291,10 +293,58 @@ def plot(results: dict, trajectories: dict, seeds: list[int], path: Path) -> boo
 
 
 # =============================================================================== entry
+def _run_job(job: tuple) -> list[list[float]]:
+    """One ``(method, seed)`` run in a worker process: the base arrives as a state dict."""
+    method, base_state, domains, cfg, seed = job
+    torch.set_num_threads(1)
+    base = ByteLM(cfg)
+    base.load_state_dict(base_state)
+    return run_method(method, base, domains, cfg, seed)
+
+
+def run_all(base: ByteLM, domains: dict, cfg: Config, seeds: list[int], jobs: int = 1,
+            start: float | None = None) -> dict:
+    """``{(method, seed): losses}`` for every method and seed, in ``jobs`` processes.
+
+    Each run is independent and single-threaded (it seeds its own generators), so the numbers
+    are the same for any ``jobs``: ``jobs > 1`` only spreads the runs over the cores.
+    """
+    start = time.perf_counter() if start is None else start
+    keys = [(method, seed) for seed in seeds for method in METHODS]
+
+    def progress(key, losses):
+        summary = summarise(losses)
+        print(f"seed {key[1]} {key[0]:8s} mean drift {summary['mean_rel_drift_pct']:+7.2f}%  "
+              f"last loss {summary['last_loss']:.3f}  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    trajectories = {}
+    if jobs <= 1:
+        for key in keys:
+            trajectories[key] = run_method(key[0], base, domains, cfg, key[1])
+            progress(key, trajectories[key])
+        return trajectories
+    state = {name: t.detach().clone() for name, t in base.state_dict().items()}
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_run_job, (method, state, domains, cfg, seed)): (method, seed) for method, seed in keys}
+        for future in as_completed(futures):
+            trajectories[futures[future]] = future.result()
+            progress(futures[future], trajectories[futures[future]])
+    return {key: trajectories[key] for key in keys}
+
+
+def default_jobs() -> int:
+    """Worker processes for the runs: one per core, at most the 9 runs of 3 seeds."""
+    return max(1, min(os.cpu_count() or 1, len(METHODS) * FULL.seeds))
+
+
 def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "forgetting_results",
-                             seeds: int | None = None) -> dict:
+                             seeds: int | None = None, jobs: int | None = None) -> dict:
     """Run the benchmark; write ``forgetting.csv``, ``forgetting.md``, ``forgetting.png`` into
-    ``out_dir``; print the table. Returns ``{(method, seed): summary}``."""
+    ``out_dir``; print the table. ``jobs`` worker processes run the (method, seed) runs side by
+    side (default ``default_jobs()``; the numbers do not depend on it). Returns
+    ``{(method, seed): summary}``."""
+    jobs = default_jobs() if jobs is None else jobs
     cfg = QUICK if quick else FULL
     cfg = cfg if seeds is None else replace(cfg, seeds=seeds)
     out = Path(out_dir)
@@ -308,14 +358,8 @@ def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "
     base = pretrain(cfg, pretrain_text)
     print(f"pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     seed_list = list(range(cfg.seeds))
-    results, trajectories = {}, {}
-    for seed in seed_list:
-        for method in METHODS:
-            trajectories[(method, seed)] = run_method(method, base, domains, cfg, seed)
-            results[(method, seed)] = summarise(trajectories[(method, seed)])
-            print(f"seed {seed} {method:8s} mean drift {results[(method, seed)]['mean_rel_drift_pct']:+7.2f}%  "
-                  f"last loss {results[(method, seed)]['last_loss']:.3f}  ({time.perf_counter() - start:.0f} s)",
-                  file=sys.stderr)
+    trajectories = run_all(base, domains, cfg, seed_list, jobs, start)
+    results = {key: summarise(losses) for key, losses in trajectories.items()}
     elapsed = time.perf_counter() - start
     table = markdown_table(results, seed_list)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -324,7 +368,7 @@ def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "
               f"{' of the variation (top direction always protected)' if cfg.exclude_top else ''}, "
               f"drift penalty {cfg.drift_penalty} (shrinkage {cfg.shrinkage}), {cfg.n_layer} layers d={cfg.d_model}, "
               f"{cfg.calib_batches} calibration batches; "
-              f"{machine}; {elapsed:.0f} s")
+              f"{machine}; {elapsed:.0f} s with {jobs} worker process{'es' if jobs > 1 else ''}")
     write_csv(results, out / "forgetting.csv")
     (out / "forgetting.md").write_text(header + "\n\n" + table + "\n")
     plotted = plot(results, trajectories, seed_list, out / "forgetting.png")
@@ -340,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and budgets (< 60 s; CI)")
     parser.add_argument("--out-dir", default="forgetting_results")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core, at most 9)")
     args = parser.parse_args(argv)
-    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds)
+    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
     return 0
 
 
