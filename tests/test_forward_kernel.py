@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from lora_triton.format import NF4Weight
 from lora_triton.kernels import lora_forward as lf
 from lora_triton.kernels.dropout import dropout_mask
+from lora_triton.kernels.runtime import kernel_dtype
 from lora_triton.reference import lora_forward
 from lora_triton.testing import assert_rel_close, poison_, random_lora_problem
 
@@ -57,6 +58,11 @@ def check_against_reference(problem: dict, method: str | None, dropout_p: float 
     mask = dropout_mask(seed, dropout_p, *x.shape, x.device) if dropout_p > 0 else None
     y, s = run_kernel(problem, method, dropout_p, seed)
     y_ref, s_ref = reference(problem, mask)
+    # Every method rounds S to the dtype it computes in (x's; fp32 for bf16 under the interpreter)
+    # before the B product, S being what the backward reads; the float64 reference does the same
+    # here, or a y whose terms cancel (N = 1, say) would turn that rounding into a large relative error.
+    s_kernel = s_ref.to(kernel_dtype(x.dtype, x.device)).double()
+    y_ref = y_ref + problem["scale"] * (s_kernel - s_ref) @ problem["lora_b"].double().t()
     assert y.dtype == s.dtype == x.dtype
     assert_rel_close(s, s_ref, x.dtype, what=f"S ({method})")
     assert_rel_close(y, y_ref, x.dtype, what=f"y ({method})")
@@ -152,7 +158,8 @@ def test_padded_rank():
        dtype=st.sampled_from(DTYPES), method=st.sampled_from(METHODS), dropout=st.sampled_from([0.0, 0.3]))
 def test_random_shapes(m, n, k_blocks, r, blocksize, double_quant, bias, dtype, method, dropout, device):
     k = min(k_blocks * blocksize, 256 // blocksize * blocksize)
-    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device)
+    # inputs seeded by the example, so hypothesis can replay a failure
+    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=(m * 211 + n) * 131 + r)
     check_against_reference(problem, method, dropout_p=dropout, seed=m + n)
 
 
