@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out-dir", default="forgetting_results")
     f.add_argument("--seeds", type=int, default=None)
     f.add_argument("--jobs", type=int, default=None,
-                   help="worker processes for the (method, seed) runs (default: one per core, at most 9); "
+                   help="worker processes for the (method, seed) runs (default: one per core, at most one per run); "
                         "the numbers do not depend on it")
     f.set_defaults(func=forgetting)
     return parser

@@ -333,20 +333,20 @@ def run_all(base: ByteLM, domains: dict, cfg: Config, seeds: list[int], jobs: in
     return {key: trajectories[key] for key in keys}
 
 
-def default_jobs() -> int:
-    """Worker processes for the runs: one per core, at most the 9 runs of 3 seeds."""
-    return max(1, min(os.cpu_count() or 1, len(METHODS) * FULL.seeds))
+def default_jobs(seeds: int) -> int:
+    """Worker processes for the runs: one per core, at most one per (method, seed) run."""
+    return max(1, min(os.cpu_count() or 1, len(METHODS) * seeds))
 
 
 def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "forgetting_results",
                              seeds: int | None = None, jobs: int | None = None) -> dict:
     """Run the benchmark; write ``forgetting.csv``, ``forgetting.md``, ``forgetting.png`` into
     ``out_dir``; print the table. ``jobs`` worker processes run the (method, seed) runs side by
-    side (default ``default_jobs()``; the numbers do not depend on it). Returns
+    side (default ``default_jobs(seeds)``; the numbers do not depend on it). Returns
     ``{(method, seed): summary}``."""
-    jobs = default_jobs() if jobs is None else jobs
     cfg = QUICK if quick else FULL
     cfg = cfg if seeds is None else replace(cfg, seeds=seeds)
+    jobs = default_jobs(cfg.seeds) if jobs is None else jobs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One thread: the model is tiny, so a second thread gains little, and when other jobs share the
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and budgets (< 60 s; CI)")
     parser.add_argument("--out-dir", default="forgetting_results")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core, at most 9)")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core, at most one per run)")
     args = parser.parse_args(argv)
     run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
     return 0

@@ -34,9 +34,10 @@ from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
 #: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
 MAX_RANK = 128
 #: ``lora_backward_triton`` computes ``dx`` with the fused kernel for ``M <= DX_KERNEL_MAX_M`` and
-#: with dequantize + cuBLAS above. H200, 2026-11-29 (bench/RESULTS.md): the fused kernel's backward
-#: took 34 ms at M = 8192 on a 4096 x 4096 layer where bitsandbytes' dequantize + matmul took
-#: 0.57 ms, and no measured M favoured it, so the kernel is off until a table says otherwise.
+#: with dequantize + cuBLAS above. H200, 2026-11-29, run 1 (bench/RESULTS.md, before the per-block
+#: decode; not re-timed since): the layer's backward through this kernel took 34 ms at M = 8192 on a
+#: 4096 x 4096 layer where bitsandbytes + PEFT took 0.57 ms, and no measured M favoured it, so the
+#: kernel is off until a table says otherwise.
 DX_KERNEL_MAX_M = 0
 
 

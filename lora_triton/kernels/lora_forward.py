@@ -47,10 +47,11 @@ METHODS = ("fused", "split", "decode", "dequant")
 """Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
 
 MAX_RANK = 128
-#: Switch points of ``choose_method``, set from the H200 forward table of 2026-11-29
-#: (bench/RESULTS.md): ``dequant`` (our dequant kernel + cuBLAS) was the fastest candidate at every
-#: measured M from 1 to 8192, 4.7x ahead of ``decode`` at M = 1 and 10-40x ahead of ``fused`` and
-#: ``split``. An in-register kernel is dispatched to only where a measured table puts it ahead.
+#: Switch points of ``choose_method``, set from the H200 forward table of 2026-11-29, run 2
+#: (bench/RESULTS.md, this decode): ``dequant`` (our dequant kernel + cuBLAS) was the fastest
+#: candidate at every measured M from 1 to 8192, 2.4x ahead of ``decode`` at M = 1 and 8-20x ahead
+#: of ``fused`` and ``split`` at M >= 1024. An in-register kernel is dispatched to only where a
+#: measured table puts it ahead.
 DECODE_MAX_M = 0  # M <= this: decode (off)
 DEQUANT_MIN_M = 1  # M >= this: dequant
 SINGLE_PASS_MAX_RANK = 16  # between the two: fused up to this rank, split above
