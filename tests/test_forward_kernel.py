@@ -159,7 +159,8 @@ def test_padded_rank():
 def test_random_shapes(m, n, k_blocks, r, blocksize, double_quant, bias, dtype, method, dropout, device):
     k = min(k_blocks * blocksize, 256 // blocksize * blocksize)
     # inputs seeded by the example, so hypothesis can replay a failure
-    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=(m * 211 + n) * 131 + r)
+    seed = (m * 211 + n) * 131 + r
+    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=seed)
     check_against_reference(problem, method, dropout_p=dropout, seed=m + n)
 
 

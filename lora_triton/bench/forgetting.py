@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and budgets (< 60 s; CI)")
     parser.add_argument("--out-dir", default="forgetting_results")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core, at most one per run)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes (default: one per core, at most one per run)")
     args = parser.parse_args(argv)
     run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
     return 0
