@@ -204,15 +204,23 @@ def test_begin_task_twice_is_an_error():
 
 
 # ------------------------------------------------------------------ soft protection (drift penalty)
-def test_residual_factor_is_the_second_moment_outside_the_basis():
+def old_task_subspace(k: int = 12, seed: int = 5):
+    """float64 inputs of an old task ``x1 [80, k]`` (decaying spectrum) and a new one ``x2 [50, k]``
+    (shifted), the old task's basis ``u1`` (energy 0.8) and residual factor ``f1`` (full rank)."""
     from lora_triton.training.subspace import residual_factor
 
-    gen = torch.Generator().manual_seed(5)
-    k = 12
+    gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(80, k, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, k, dtype=torch.float64)
     x2 = torch.randn(50, k, generator=gen, dtype=torch.float64) + 0.3
     u1, _ = extend_basis(torch.zeros(k, 0, dtype=torch.float64), x1.T @ x1, 0.8)
-    f1 = residual_factor(u1, x1.T @ x1 / 80, torch.zeros(k, 0), max_rank=k)
+    return x1, x2, u1, residual_factor(u1, x1.T @ x1 / 80, torch.zeros(k, 0), max_rank=k)
+
+
+def test_residual_factor_is_the_second_moment_outside_the_basis():
+    from lora_triton.training.subspace import residual_factor
+
+    k = 12
+    x1, x2, u1, f1 = old_task_subspace(k)
     p1 = torch.eye(k, dtype=torch.float64) - u1 @ u1.T
     assert torch.allclose(f1.double() @ f1.double().T, p1 @ (x1.T @ x1 / 80) @ p1, atol=1e-6)
     assert float((u1.T @ f1.double()).abs().max()) < 1e-6
@@ -307,3 +315,69 @@ def test_drift_penalty_settings_are_validated_and_saved(tmp_path):
     for name, layer in cl.layers.items():
         assert torch.equal(fresh.layers[name].residual, layer.residual)
     assert float(fresh.penalty()) == pytest.approx(float(cl.penalty()))
+
+
+# ------------------------------------------------------------------ warm start of a new block
+def test_free_directions_solve_the_generalized_eigenproblem():
+    """Rows are unit, orthogonal to U, satisfy P C v = lambda (F F^T + floor P) v on the free
+    subspace with descending lambda, and the best beats every random free direction."""
+    from lora_triton.training.subspace import free_directions
+
+    k = 16
+    _, x_new, u, f = old_task_subspace(k, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    floor = 0.05
+    c = x_new.T @ x_new / x_new.shape[0]
+    rows = free_directions(u, c, f, floor, count=3)
+    p = torch.eye(k, dtype=torch.float64) - u @ u.T
+    metric = f.double() @ f.double().T + floor * p
+    assert rows.shape == (3, k)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert float((rows @ u).abs().max()) < 1e-10
+    ratios = []
+    for v in rows:
+        lam = float(v @ c @ v) / float(v @ metric @ v)
+        residual = p @ (c @ v - lam * metric @ v)
+        assert float(residual.norm()) < 1e-8 * float((c @ v).norm()), lam
+        ratios.append(lam)
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1]
+    random = torch.randn(200, k, generator=gen, dtype=torch.float64) @ p
+    random_ratios = ((random @ c) * random).sum(1) / ((random @ metric) * random).sum(1)
+    assert ratios[0] >= float(random_ratios.max())
+    # no residual (penalty off): the new task's principal directions in the free subspace
+    pca = free_directions(u, c, torch.zeros(k, 0), 0.0, count=2)
+    top = torch.linalg.eigh(p @ c @ p).eigenvectors[:, -1]
+    assert float((pca[0] @ top).abs()) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_warm_start_keeps_the_output_and_points_a_at_free_directions():
+    torch.manual_seed(2)
+    model = small_model()
+    cl = ContinualLoRA(model, energy=0.9, r=3, lora_alpha=8, drift_penalty=1.0, shrinkage=0.35)
+    x_old, x_new = torch.randn(4, 6, K) @ torch.diag(torch.logspace(0, -1, K)) + 0.3, torch.randn(4, 6, K)
+    params = cl.begin_task("old")
+    train_task(model, params, x_old, torch.randn(4, 6, OUT))
+    cl.end_task([x_old[:2], x_old[2:]])
+    with torch.no_grad():
+        before = model(x_new)
+    cl.begin_task("new", warm_start=[x_new[:2], x_new[2:]])
+    with torch.no_grad():
+        assert torch.equal(model(x_new), before)  # B = 0: output unchanged at step 0
+    first = cl.layers["0"]
+    a = first.lora_A["new"].weight.detach().double()
+    assert float((a @ first.basis.double()).abs().max()) < 1e-6  # rows live in the free subspace
+    assert float(a.norm(dim=1).min()) > 0.1  # not collapsed: Kaiming-sized rows
+    # same directions as the solver gives for this layer's inputs on the new batches
+    from lora_triton.training.subspace import free_directions
+
+    xs = x_new.reshape(-1, K).double()
+    floor = 0.35 * float(first.residual.double().square().sum()) / first.free_dim
+    want = free_directions(first.basis, xs.T @ xs / xs.shape[0], first.residual, floor, 3)
+    cos = (a / a.norm(dim=1, keepdim=True)) @ want.T
+    assert torch.allclose(cos.diag().abs(), torch.ones(3, dtype=torch.float64), atol=1e-5)
+
+
+def test_warm_start_needs_an_open_task():
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    with pytest.raises(RuntimeError, match="open task"):
+        layer.warm_start(torch.eye(K, dtype=torch.float64))

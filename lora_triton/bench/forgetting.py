@@ -11,7 +11,9 @@ Methods: ``naive`` (one adapter trained on every domain in turn), ``stacked`` (a
 block per domain, no constraint: ``ContinualLoRA(energy=0)``) and ``ours`` (stacked blocks with
 the orthogonal-complement constraint: ``ContinualLoRA(energy=0.99, exclude_top=True)``, each
 layer's basis built from 32 calibration batches of the domain's TRAINING split, plus the soft
-drift penalty on the free directions: ``drift_penalty=3, shrinkage=0.35``, added to its loss).
+drift penalty on the free directions: ``drift_penalty=3, shrinkage=0.35``, added to its loss;
+each new block after the first warm-started from 16 batches of its domain's training split:
+``begin_task(name, warm_start=batches)``). Every adapter (block) has rank 16.
 For each seed and method it records the held-out loss of every domain after every stage, and
 reports for the earlier domains the relative drift ``100 (L_after - L_before) / L_before``, the absolute
 change, backward transfer (mean of ``L_before - L_after``; negative = forgetting) and the last
@@ -57,8 +59,8 @@ class Config:
     batch: int = 32
     pretrain_steps: int = 300
     task_steps: int = 120
-    rank: int = 8
-    lora_alpha: float = 16
+    rank: int = 16
+    lora_alpha: float = 32
     lr: float = 1e-3
     pretrain_lr: float = 3e-3
     energy: float = 0.99
@@ -69,13 +71,14 @@ class Config:
     shrinkage: float = 0.35
     eval_windows: int = 48
     calib_batches: int = 32
+    warm_start_batches: int = 16
     domain_bytes: int = 240_000
     seeds: int = 3
 
 
 FULL = Config()
 QUICK = replace(FULL, d_model=64, n_layer=1, context=32, batch=16, pretrain_steps=40, task_steps=20, lr=3e-3,
-                eval_windows=24, calib_batches=8, domain_bytes=40_000, seeds=2)
+                eval_windows=24, calib_batches=8, warm_start_batches=4, domain_bytes=40_000, seeds=2)
 
 
 # =============================================================================== model
@@ -186,12 +189,18 @@ def run_method(method: str, base: ByteLM, domains: dict, cfg: Config, seed: int)
                                                           residual_rank=cfg.residual_rank, shrinkage=cfg.shrinkage,
                                                           r=cfg.rank, lora_alpha=cfg.lora_alpha)
     losses = [[held_out_loss(model, w) for w in held_out]]
-    for name in DOMAINS:
+    for stage, name in enumerate(DOMAINS):
         train = to_tensor(domains[name][0])
         if manager is None:
             params = [p for p in model.parameters() if p.requires_grad]
         else:
-            params = manager.begin_task(name)
+            # ours warm-starts every block after the first (the first has nothing to protect, so it
+            # starts like stacked's); its own generator, so the training batches stay those of a run
+            # without a warm start
+            warm_gen = torch.Generator().manual_seed(1000 * seed + stage)
+            warm = [random_batch(train, cfg.batch, cfg.context, warm_gen)[:, :-1]
+                    for _ in range(cfg.warm_start_batches if ours and stage > 0 else 0)]
+            params = manager.begin_task(name, warm_start=warm or None)
         train_steps(model, params, train, cfg, gen, manager.penalty if ours else None)
         if manager is not None:
             # stacked protects nothing (energy 0): its blocks are frozen without calibration data
@@ -367,7 +376,7 @@ def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = "
               f"{' → '.join(DOMAINS)}, {cfg.task_steps} steps each, rank {cfg.rank} per block, energy {cfg.energy}"
               f"{' of the variation (top direction always protected)' if cfg.exclude_top else ''}, "
               f"drift penalty {cfg.drift_penalty} (shrinkage {cfg.shrinkage}), {cfg.n_layer} layers d={cfg.d_model}, "
-              f"{cfg.calib_batches} calibration batches; "
+              f"{cfg.calib_batches} calibration batches, {cfg.warm_start_batches} warm-start batches; "
               f"{machine}; {elapsed:.0f} s with {jobs} worker process{'es' if jobs > 1 else ''}")
     write_csv(results, out / "forgetting.csv")
     (out / "forgetting.md").write_text(header + "\n\n" + table + "\n")

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..modules import LoRALinear4bit, NF4Linear
 from ..ops import lora_nf4_linear
-from .subspace import SubspaceStats, extend_basis, residual_factor
+from .subspace import SubspaceStats, extend_basis, free_directions, residual_factor
 
 _PLACEHOLDER = "_continual_placeholder"
 _BLOCK_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
@@ -102,6 +102,26 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             raise RuntimeError(f"task {self.open_task!r} is still open; call end_task first")
         self.add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init)
         self.open_task = name
+
+    @torch.no_grad()
+    def warm_start(self, moment: torch.Tensor, shrinkage: float = 0.0) -> int:
+        """Point the open block's ``A`` rows at the free directions the new task uses most per
+        unit of drift penalty (``subspace.free_directions``; ``moment`` = the new task's float64
+        ``X^T X / n`` at this layer). Row norms are kept; ``B`` stays as it is (zero after the
+        default init, so the output does not change). Returns the number of rows set."""
+        name = self.open_task
+        if name is None:
+            raise RuntimeError("warm_start needs an open task (call begin_task first)")
+        if self.free_dim == 0:
+            return 0
+        a = self.lora_A[name].weight
+        f = self.residual
+        floor = shrinkage * float(f.double().square().sum()) / self.free_dim if f.shape[1] else 0.0
+        moment = moment.to(self.basis.device)
+        rows = free_directions(self.basis, moment, f, floor, a.shape[0])
+        norms = a[: rows.shape[0]].norm(dim=1, keepdim=True).double()
+        a[: rows.shape[0]] = (rows * norms).to(a.dtype)
+        return rows.shape[0]
 
     def end_task(self, gram: torch.Tensor | None, energy: float, rel_threshold: float = 0.0,
                  exclude_top: bool = False, tokens: int = 0, residual_rank: int = 0) -> SubspaceStats | None:
@@ -275,7 +295,8 @@ class ContinualLoRA:
 
         cl = ContinualLoRA(model, energy=0.99, r=8)
         for task, data in tasks:
-            params = cl.begin_task(task)             # new block per layer, constrained
+            params = cl.begin_task(task, warm_start=batches)  # new block per layer, constrained,
+                                                     # A aimed at this task's free directions
             ... train params with any optimizer ...
             cl.end_task(calibration_batches)         # freeze, grow the protected subspace
         print(cl.report())
@@ -327,12 +348,23 @@ class ContinualLoRA:
         """Task names in training order."""
         return [name for name in next(iter(self.layers.values())).lora_A]
 
-    def begin_task(self, name: str, init: str | bool = True, **overrides) -> list[nn.Parameter]:
+    def begin_task(self, name: str, init: str | bool = True, warm_start: Iterable | None = None,
+                   **overrides) -> list[nn.Parameter]:
         """Add block ``name`` to every layer (``overrides``: r, lora_alpha, lora_dropout,
-        use_rslora). Warns for full layers. Returns the trainable parameters (the new blocks)."""
+        use_rslora). Warns for full layers. Returns the trainable parameters (the new blocks).
+
+        ``warm_start``: batches of the NEW task (training data). Their inputs at each layer
+        point the new block's ``A`` rows at the free directions this task uses most per unit of
+        drift penalty (``ContinualLoRALinear4bit.warm_start``); ``B`` stays zero, so the model's
+        output is unchanged at step 0."""
         spec = {**self.defaults, **overrides}
         for layer in self.layers.values():
             layer.begin_task(name, init=init, **spec)
+        if warm_start is not None:
+            grams, counts = self._input_grams(warm_start)
+            for layer_name, layer in self.layers.items():
+                if counts.get(layer_name, 0) > 0:
+                    layer.warm_start(grams[layer_name] / counts[layer_name], self.shrinkage)
         full = self.full_layers()
         if full:
             warnings.warn(f"task {name!r}: {len(full)} layer(s) are FULL (no free input dimension; their new block "

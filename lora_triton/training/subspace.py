@@ -130,3 +130,42 @@ def residual_factor(basis: torch.Tensor, second_moment: torch.Tensor, previous: 
     vectors = eigenvectors[:, :keep] - u @ (u.T @ eigenvectors[:, :keep])
     return (vectors * eigenvalues[:keep].sqrt()).to(torch.float32)
 
+
+
+def free_directions(basis: torch.Tensor, new_moment: torch.Tensor, residual: torch.Tensor, floor: float,
+                    count: int) -> torch.Tensor:
+    """The ``count`` input directions outside ``span(U)`` where a new task has the most energy
+    per unit of the drift penalty's metric: the top generalized eigenvectors of
+
+        P C P v = lambda (F F^T + floor P) v,     P = I - U U^T,
+
+    ``C`` the new task's input second moment and ``F F^T + floor P`` exactly the quadratic form
+    of ``ContinualLoRALinear4bit.drift_penalty`` (``floor = shrinkage * mu``). A block whose
+    ``A`` rows span these directions gains the most on the new task for the least penalty.
+
+    Args:
+        basis: ``[K, d]`` orthonormal, the protected basis ``U`` (``d < K``).
+        new_moment: float64 ``[K, K]``, the new task's ``X^T X / n`` at this layer.
+        residual: ``[K, m]``, the ended tasks' factor ``F`` (orthogonal to ``U``; ``m`` may be 0).
+        floor: ``>= 0``; with ``floor = 0`` a tiny relative floor keeps the metric definite.
+        count: directions wanted; at most ``K - d`` are returned.
+    Returns:
+        float64 ``[k, K]`` unit rows, ``k = min(count, K - d)``, orthogonal to ``U``, best first.
+    """
+    k_in = new_moment.shape[0]
+    u = basis.to(torch.float64)
+    p = torch.eye(k_in, dtype=torch.float64, device=new_moment.device) - u @ u.T
+    free = torch.linalg.eigh(p).eigenvectors[:, u.shape[1]:]          # [K, f], eigenvalue 1 block
+    f = residual.to(torch.float64).T @ free                            # F in free coordinates [m, f]
+    metric = f.T @ f
+    scale = float(torch.trace(metric)) / free.shape[1]
+    floor = max(floor, 1e-6 * scale) if scale > 0 else max(floor, 1.0)
+    metric = metric + floor * torch.eye(free.shape[1], dtype=torch.float64, device=metric.device)
+    moment = free.T @ new_moment @ free
+    chol = torch.linalg.cholesky((metric + metric.T) / 2)
+    half = torch.linalg.solve_triangular(chol, moment, upper=False)                  # L^-1 C
+    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)              # L^-1 C L^-T
+    w = torch.linalg.eigh((whitened + whitened.T) / 2).eigenvectors.flip(1)[:, :count]
+    v = torch.linalg.solve_triangular(chol.T, w, upper=True)                        # L^-T w
+    rows = (free @ v).T
+    return rows / rows.norm(dim=1, keepdim=True)
