@@ -381,3 +381,14 @@ def test_warm_start_needs_an_open_task():
     layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
     with pytest.raises(RuntimeError, match="open task"):
         layer.warm_start(torch.eye(K, dtype=torch.float64))
+
+
+def test_warm_start_rejects_a_wrong_or_non_finite_moment():
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    layer.begin_task("t")
+    with pytest.raises(ValueError, match=rf"\[{K}, {K}\].*got shape \({K - 1}, {K - 1}\)"):
+        layer.warm_start(torch.eye(K - 1, dtype=torch.float64))
+    bad = torch.eye(K, dtype=torch.float64)
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        layer.warm_start(bad)

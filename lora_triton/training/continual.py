@@ -114,11 +114,14 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             raise RuntimeError("warm_start needs an open task (call begin_task first)")
         if self.free_dim == 0:
             return 0
+        k = self.in_features
+        if moment.shape != (k, k) or not bool(torch.isfinite(moment).all()):
+            raise ValueError(f"warm_start expects a finite [{k}, {k}] input second moment, got shape "
+                             f"{tuple(moment.shape)}" + ("" if moment.shape != (k, k) else " with NaN/Inf"))
         a = self.lora_A[name].weight
-        f = self.residual
-        floor = shrinkage * float(f.double().square().sum()) / self.free_dim if f.shape[1] else 0.0
-        moment = moment.to(self.basis.device)
-        rows = free_directions(self.basis, moment, f, floor, a.shape[0])
+        floor = shrinkage * float(self.mean_residual_eigenvalue(torch.float64))
+        rows = free_directions(self.basis, moment.to(self.basis.device, torch.float64), self.residual, floor,
+                               a.shape[0])
         norms = a[: rows.shape[0]].norm(dim=1, keepdim=True).double()
         a[: rows.shape[0]] = (rows * norms).to(a.dtype)
         return rows.shape[0]
@@ -192,9 +195,14 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         f = self.residual.to(a.dtype)
         penalty = (scale * (b @ (a @ f))).square().sum()
         if shrinkage > 0:
-            mu = f.square().sum() / max(self.free_dim, 1)
+            mu = self.mean_residual_eigenvalue(a.dtype)
             penalty = penalty + shrinkage * mu * (scale * (b @ self.constrained(a))).square().sum()
         return penalty
+
+    def mean_residual_eigenvalue(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``mu = ||F||_F^2 / free_dim``: the mean eigenvalue of the earlier tasks' residual second
+        moment over the free subspace (0-dim, computed in ``dtype``; 0 without a residual)."""
+        return self.residual.to(dtype).square().sum() / max(self.free_dim, 1)
 
     def drift_bound(self, task: str) -> float:
         """Upper bound on ``||dY||_F``, the change of this layer's output on ``task``'s

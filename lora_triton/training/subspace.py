@@ -131,7 +131,6 @@ def residual_factor(basis: torch.Tensor, second_moment: torch.Tensor, previous: 
     return (vectors * eigenvalues[:keep].sqrt()).to(torch.float32)
 
 
-
 def free_directions(basis: torch.Tensor, new_moment: torch.Tensor, residual: torch.Tensor, floor: float,
                     count: int) -> torch.Tensor:
     """The ``count`` input directions outside ``span(U)`` where a new task has the most energy
