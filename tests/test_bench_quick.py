@@ -78,7 +78,10 @@ def test_forward_table(quick_run):
         for field in ("ms", "tflops", "gbps", "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense",
                       "x_vs_dequant_linear"):
             assert _finite_positive(row[field]), (field, row)
-        assert float(row["rel_err"]) < 2e-2, row  # bf16 output vs an fp32 product on the same weight
+        if row["method"].startswith("dequant_only"):  # kernel-only rows: their output is W, not y
+            assert row["note"] == "kernel only" and row["rel_err"] == "nan", row
+        else:
+            assert float(row["rel_err"]) < 2e-2, row  # bf16 output vs an fp32 product on the same weight
         assert row["dispatch"] in CANDIDATES, row
     for m in ("1", "17"):
         assert sum(int(row["fastest_candidate"]) for row in rows if row["M"] == m) == 1

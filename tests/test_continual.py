@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_triton.modules import LoRALinear4bit
+from lora_triton.testing import relative_error
 from lora_triton.training import ContinualLoRA, ContinualLoRALinear4bit, extend_basis
 
 K, HIDDEN, OUT = 48, 40, 12
@@ -362,7 +363,9 @@ def test_warm_start_keeps_the_output_and_points_a_at_free_directions():
         before = model(x_new)
     cl.begin_task("new", warm_start=[x_new[:2], x_new[2:]])
     with torch.no_grad():
-        assert torch.equal(model(x_new), before)  # B = 0: output unchanged at step 0
+        # B = 0: the output is unchanged at step 0 up to fp32 rounding (the new block changes the
+        # shapes of the stacked adapter's matmuls, and so the BLAS summation order on some CPUs)
+        assert relative_error(model(x_new), before) < 1e-6
     first = cl.layers["0"]
     a = first.lora_A["new"].weight.detach().double()
     assert float((a @ first.basis.double()).abs().max()) < 1e-6  # rows live in the free subspace

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from lora_triton.format import NF4Weight
 from lora_triton.kernels import lora_forward as lf
 from lora_triton.kernels.dropout import dropout_mask
+from lora_triton.kernels.nf4_dequant import dequantize_nf4
 from lora_triton.kernels.runtime import kernel_dtype
+from lora_triton.ops import dispatch
 from lora_triton.reference import lora_forward
 from lora_triton.testing import assert_rel_close, poison_, random_lora_problem
 
@@ -49,8 +51,13 @@ def reference(problem: dict, mask: torch.Tensor | None = None) -> tuple[torch.Te
 
 
 def run_kernel(problem: dict, method: str | None, dropout_p: float = 0.0, seed: int = 0):
+    """The named candidate, or (``None``) whatever ``ops.dispatch`` chooses for the problem."""
+    config = None
+    if method is None:
+        x, weight, r = problem["x"], problem["weight"], problem["lora_a"].shape[0]
+        method, config = dispatch.choose(dispatch.Problem(x.device, x.shape[0], *weight.shape, r, x.dtype))
     return lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
-                                  problem["scale"], problem["bias"], dropout_p, seed, method)
+                                  problem["scale"], problem["bias"], dropout_p, seed, method, config)
 
 
 def check_against_reference(problem: dict, method: str | None, dropout_p: float = 0.0, seed: int = 0) -> None:
@@ -106,24 +113,12 @@ def test_all_candidates_agree_with_each_other(device):
         assert_rel_close(s, s0, torch.float32, what=f"S {method} vs fused")
 
 
-@pytest.mark.parametrize("m,r,expected", [(1, 16, "decode"), (16, 64, "decode"), (17, 16, "fused"),
-                                          (512, 64, "split"), (1024, 8, "dequant"), (8192, 64, "dequant")])
-def test_dispatch_rule_follows_its_switch_points(m, r, expected, device, monkeypatch):
-    monkeypatch.setattr(lf, "DECODE_MAX_M", 16)
-    monkeypatch.setattr(lf, "DEQUANT_MIN_M", 1024)
-    assert lf.choose_method(device, m, 4096, 4096, r) == expected
-
-
-@pytest.mark.parametrize("m", [1, 16, 17, 512, 8192])
-def test_default_dispatch_is_the_measured_fastest(m, device):
-    """The H200 table of 2026-11-29 had dequant + cuBLAS ahead at every M (bench/RESULTS.md)."""
-    assert lf.choose_method(device, m, 4096, 4096, 16) == "dequant"
-
-
 def test_dispatch_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
-    monkeypatch.setattr(lf, "can_launch", lambda device: False)
+    import lora_triton.kernels.runtime as runtime
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
     problem = random_lora_problem(5, 40, 128, 4, torch.float32, 64, True, True)
-    assert lf.choose_method(torch.device("cpu"), 5, 40, 128, 4) == "reference"
+    assert dispatch.choose_method(torch.device("cpu"), 5, 40, 128, 4) == "reference"
     check_against_reference(problem, None)
     with pytest.raises(RuntimeError, match="LoRA dropout needs the Triton mask generator"):
         run_kernel(problem, None, dropout_p=0.1)
@@ -138,7 +133,7 @@ def test_dispatch_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
 def test_dequantize_kernel_is_bit_exact(dtype, double_quant, shape, blocksize, device):
     """Every block size from 32 (many blocks per program) to 4096 (one block, 2048 bytes, per program)."""
     weight = NF4Weight.quantize(torch.randn(*shape), blocksize, double_quant).to(device)
-    out = lf.dequantize_nf4(weight, dtype)
+    out = dequantize_nf4(weight, dtype)
     assert out.dtype == dtype
     assert torch.equal(out, weight.dequantize(dtype))
 

@@ -59,11 +59,10 @@ def test_saved_activations_are_x_and_s_only(backend, device):
 @pytest.fixture
 def in_register_kernels(monkeypatch):
     """Dispatch every forward to the fused kernel and every dx to the fused dx kernel."""
-    from lora_triton.kernels import lora_dx, lora_forward
+    from lora_triton.ops import dispatch
 
-    monkeypatch.setattr(lora_forward, "DECODE_MAX_M", 0)
-    monkeypatch.setattr(lora_forward, "DEQUANT_MIN_M", 10**9)
-    monkeypatch.setattr(lora_dx, "DX_KERNEL_MAX_M", 10**9)
+    monkeypatch.setitem(dispatch.RULE, "forward", "fused")
+    monkeypatch.setitem(dispatch.RULE, "dx", "fused")
 
 
 def test_in_register_kernels_never_create_a_dense_weight(device, in_register_kernels):

@@ -4,9 +4,13 @@
     lora-triton bench --what cpu --out DIR    # one table
     lora-triton bench --quick                 # tiny shapes, seconds (CI); on CPU the GPU tables
                                               # run through Triton's interpreter
+    lora-triton bench --what static           # kernel-efficiency report: sm_90 compiles on CPU
+    lora-triton bench --what forward --write-dispatch   # GPU: measure, then dispatch from it
     python -m lora_triton.bench ...           # the same, without the lora-triton command
 
-Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``). Each writes
+Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``static``
+(``static.py``: no device needed, writes ``DIR/static.csv``, exits 1 when a dispatched kernel
+misses its budget). Each of the others writes
 ``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape). ``--budget-s`` is the
 whole run's time budget: each table gets a share of what is left, points past it are
 skipped and named on stderr.
@@ -25,7 +29,7 @@ from . import cpu, forward, layer
 from .environment import environment
 from .report import plot_speedups, print_table, write_csv
 
-TABLES = ("forward", "layer", "cpu")
+TABLES = ("forward", "layer", "cpu", "static")
 GPU_TABLES = ("forward", "layer")
 DEFAULT_BUDGET_S = 420.0
 
@@ -41,8 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="time budget of the whole run in seconds; points past it are skipped "
                              "(default: %(default)s)")
     parser.add_argument("--what", default=None, metavar="TABLES",
-                        help="comma-separated tables out of forward,layer,cpu (default: forward,layer on a CUDA "
-                             "GPU, cpu otherwise)")
+                        help="comma-separated tables out of forward,layer,cpu,static (default: forward,layer on a "
+                             "CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency report (sm_90 compiles)")
+    parser.add_argument("--write-dispatch", action="store_true",
+                        help="after the forward table, write its fastest candidates per (GPU, M bucket, N, K, r) "
+                             "into the package's dispatch table (lora_triton/ops/dispatch_table.json)")
+    parser.add_argument("--triton", default=None, metavar="VERSIONS",
+                        help="static table: comma-separated triton versions to compile with, 'installed' for the one "
+                             "imported (default: 3.6.0,installed; --quick: installed)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads for the run (default: torch's, one per core); CPU timings with "
                              "as many threads as cores are distorted by any other busy process")
@@ -88,6 +98,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start, ok = time.monotonic(), True
+    if "static" in tables:
+        from .static import run_static
+
+        versions = args.triton.split(",") if args.triton else None
+        ok = run_static(args.out, args.quick, versions) == 0
+        tables = [t for t in tables if t != "static"]
     for i, table in enumerate(tables):
         budget = max(0.0, args.budget_s - (time.monotonic() - start)) / (len(tables) - i)
         device = torch.device("cpu") if table == "cpu" else _kernel_device(args.quick)
@@ -103,6 +119,11 @@ def run_bench(args: argparse.Namespace) -> int:
         write_csv(csv_path, rows, module.FIELDS)
         if table == "forward":
             print_table(rows, ["dtype", "K", "N", "r", "M"], "method", "ms", "forward table (ms)")
+            if args.write_dispatch and device.type == "cuda":
+                from ..ops import dispatch
+
+                dispatch.write_table(dispatch.merge_tables(dispatch.load_table(), dispatch.table_from_rows(rows)))
+                print(f"forward: dispatch table written to {dispatch.TABLE_PATH}")
         else:
             print_table(rows, ["dtype", "K", "N", "r", "M", "pass"], "impl", "ms", f"{table} table (ms)")
             layer.print_ratios(rows, f"{table} table")

@@ -26,16 +26,23 @@ from typing import Callable
 
 import torch
 
+from ..ops.dispatch import choose_method
 from .environment import META_FIELDS, import_bitsandbytes
 from .report import Speedup
 from .timing import time_ms, within_budget
 
 LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/k/v/o, gate/up, down
-FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
+FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 2, 4, 8, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
 QUICK = dict(shapes=[(128, 96)], ranks=[8], ms=[1, 17], dtype=torch.bfloat16)
 DECODE_BENCH_MAX_M = 128  # the decode kernel is timed up to here; beyond it is off its design point
 CUDA_GRAPH_MAX_M = 128  # launch-bound below this: time from CUDA graphs
 BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
+#: Kernel-only rows (not layer candidates): each code-table variant of the dequant kernel alone, and
+#: the skinny kernel over a CUDA graph of many layers whose weights exceed the L2 (the bandwidth a
+#: decode step sees; a single 8 MB GEMV is near launch overhead). ``gbps`` there counts bytes read.
+KERNEL_ONLY = ("dequant_only_shfl", "dequant_only_gather", "skinny_many_layers")
+MANY_LAYERS_BYTES = 256 * 2**20  # > the H200's 60 MB L2 several times over
+SKINNY_BENCH_MAX_M = 16
 FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "rel_err", "ms", "timer", "tflops", "gbps",
                         "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense", "x_vs_dequant_linear",
                         "x_vs_bnb_matmul_4bit", "dispatch", "fastest_candidate", "note"]
@@ -55,6 +62,7 @@ class Problem:
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scale: float
+    layers: int = 1  # weights of the many-layer row (set by ``many_layers``)
 
     def flops(self) -> float:
         return 2.0 * self.m * (self.n * self.k + self.k * self.r + self.r * self.n)
@@ -107,9 +115,10 @@ def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
     import torch.nn.functional as F
 
     from ..kernels import lora_forward as lf
+    from ..kernels.nf4_dequant import dequantize_nf4
 
     fns = {"dense": lambda: peft_lora(F.linear(p.x, p.dense), p)}
-    dequant = lambda: lf.dequantize_nf4(p.weight, p.x.dtype)  # noqa: E731  (stand-in when bitsandbytes is absent)
+    dequant = lambda: dequantize_nf4(p.weight, p.x.dtype)  # noqa: E731  (stand-in when bitsandbytes is absent)
     quantized = _bnb_quantized(p)
     if quantized is not None:
         bnb, (packed, state) = quantized
@@ -117,11 +126,37 @@ def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
         fns["bnb_matmul_4bit"] = lambda: peft_lora(bnb.matmul_4bit(p.x, packed.t(), quant_state=state), p)
     fns["dequant_linear"] = lambda: peft_lora(F.linear(p.x, dequant()), p)
     for method in lf.METHODS:
-        if method == "decode" and p.m > DECODE_BENCH_MAX_M:
+        if (method == "decode" and p.m > DECODE_BENCH_MAX_M) or (method == "skinny" and p.m > SKINNY_BENCH_MAX_M):
             continue
         fns[method] = (lambda method=method: lf.lora_forward_triton(p.x, p.weight, p.lora_a, p.lora_b, p.scale,
                                                                     method=method))
+    if p.m <= SKINNY_BENCH_MAX_M:
+        for table in ("shfl", "gather") if p.x.is_cuda else ("gather",):  # shfl is inline PTX: GPU only
+            fns[f"dequant_only_{table}"] = lambda table=table: dequantize_nf4(p.weight, p.x.dtype, table)
+        fns["skinny_many_layers"] = many_layers(p, "skinny")
     return fns
+
+
+def many_layers(p: Problem, method: str) -> Callable[[], object]:
+    """One call runs ``method`` on ``layers`` distinct copies of the weight back to back, enough
+    of them to exceed the L2 (``MANY_LAYERS_BYTES``); returns the first layer's output."""
+    from ..kernels import lora_forward as lf
+
+    layers = max(1, MANY_LAYERS_BYTES // p.weight.nbytes) if p.x.is_cuda else 2  # 2: the interpreter's smoke run
+    weights = [p.weight] + [replace_packed(p.weight) for _ in range(layers - 1)]
+    p.layers = layers
+
+    def run():
+        outs = [lf.lora_forward_triton(p.x, w, p.lora_a, p.lora_b, p.scale, method=method) for w in weights]
+        return outs[0]
+    return run
+
+
+def replace_packed(weight):
+    """A copy of ``weight`` with its own packed bytes (same values, another address)."""
+    import dataclasses
+
+    return dataclasses.replace(weight, packed=weight.packed.clone())
 
 
 def _bnb_quantized(p: Problem):
@@ -155,18 +190,25 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
     expected = reference_output(p)
     for name, fn in methods_for(p).items():
         try:
-            errors[name] = output_error(fn(), expected)
+            out = fn()
+            errors[name] = float("nan") if name.startswith("dequant_only") else output_error(out, expected)
             timings[name], timers[name] = time_ms(fn, device, use_cuda_graph=p.m <= CUDA_GRAPH_MAX_M, quick=quick)
         except Exception as err:  # one broken candidate must not hide the others' numbers
             print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
     candidates = {name: t for name, t in timings.items() if name in lf.METHODS}
     fastest = min(candidates, key=candidates.get) if candidates else ""
-    dispatch = lf.choose_method(device, p.m, p.n, p.k, p.r)
+    dispatch = choose_method(device, p.m, p.n, p.k, p.r)
     peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
     rows = []
     for name, ms in timings.items():
         ratio = lambda base: f"{timings[base] / ms:.3f}" if base in timings else ""  # noqa: E731
         tflops, gbps = p.flops() / ms / 1e9, p.min_bytes() / ms / 1e6
+        if name in KERNEL_ONLY:  # bytes read by the kernel alone: packed W + stats (dequant also writes W)
+            weight_bytes = p.weight.nbytes
+            if name == "skinny_many_layers":
+                ms, gbps = ms / p.layers, weight_bytes / (ms / p.layers) / 1e6
+            else:
+                gbps = (weight_bytes + p.n * p.k * p.x.element_size()) / ms / 1e6  # reads W, writes dense W
         rows.append({**meta, "dtype": str(p.x.dtype).removeprefix("torch."), "K": p.k, "N": p.n, "r": p.r,
                      "M": p.m, "method": name, "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.5f}",
                      "timer": timers[name], "tflops": f"{tflops:.4g}", "gbps": f"{gbps:.4g}",
@@ -174,7 +216,7 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
                      "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": ratio("dense"),
                      "x_vs_dequant_linear": ratio("dequant_linear"), "x_vs_bnb_matmul_4bit": ratio("bnb_matmul_4bit"),
                      "dispatch": dispatch, "fastest_candidate": int(name == fastest),
-                     "note": "baseline" if name in BASELINES else ""})
+                     "note": "baseline" if name in BASELINES else ("kernel only" if name in KERNEL_ONLY else "")})
     return rows
 
 

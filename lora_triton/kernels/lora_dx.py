@@ -11,7 +11,7 @@ and ``A`` in the same fp32 accumulator, with the dropout mask regenerated from t
 seed. ``G`` is an input because the caller needs it for ``dA`` as well.
 
 ``lora_backward_triton`` assembles every gradient of the layer: ``G`` once, ``dx`` through the
-fused kernel or through dequantize + cuBLAS (``DX_KERNEL_MAX_M`` decides, from a measured
+fused kernel or through dequantize + cuBLAS (``ops.dispatch`` decides, from a measured
 table), ``dA``, ``dB`` and the bias gradient through torch matmuls/reductions (cuBLAS on a
 GPU), each only when asked for.
 """
@@ -28,26 +28,23 @@ from ..format import NF4Weight
 from ..reference import LoRAGrads
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_mask, dropout_scale
-from .nf4_tile import load_nf4_tile
-from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
+from .nf4_decode import code_table, load_nf4_tile
+from .nf4_dequant import dequantize_nf4
+from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket
 
 #: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
 MAX_RANK = 128
-#: ``lora_backward_triton`` computes ``dx`` with the fused kernel for ``M <= DX_KERNEL_MAX_M`` and
-#: with dequantize + cuBLAS above. H200, 2026-11-29, run 1 (bench/RESULTS.md, before the per-block
-#: decode; not re-timed since): the layer's backward through this kernel took 34 ms at M = 8192 on a
-#: 4096 x 4096 layer where bitsandbytes + PEFT took 0.57 ms, and no measured M favoured it, so the
-#: kernel is off until a table says otherwise.
-DX_KERNEL_MAX_M = 0
+#: How ``dx`` can be computed: the fused kernel, or dequantize + cuBLAS (``ops.dispatch`` chooses).
+DX_METHODS = ("fused", "dequant")
 
 
 @triton.jit
 def _lora_dx_kernel(
     dy_ptr, g_ptr, a_ptr, dx_ptr,
-    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
     scale, seed, dropout_p,
     M, N, K, R, M_BUCKET,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
     R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -69,12 +66,13 @@ def _lora_dx_kernel(
     in_k = offs_k < K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * N + offs_n[None, :],
                      mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
-        w = load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT)
+        w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
         # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
         # fp16/bf16 operands are unaffected.
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
@@ -224,15 +222,15 @@ def lora_dx_triton(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g:
 
     args = (dy_k, g_k, a_k, dx_k, *nf4_kernel_args(weight), float(scale), seed, float(dropout_p), m, n, k, r,
             m_bucket(m))
-    meta = dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+    meta = dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TABLE=default_table(dy.device),
                 R_PAD=_tile_cap(r), HAS_DROPOUT=dropout_p > 0)
-    if interpreter_enabled():
+    if interpreting():
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
         _lora_dx_kernel[grid](*args, **meta, **cfg)
     else:
         grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)  # noqa: E731
-        _lora_dx_kernel_autotuned[grid](*args, **meta)
+        _lora_dx_kernel_autotuned[grid](*args, **meta, enable_fp_fusion=False)
 
     if dx_k is not dx:
         dx.copy_(dx_k)  # torch rounds fp32 -> bf16 to nearest even
@@ -250,6 +248,7 @@ def lora_backward_triton(
     dropout_p: float = 0.0,
     seed: int = 0,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    dx_method: str = "dequant",
 ) -> LoRAGrads:
     """Every gradient of the layer, each only when asked for (same contract as
     ``reference.lora_backward``, with the dropout mask given by ``(dropout_p, seed)``).
@@ -262,18 +261,22 @@ def lora_backward_triton(
         s: ``[M, r]`` = ``drop(x) @ A^T`` saved by the forward.
         dropout_p, seed: the forward's LoRA dropout (mask regenerated, never saved).
         needs: which of ``(dx, dA, dB, dbias)`` to compute.
+        dx_method: ``"fused"`` (``lora_dx_triton``) or ``"dequant"`` (dequantize + cuBLAS), one of
+            ``DX_METHODS``; ``ops.dispatch.choose_dx`` picks it from measurements.
     Returns:
         ``LoRAGrads`` in x's dtype; fields not asked for are None. ``G = dy @ B`` is computed
         once, and only when dx or dA is needed; ``drop(x)`` exists only transiently for dA.
     """
     need_dx, need_da, need_db, need_dbias = needs
+    if dx_method not in DX_METHODS:
+        raise ValueError(f"dx_method must be one of {DX_METHODS}, got {dx_method!r}")
     dtype = x.dtype
     dy = dy.to(dtype).contiguous()
     g = dy @ lora_b.to(dtype) if (need_dx or need_da) else None
     dx = da = db = dbias = None
     if need_dx:
         a = lora_a.to(dtype).contiguous()
-        if dy.shape[0] <= DX_KERNEL_MAX_M:
+        if dx_method == "fused":
             dx = lora_dx_triton(dy, weight, a, g, scale, dropout_p, seed)
         else:
             dx = _dx_dequantized(dy, weight, a, g, scale, dropout_p, seed)
@@ -295,8 +298,6 @@ def _dx_dequantized(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g
                     dropout_p: float, seed: int) -> torch.Tensor:
     """``dx = dy @ dequant(W) + scale * (g @ lora_a) * mask`` through a dense ``W`` in dy's dtype
     (``dequantize_nf4``, freed on return) and cuBLAS; same arguments as ``lora_dx_triton``."""
-    from .lora_forward import dequantize_nf4  # lora_forward does not import this module
-
     dx = dy @ dequantize_nf4(weight, dy.dtype)
     if dropout_p > 0:
         m, k = dx.shape

@@ -17,14 +17,17 @@ Four candidates compute the same thing (shared/DESIGN.md asks to measure, not as
 ``decode``   small ``M``: split-K over a grid of ``(N tiles, K splits)`` so a few rows still
              fill the GPU; fp32 partials are atomically added, a small epilogue kernel adds
              LoRA and bias and casts. Memory-bound: each packed byte is read once.
-``dequant``  a Triton kernel dequantizes ``W`` to a dense ``x.dtype`` tensor, then cuBLAS:
-             ``F.linear``, ``S = x @ A^T`` (the ``S`` kernel when there is dropout) and one
-             ``addmm`` for LoRA (what bitsandbytes + PEFT do, minus their separate dropout
-             and scaling passes).
+``dequant``  a Triton kernel dequantizes ``W`` to a dense ``x.dtype`` tensor (``nf4_dequant``),
+             then cuBLAS: ``F.linear``, ``S = x @ A^T`` (the ``S`` kernel when there is
+             dropout) and one ``addmm`` for LoRA (what bitsandbytes + PEFT do, minus their
+             separate dropout and scaling passes).
+``skinny``   decode-size kernel (``nf4_skinny``): swap-AB, split-K, deterministic reduction,
+             LoRA and bias in the same launch.
 
-``choose_method`` picks one per ``(device, M, N, K, r)``; see its docstring for the default rule.
-All kernels read ``W`` through ``nf4_tile.load_nf4_tile`` (one absmax load per block) and
-dropout through ``dropout.dropout_scale``, so every candidate sees the same mask for a seed.
+Which one runs is decided in ``ops/dispatch.py`` (measured tables); this module runs the one it
+is told to. All kernels read ``W`` through ``nf4_decode`` (int32 words, the code table in
+registers, one absmax load per block) and dropout through ``dropout.dropout_scale``, so every
+candidate sees the same ``W`` and the same mask for a seed.
 """
 
 from __future__ import annotations
@@ -40,41 +43,36 @@ import triton.language as tl
 from ..format import NF4Weight
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
-from .nf4_tile import decode_nibbles, interleave, load_block_absmax, load_nf4_tile
-from .runtime import can_launch, interpreter_enabled, kernel_dtype, m_bucket
+from .nf4_decode import code_table, load_nf4_tile
+from .nf4_dequant import dequantize_nf4
+from .nf4_skinny import launch_skinny, split_k_for
+from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket, require_launchable
 
-METHODS = ("fused", "split", "decode", "dequant")
+METHODS = ("fused", "split", "decode", "dequant", "skinny")
 """Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
 
 MAX_RANK = 128
-#: Switch points of ``choose_method``, set from the H200 forward table of 2026-11-29, run 2
-#: (bench/RESULTS.md, this decode): ``dequant`` (our dequant kernel + cuBLAS) was the fastest
-#: candidate at every measured M from 1 to 8192, 2.4x ahead of ``decode`` at M = 1 and 8-20x ahead
-#: of ``fused`` and ``split`` at M >= 1024. An in-register kernel is dispatched to only where a
-#: measured table puts it ahead.
-DECODE_MAX_M = 0  # M <= this: decode (off)
-DEQUANT_MIN_M = 1  # M >= this: dequant
-SINGLE_PASS_MAX_RANK = 16  # between the two: fused up to this rank, split above
 
 
 # ====================================================================== configs
-def _interpreting() -> bool:
-    # Read once at import, like triton.jit itself: the interpreter runs exactly one config
-    # (autotuning more than one fails on CPU, shared/TRITON_CPU.md).
-    return interpreter_enabled()
-
-
-def _autotuning() -> bool:
+def autotuning() -> bool:
     """False under the interpreter, or on a GPU when ``LORA_TRITON_AUTOTUNE=0`` (the GPU test run,
-    which would otherwise compile every config for every constexpr combination it covers)."""
-    return not _interpreting() and os.environ.get("LORA_TRITON_AUTOTUNE", "1") != "0"
+    which would otherwise compile every config for every constexpr combination it covers).
+    Read at launch time, never at import."""
+    return not interpreting() and os.environ.get("LORA_TRITON_AUTOTUNE", "1") != "0"
+
+
+#: The one config each autotuned kernel runs without autotuning: under the interpreter
+#: (autotuning more than one config fails on CPU, shared/TRITON_CPU.md) and on a GPU test run.
+INTERPRETER_CONFIGS = {"fused": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
+                       "decode": {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}}
+FIXED_GPU_CONFIGS = {"fused": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                                            num_stages=3, num_warps=4),
+                     "decode": triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_stages=3,
+                                             num_warps=4)}
 
 
 def _fused_configs() -> list[triton.Config]:
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})]
-    if not _autotuning():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): matmul-tutorial tiles for Hopper plus small-M ones
         (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 4, 8), (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4), (32, 128, 128, 3, 4), (16, 128, 128, 3, 4),
@@ -84,10 +82,6 @@ def _fused_configs() -> list[triton.Config]:
 
 
 def _decode_configs() -> list[triton.Config]:
-    if _interpreting():
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2})]
-    if not _autotuning():
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_stages=3, num_warps=4)]
     shapes = [(64, 128, 4), (64, 256, 2), (32, 256, 4), (128, 128, 2), (32, 128, 8), (64, 256, 1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_stages=3, num_warps=4)
             for bn, bk, sk in shapes]
@@ -98,7 +92,7 @@ def _prune_to_legal(configs, named_args, **kwargs):
     tiles far larger than M, N or K. Keeps the smallest config if nothing survives.
 
     fp32 activations with R_PAD > 64 use only tiles with BLOCK_N * BLOCK_K <= 8192: larger ones
-    need more than the 227 KB of shared memory of an H100/H200 block (bench/compile_check.py,
+    need more than the 227 KB of shared memory of an H100/H200 block (the static report, lora_triton/bench/static.py,
     sm_90; FMA dots of fp32 operands), so they must not be the only candidates left."""
     m, n, k = (named_args.get(name, 1) for name in ("M", "N", "K"))
     x = named_args.get("x_ptr")
@@ -119,10 +113,15 @@ def _bench_quietly(fn, quantiles):
 
 
 _AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune_to_legal}, do_bench=_bench_quietly)
-# S kernel, decode epilogue and dequant kernel are light: one fixed config each.
-_S_BLOCK_M, _S_BLOCK_K = (32, 64) if _interpreting() else (64, 128)
-_EPILOGUE_BLOCK_N = 64 if _interpreting() else 128
-_DEQUANT_BYTES = 1024  # packed bytes per dequant program (more when one block is larger)
+# S kernel and decode epilogue are light: one fixed config each (smaller under the interpreter).
+def _s_blocks() -> tuple[int, int]:
+    return (32, 64) if interpreting() else (64, 128)
+
+
+def _epilogue_block_n() -> int:
+    return 64 if interpreting() else 128
+
+
 # Ints that only enter masks, seeds or autotune keys: one compiled kernel for every value
 # (Triton would otherwise recompile for M == 1, M % 16 == 0 and the rest).
 _NOT_SPECIALIZED = ["M", "R", "M_BUCKET", "seed"]
@@ -137,14 +136,14 @@ def _load_x_tile(x_ptr, offs_m, offs_k, M, K):
 
 
 @triton.jit
-def _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+def _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                   offset, offs_n, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
     """``acc [BM, BN] += x [BM, BK] @ W[offs_n, k0:k0+BK]^T``; the NF4 tile is decoded in
     registers and cast to x's dtype for the MMA."""
-    w = load_nf4_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                      offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT)
+    w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
     return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
 
 
@@ -190,15 +189,15 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 # ====================================================================== kernels
-@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "SINGLE_PASS"], **_AUTOTUNE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _fused_forward_kernel(
-        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr,
         M, N, K, R, M_BUCKET, scale, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SINGLE_PASS: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``y``. SINGLE_PASS: accumulate ``S`` in the K loop and
     store it (from the first N tile); otherwise read the ``S`` the S kernel wrote."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -207,11 +206,13 @@ def _fused_forward_kernel(
     offs_r = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
-        acc = _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        acc = _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION,
+                            TABLE)
         if SINGLE_PASS:
             s_acc = _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p,
                                  HAS_DROPOUT, DOT_PRECISION)
@@ -241,15 +242,13 @@ def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p,
     tl.store(s_ptrs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "R_PAD"],
-                 reset_to_zero=["y32_ptr", "s32_ptr"], **_AUTOTUNE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _decode_partial_kernel(
-        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, y32_ptr, s32_ptr,
         M, N, K, R, M_BUCKET, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Split-K partial sums for small M: program ``(n, k, m)`` adds ``x @ W^T`` over its K range
     into the zeroed fp32 ``y32 [M, N]``; programs of the first N tile also add their part of
@@ -263,11 +262,13 @@ def _decode_partial_kernel(
     offs_r = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
-        acc = _nf4_dot_step(acc, x, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION)
+        acc = _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                            offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION,
+                            TABLE)
         if pid_n == 0:
             s_acc = _lora_s_step(s_acc, x, a_ptr, offs_m, offs_r, offs_k, R, K, seed, p, HAS_DROPOUT, DOT_PRECISION)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -296,29 +297,27 @@ def _decode_epilogue_kernel(y32_ptr, s32_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, M, 
     _lora_epilogue(acc, s, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R, scale, HAS_BIAS, DOT_PRECISION)
 
 
-@triton.jit
-def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
-                    n_bytes, n_blocks, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                    BLOCKS_PER_PROGRAM: tl.constexpr):
-    """Dense ``W`` (flattened) in out's dtype, ``BLOCKS_PER_PROGRAM`` absmax blocks per program:
-    one absmax per block, the block's bytes as one contiguous row. Values are computed in fp32
-    and cast once, like ``NF4Weight.dequantize``."""
-    HALF: tl.constexpr = BLOCKSIZE // 2
-    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    byte_index = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte_mask = byte_index < n_bytes  # the last block may be partial
-    byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0).to(tl.int32)
-    hi, lo = decode_nibbles(byte, code_ptr)
-    absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks, blocks < n_blocks,
-                               DOUBLE_QUANT)
-    values = interleave(hi * absmax[:, None], lo * absmax[:, None], BLOCKS_PER_PROGRAM, BLOCKSIZE)
-    out_index = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < 2 * n_bytes)
+_fused_autotuned = triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "SINGLE_PASS"],
+                                   **_AUTOTUNE)(_fused_forward_kernel)
+_decode_autotuned = triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "R_PAD"],
+                                    reset_to_zero=["y32_ptr", "s32_ptr"], **_AUTOTUNE)(_decode_partial_kernel)
+
+
+def _run_tunable(name: str, kernel, tuned, grid, *args, **meta) -> None:
+    """Launch ``kernel`` autotuned on a GPU, or with its one fixed config (interpreter, GPU test run)."""
+    if autotuning():
+        tuned[grid](*args, **meta, enable_fp_fusion=False)
+    elif interpreting():
+        kernel[grid](*args, **meta, **INTERPRETER_CONFIGS[name])
+    else:
+        cfg = FIXED_GPU_CONFIGS[name]
+        kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     enable_fp_fusion=False)
 
 
 # ====================================================================== launchers
 @dataclass(frozen=True)
-class _Operands:
+class Operands:
     """Validated operands in the dtype the kernels see (bf16 widened under the interpreter)."""
 
     x: torch.Tensor
@@ -364,7 +363,8 @@ class _Operands:
                     DOT_PRECISION="ieee" if self.x.dtype == torch.float32 else "tf32")
 
     def weight_meta(self) -> dict:
-        return dict(BLOCKSIZE=self.weight.blocksize, DOUBLE_QUANT=self.weight.double_quant)
+        return dict(BLOCKSIZE=self.weight.blocksize, DOUBLE_QUANT=self.weight.double_quant,
+                    TABLE=default_table(self.x.device))
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -377,53 +377,56 @@ def padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _launch_s(op: _Operands) -> torch.Tensor:
+def _launch_s(op: Operands) -> torch.Tensor:
     """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel."""
     s = _new_output((op.m, op.r), op.x.dtype, op.x.device)
-    _lora_s_kernel[(triton.cdiv(op.m, _S_BLOCK_M),)](
+    block_m, block_k = _s_blocks()
+    _lora_s_kernel[(triton.cdiv(op.m, block_m),)](
         op.x, op.lora_a, s, op.m, op.k, op.r, op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0,
-        BLOCK_M=_S_BLOCK_M, BLOCK_K=_S_BLOCK_K, **op.meta())
+        BLOCK_M=block_m, BLOCK_K=block_k, **op.meta())
     return s
 
 
-def _launch_fused_kernel(op: _Operands, single_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_fused_kernel(op: Operands, single_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if single_pass:
         y, s = op.new_outputs()
     else:
         y, s = op.new_outputs()[0], _launch_s(op)
     grid = lambda meta: (triton.cdiv(op.m, meta["BLOCK_M"]) * triton.cdiv(op.n, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_forward_kernel[grid](
-        op.x, *op.weight_args(), op.lora_a, op.lora_b, op.bias_arg(), s, y,
-        op.m, op.n, op.k, op.r, m_bucket(op.m), op.scale, op.seed, op.dropout_p,
-        SINGLE_PASS=single_pass, HAS_BIAS=op.bias is not None, HAS_DROPOUT=op.dropout_p > 0,
-        **op.weight_meta(), **op.meta())
+    _run_tunable("fused", _fused_forward_kernel, _fused_autotuned, grid,
+                 op.x, *op.weight_args(), op.lora_a, op.lora_b, op.bias_arg(), s, y,
+                 op.m, op.n, op.k, op.r, m_bucket(op.m), op.scale, op.seed, op.dropout_p,
+                 SINGLE_PASS=single_pass, HAS_BIAS=op.bias is not None, HAS_DROPOUT=op.dropout_p > 0,
+                 **op.weight_meta(), **op.meta())
     return y, s
 
 
-def _launch_fused(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_fused(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_fused_kernel(op, single_pass=True)
 
 
-def _launch_split(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_split(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_fused_kernel(op, single_pass=False)
 
 
-def _launch_decode(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_decode(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     block_m = 16  # tl.dot's smallest tile; decode rows beyond 16 get more M programs
     work = torch.zeros(op.m * (op.n + op.r), dtype=torch.float32, device=op.x.device)  # one memset for both
     y32, s32 = work[: op.m * op.n].view(op.m, op.n), work[op.m * op.n:].view(op.m, op.r)
     grid = lambda meta: (triton.cdiv(op.n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(op.m, block_m))  # noqa: E731
-    _decode_partial_kernel[grid](
-        op.x, *op.weight_args(), op.lora_a, y32, s32, op.m, op.n, op.k, op.r, m_bucket(op.m),
-        op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0, BLOCK_M=block_m, **op.weight_meta(), **op.meta())
+    _run_tunable("decode", _decode_partial_kernel, _decode_autotuned, grid,
+                 op.x, *op.weight_args(), op.lora_a, y32, s32, op.m, op.n, op.k, op.r, m_bucket(op.m),
+                 op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0, BLOCK_M=block_m, **op.weight_meta(),
+                 **op.meta())
     y, s = op.new_outputs()
-    _decode_epilogue_kernel[(triton.cdiv(op.n, _EPILOGUE_BLOCK_N), triton.cdiv(op.m, block_m))](
+    block_n = _epilogue_block_n()
+    _decode_epilogue_kernel[(triton.cdiv(op.n, block_n), triton.cdiv(op.m, block_m))](
         y32, s32, op.lora_b, op.bias_arg(), s, y, op.m, op.n, op.r, op.scale, HAS_BIAS=op.bias is not None,
-        BLOCK_M=block_m, BLOCK_N=_EPILOGUE_BLOCK_N, **op.meta())
+        BLOCK_M=block_m, BLOCK_N=block_n, **op.meta())
     return y, s
 
 
-def _launch_dequant(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     w = dequantize_nf4(op.weight, op.x.dtype)
     s = _launch_s(op) if op.dropout_p > 0 else op.x @ op.lora_a.t()  # the S kernel only for dropout
     y = F.linear(op.x, w, op.bias)
@@ -431,50 +434,38 @@ def _launch_dequant(op: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
     return y, s
 
 
-_LAUNCHERS = {"fused": _launch_fused, "split": _launch_split, "decode": _launch_decode, "dequant": _launch_dequant}
+#: The skinny kernel's config when the caller names none: the tile the static report budgets
+#: (bench/RESULTS.md) and, under the interpreter, a small one.
+SKINNY_DEFAULT = dict(block_n=128, block_k=256, num_warps=4, num_stages=3)
+SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1)
+#: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
+SKINNY_PROGRAMS_PER_SM = 4
+
+
+def skinny_split_k(op: Operands, block_n: int, block_k: int) -> int:
+    """The split the skinny kernel uses on this device for ``op`` (fills the SMs a few times over)."""
+    sms = torch.cuda.get_device_properties(op.x.device).multi_processor_count if op.x.is_cuda else 2
+    return split_k_for(triton.cdiv(op.n, block_n), triton.cdiv(op.m, 16), triton.cdiv(op.k, block_k),
+                       SKINNY_PROGRAMS_PER_SM * sms)
+
+
+def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = dict(SKINNY_INTERPRETER if interpreting() else SKINNY_DEFAULT, table=default_table(op.x.device))
+    cfg.update(config or {})
+    if cfg.get("split_k") is None:
+        cfg["split_k"] = skinny_split_k(op, cfg["block_n"], cfg["block_k"])
+    y, s = op.new_outputs()
+    launch_skinny(op.x, op.weight_args(), op.lora_a, op.lora_b, op.bias, y, s, op.scale, op.dropout_p, op.seed,
+                  blocksize=op.weight.blocksize, double_quant=op.weight.double_quant, r_pad=padded_rank(op.r),
+                  dot_precision=op.meta()["DOT_PRECISION"], **cfg)
+    return y, s
+
+
+LAUNCHERS = {"fused": _launch_fused, "split": _launch_split, "decode": _launch_decode, "dequant": _launch_dequant,
+             "skinny": _launch_skinny}
 
 
 # ====================================================================== public API
-def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``W [N, K]`` in ``dtype`` (fp16/bf16/fp32) from a Triton kernel, equal bit for bit
-    to ``weight.dequantize(dtype)``. Under the interpreter bf16 is decoded in fp32 and rounded by torch.
-    """
-    check_nf4_weight(weight, weight.device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"can dequantize to float16, bfloat16 or float32 only, got {dtype}")
-    _require_launchable(weight.device)
-    kdt = kernel_dtype(dtype, weight.device)
-    out = _new_output(weight.shape, kdt, weight.device)
-    n_bytes = weight.numel // 2
-    per_program = max(1, _DEQUANT_BYTES // (weight.blocksize // 2))
-    _dequant_kernel[(triton.cdiv(weight.n_blocks, per_program),)](
-        *nf4_kernel_args(weight), out, n_bytes, weight.n_blocks, BLOCKSIZE=weight.blocksize,
-        DOUBLE_QUANT=weight.double_quant, BLOCKS_PER_PROGRAM=per_program,
-        enable_fp_fusion=False)  # no FMA: absmax = code * nested + offset rounds twice, as in torch
-    return out.to(dtype)
-
-
-def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
-    """The candidate to run for a problem ``x [m, k]``, ``W [n, k]``, rank ``r``.
-
-    * ``"reference"`` where Triton cannot run (CPU without the interpreter);
-    * ``"decode"`` for ``m <= DECODE_MAX_M``; ``"dequant"`` for ``m >= DEQUANT_MIN_M``;
-    * in between ``"fused"`` for ``r <= SINGLE_PASS_MAX_RANK`` (the in-loop ``S`` costs
-      ``r / BLOCK_N`` extra MMA) and ``"split"`` above.
-
-    The constants come from the measured forward table (``lora-triton bench --what forward``,
-    its ``fastest_candidate`` column); with today's values every M goes to ``"dequant"``.
-    ``n`` and ``k`` do not enter the rule yet.
-    """
-    if not can_launch(device):
-        return "reference"
-    if m <= DECODE_MAX_M:
-        return "decode"
-    if m >= DEQUANT_MIN_M:
-        return "dequant"
-    return "fused" if r <= SINGLE_PASS_MAX_RANK else "split"
-
-
 def lora_forward_triton(
     x2d: torch.Tensor,
     weight: NF4Weight,
@@ -484,9 +475,10 @@ def lora_forward_triton(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
-    method: str | None = None,
+    method: str = "dequant",
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the QLoRA layer through Triton.
+    """Forward of the QLoRA layer through the named Triton candidate (``ops.dispatch`` chooses).
 
     Args:
         x2d: ``[M, K]`` activations, fp16 / bf16 / fp32, contiguous.
@@ -495,7 +487,9 @@ def lora_forward_triton(
         scale: the LoRA scale ``s``.
         dropout_p: LoRA dropout probability in ``[0, 1)``; the mask is ``dropout.dropout_mask(seed, p, M, K)``.
         seed: dropout seed (ignored when ``dropout_p == 0``).
-        method: one of ``METHODS`` or ``"reference"``; None lets ``choose_method`` decide.
+        method: one of ``METHODS`` or ``"reference"`` (plain torch).
+        config: the candidate's launch config (only ``"skinny"`` takes one: ``block_n``, ``block_k``,
+            ``split_k``, ``num_warps``, ``num_stages``, ``table``); None: its default.
     Returns:
         ``(y [M, N], S [M, r])`` in x's dtype, ``S = drop(x) @ A^T`` (saved for the backward).
     Raises:
@@ -503,31 +497,25 @@ def lora_forward_triton(
         device (CPU without ``TRITON_INTERPRET=1``) and the reference cannot stand in (dropout).
     """
     _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
-    m, k = x2d.shape
     n, r = weight.shape[0], lora_a.shape[0]
-    method = choose_method(x2d.device, m, n, k, r) if method is None else method
     if method not in METHODS + ("reference",):
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['reference']}")
+    if config is not None and method != "skinny":
+        raise ValueError(f"method {method!r} takes no config (its kernels autotune), got {config!r}")
     if method == "reference":
         return _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
-    _require_launchable(x2d.device)
-    if m == 0:
+    require_launchable(x2d.device)
+    if x2d.shape[0] == 0:
         return x2d.new_empty(0, n), x2d.new_empty(0, r)
     kdt = kernel_dtype(x2d.dtype, x2d.device)
     widen = lambda t: None if t is None else t.to(kdt)  # noqa: E731
-    op = _Operands(widen(x2d), weight, widen(lora_a), widen(lora_b), widen(bias), float(scale),
-                   float(dropout_p), int(seed))
-    y, s = _LAUNCHERS[method](op)
+    op = Operands(widen(x2d), weight, widen(lora_a), widen(lora_b), widen(bias), float(scale),
+                  float(dropout_p), int(seed))
+    y, s = LAUNCHERS[method](op, config)
     return y.to(x2d.dtype), s.to(x2d.dtype)
 
 
 # ====================================================================== helpers
-def _require_launchable(device: torch.device) -> None:
-    if not can_launch(device):
-        raise RuntimeError(f"cannot run Triton kernels on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
-                           "before importing lora_triton kernels (tests), or method='reference'")
-
-
 def _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
     """Raise TypeError/ValueError with a clear message unless the operands form a valid problem."""
     if not isinstance(x2d, torch.Tensor):

@@ -1,9 +1,13 @@
-"""Where kernels can run, and the interpreter's bf16 shim.
+"""Where kernels can run, the one place that decides "interpreting", and the interpreter's bf16 shim.
 
 Triton's CPU interpreter mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise
 math gives garbage; see shared/TRITON_CPU.md). Our answer: under the interpreter only,
 launchers widen bf16 operands to fp32 before the launch (exact) and round the fp32 result
 back to bf16 with torch (round-to-nearest-even) afterwards. On a GPU nothing is widened.
+
+Nothing here reads the environment at import: ``interpreting()`` reads ``TRITON_INTERPRET``
+at call time, the switch ``triton.jit`` obeys when it decorates a kernel (a plain ``os.environ``
+read, which ``torch.compile`` can trace; Triton's own knob object it cannot).
 """
 
 from __future__ import annotations
@@ -13,20 +17,33 @@ import os
 
 import torch
 
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def can_launch(device: torch.device) -> bool:
     """True when a Triton kernel can run on tensors of ``device``."""
     if not TRITON_INSTALLED:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def require_launchable(device: torch.device) -> None:
+    """Raise a RuntimeError that says what to do when Triton cannot run on ``device``."""
+    if not can_launch(device):
+        raise RuntimeError(f"cannot run Triton kernels on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
+                           "before importing lora_triton kernels (tests), or method='reference'")
+
+
+def default_table(device: torch.device) -> str:
+    """The NF4 code-table variant (``nf4_decode.TABLES``) kernels use on ``device``: the warp
+    shuffle on a GPU (fewest instructions in the static report), ``tl.gather`` in the interpreter
+    (the inline assembly cannot run there)."""
+    return "gather" if device.type == "cpu" else "shfl"
 
 
 def m_bucket(m: int) -> int:

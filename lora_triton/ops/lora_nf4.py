@@ -33,6 +33,7 @@ from ..kernels.runtime import can_launch
 from ..reference import LoRAGrads
 from .cpu_dequant import dequantize_dense
 from .dense_path import dense_backward, dense_forward
+from .dispatch import Problem, choose, choose_dx
 
 BACKENDS = ("auto", "triton", "reference")
 _WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
@@ -79,7 +80,9 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
     if backend == "triton":
         from ..kernels.lora_forward import lora_forward_triton
 
-        return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+        method, config = choose(Problem(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0],
+                                        x.dtype))
+        return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, method, config)
     k = weight.shape[1]
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
     y, s = dense_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
@@ -93,7 +96,8 @@ def _backward_impl(dy: Tensor, x: Tensor, s: Tensor, weight: NF4Weight, lora_a: 
     if backend == "triton":
         from ..kernels.lora_dx import lora_backward_triton
 
-        return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed, needs)
+        dx_method = choose_dx(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
+        return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed, needs, dx_method)
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
     dense = dequantize_dense(weight, x.dtype) if needs[0] else None  # only dx reads W
     return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, s, mask, needs)

@@ -1,0 +1,165 @@
+"""The NF4 decode primitive every kernel that reads the packed base weight shares.
+
+``W`` ``[N, K]`` stays in bitsandbytes' bytes: the flattened row-major weight, two codes per
+byte with the even column in the high nibble, one absmax per ``BLOCKSIZE`` consecutive
+elements. Kernels need ``K % BLOCKSIZE == 0`` (a block never straddles two rows, so the block
+of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``) and read the bytes as **32-bit
+words**, 8 codes each: with ``K % 32 == 0`` (every block size is >= 32) a row starts on a word.
+
+A word is 4 bytes little-endian, so byte ``j`` is bits ``8j .. 8j+7`` and element ``e`` of the
+word (``e`` in 0..7, element ``2j`` in the high nibble of byte ``j``) is
+``(word >> WORD_SHIFT[e]) & 0xF`` with ``WORD_SHIFT = [4, 0, 12, 8, 20, 16, 28, 24]``.
+
+The 16-entry code table lives in registers; ``TABLE`` (a constexpr) picks how a code becomes
+its value, both exact (the table's own fp32 values):
+
+``"gather"``  ``tl.gather`` on the 16-element table tensor. Runs under the interpreter (the
+              path the CPU tests take); on sm_90 Triton lowers it to shared-memory reads.
+``"shfl"``    GPU only: lane ``L`` of every warp holds ``code[L % 16]`` and one
+              ``shfl.sync.idx`` per element reads the lane the code names. ``shfl`` uses the
+              low 5 bits of its lane operand, so the shifted word needs no mask (lanes 16..31
+              repeat the table). Layout-independent: whichever elements a thread holds, it
+              reads from lanes of its own warp. Its bit logic is emulated in
+              ``emulate_shfl_lookup`` and tested exhaustively on CPU.
+
+Values are ``code * absmax`` in fp32, rounded once to the operand dtype by the caller:
+bit-identical to ``NF4Weight.dequantize`` (kernels that decode absmax compile with
+``enable_fp_fusion=False`` so ``nested * q + offset`` is not contracted into an FMA).
+A prmt (byte-permute) table was measured against ``shfl`` on paper and not built: NF4 values are
+arbitrary fp32 numbers, so a ``prmt`` lookup needs a byte plane per result byte (4 planes, two
+permutes and a select per 4 elements each, plus a byte transpose), about 4-5 instructions per
+element against ``shfl``'s one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton
+import triton.language as tl
+
+TABLES = ("gather", "shfl")
+#: Shift of element ``e`` of a 32-bit word (the Python twin of ``word_shifts``).
+WORD_SHIFT = (4, 0, 12, 8, 20, 16, 28, 24)
+
+
+@triton.jit
+def word_shifts():
+    """int32 ``[8]``: ``WORD_SHIFT`` (element ``2j`` is the high nibble of byte ``j``)."""
+    e = tl.arange(0, 8)
+    return (e // 2) * 8 + (1 - e % 2) * 4
+
+
+@triton.jit
+def _lane_id(like):
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl_lookup(table_lane, shifted):
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r", [table_lane, shifted],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def code_table(code_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, TABLE: tl.constexpr):
+    """The code table in registers, for decoding ``[ROWS, WORDS]`` words: fp32 ``[16]`` for
+    ``"gather"``; for ``"shfl"`` an fp32 ``[1, 1, 1]`` tensor that holds ``code[L % 16]`` in lane
+    ``L`` (one register and one load per thread; ``decode_words`` broadcasts it in registers,
+    which never moves a value between threads). Load it once, before the K loop."""
+    if TABLE == "shfl":
+        lane = _lane_id(tl.zeros((1, 1, 1), tl.int32))
+        return tl.load(code_ptr + (lane & 15))
+    else:
+        return tl.load(code_ptr + tl.arange(0, 16))
+
+
+@triton.jit
+def decode_words(words, table, TABLE: tl.constexpr):
+    """fp32 code values ``[ROWS, WORDS * 8]`` of int32 words ``[ROWS, WORDS]``, in element order."""
+    ROWS: tl.constexpr = words.shape[0]
+    WORDS: tl.constexpr = words.shape[1]
+    shifted = words[:, :, None] >> word_shifts()[None, None, :]  # code in bits 0..3, other bits vary
+    if TABLE == "shfl":
+        values = _shfl_lookup(tl.broadcast_to(table, (ROWS, WORDS, 8)), shifted)
+    else:
+        values = tl.reshape(tl.gather(table, tl.reshape(shifted & 0xF, (ROWS * WORDS * 8,)), 0), (ROWS, WORDS, 8))
+    return tl.reshape(values, (ROWS, WORDS * 8))
+
+
+@triton.jit
+def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+                      DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of the blocks ``block`` (any shape of int indices).
+
+    With double quantization ``absmax = nested_code[q] * nested_absmax[block // 256] + offset``
+    (bitsandbytes' order: multiply, then add); otherwise the stored float32 value.
+    """
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+        nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return scale * nested + offset
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                  offs_n, k0, N, K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr):
+    """Dequantize ``W[offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
+
+    ``words_ptr`` is the packed weight viewed as int32; ``table`` comes from ``code_table``;
+    ``offs_n`` holds ``BLOCK_N`` row indices; ``k0`` is a multiple of ``BLOCK_K`` (>= 8). Both
+    ``BLOCK_K`` and ``BLOCKSIZE`` are powers of two, so the tile covers part of one block per
+    row (``BLOCK_K <= BLOCKSIZE``) or ``BLOCK_K // BLOCKSIZE`` whole blocks. Rows ``>= N`` and
+    columns ``>= K`` read as 0. One absmax load per (row, block), one word load per 8 codes.
+    """
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_w = k0 // 8 + tl.arange(0, WORDS)
+    row_ok = offs_n < N
+    rows = offs_n.to(tl.int64)
+    word_mask = row_ok[:, None] & (offs_w[None, :] < K // 8)
+    words = tl.load(words_ptr + rows[:, None] * (K // 8) + offs_w[None, :], mask=word_mask, other=0,
+                    eviction_policy="evict_first")
+    codes = decode_words(words, table, TABLE)
+    blocks_per_row = K // BLOCKSIZE
+    if BLOCK_K <= BLOCKSIZE:
+        # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
+        absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT)
+        return codes * absmax[:, None]
+    else:
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        offs_blk = k0 // BLOCKSIZE + tl.arange(0, NB)
+        blk_mask = row_ok[:, None] & (offs_blk[None, :] < blocks_per_row)  # zero whole blocks past K
+        absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT)
+        w = tl.reshape(codes, (BLOCK_N, NB, BLOCKSIZE))
+        return tl.reshape(w * absmax[:, :, None], (BLOCK_N, BLOCK_K))
+
+
+# ====================================================================== CPU twins of the bit logic
+def emulate_shfl_lookup(code: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """What ``decode_words(..., TABLE="shfl")`` computes, bit for bit, in numpy.
+
+    ``code`` float32 ``[16]``; ``words`` int32 ``[...]``. Returns float32 ``[..., 8]``: for element
+    ``e`` the warp shuffle reads lane ``(word >> WORD_SHIFT[e]) & 31`` (arithmetic shift, as
+    ``shr.s32``; ``shfl.sync.idx`` with ``c = 0x1f`` keeps the low 5 bits), whose table register
+    holds ``code[lane % 16]``.
+    """
+    table_lane = np.asarray(code, dtype=np.float32)[np.arange(32) % 16]
+    shifted = np.asarray(words, dtype=np.int32)[..., None] >> np.asarray(WORD_SHIFT, dtype=np.int32)
+    return table_lane[shifted & 0x1F]
+
+
+def words_of_packed(packed: np.ndarray) -> np.ndarray:
+    """int32 words of packed NF4 bytes (``uint8 [4 * n]``), as a kernel's 32-bit loads see them."""
+    return np.ascontiguousarray(packed, dtype=np.uint8).view("<i4")
+
+
+def codes_of_packed(packed: np.ndarray) -> np.ndarray:
+    """The codes in element order (``uint8 [2 * n]``): high nibble first, as bitsandbytes packs."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)

@@ -1,0 +1,161 @@
+"""Decode-size forward (few tokens): ``y = x @ dequant(W)^T + s * (drop(x) @ A^T) @ B^T + b`` in one launch.
+
+Shapes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' bytes read as int32 words), ``A [r, K]``,
+``B [N, r]``, ``b [N]``; ``y [M, N]`` and ``S [M, r]`` in x's dtype (fp16 / bf16 / fp32),
+fp32 accumulation. Built for ``M <= 16`` (any M works: more M tiles).
+
+Design (memory-bound: the packed weight is read once, at full width):
+
+* **Swap-AB**: each program computes ``y^T`` for ``BLOCK_N`` outputs and ``BLOCK_M = 16`` tokens,
+  ``acc [BLOCK_N, 16] += W_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16]``: the decoded weight is
+  the *left* MMA operand (on sm_90 a register-A wgmma m64n16k16), the tokens the small side.
+* **Split-K** over ``SPLIT_K`` programs per output tile so a few hundred tiles fill the GPU.
+  The LoRA term goes in by linearity: each split adds ``s * B_n @ (A_ks @ drop(x_ks)^T)``.
+* **Deterministic reduction, no zero fill**: each split writes its fp32 partial to a
+  workspace, then bumps the tile's counter; the program that sees ``SPLIT_K - 1`` sums the
+  partials in split order (the same order whichever program is last), adds the bias, stores
+  ``y`` and resets the counter to 0 for the next launch. No fp32 atomics on data.
+  ``S`` is reduced the same way by the programs of the first N tile.
+
+Counters live in a per-device int32 buffer that stays zero between launches (each launch
+leaves it as it found it); two launches must not run concurrently on different streams.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import dropout_scale
+from .nf4_decode import code_table, load_nf4_tile
+
+BLOCK_M = 16  # tokens per program: the wgmma N dimension (>= 16 on every MMA)
+
+
+@triton.jit
+def _x_t_tile(x_ptr, offs_m, offs_k, M, K):
+    """``x^T [len(offs_k), len(offs_m)]`` (0 outside)."""
+    mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+    return tl.load(x_ptr + offs_m[None, :].to(tl.int64) * K + offs_k[:, None], mask=mask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["M", "R", "seed"])
+def _skinny_kernel(
+        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, partial_y_ptr, partial_s_ptr, counter_ptr,
+        M, N, K, R, scale, seed, p,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
+    s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # S^T of this K range
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K)
+        w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
+        acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            x_t = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
+        a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
+        s_acc = tl.dot(a, x_t, s_acc, input_precision=DOT_PRECISION)
+    # LoRA expand of this K range: acc += s * B[offs_n] @ S^T (S rounded to x's dtype, as the reference)
+    b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], mask=b_mask, other=0.0)
+    acc += scale * tl.dot(b, s_acc.to(b.dtype), input_precision=DOT_PRECISION)
+
+    y_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # y^T tile -> y [M, N]
+    y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    s_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]  # S^T tile -> S [M, r]
+    s_mask = (offs_r[:, None] < R) & (offs_m[None, :] < M)
+    if SPLIT_K > 1:
+        tl.store(partial_y_ptr + pid_k * M * N + y_offs, acc, mask=y_mask)
+        if pid_n == 0:
+            tl.store(partial_s_ptr + pid_k * M * R + s_offs, s_acc, mask=s_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+            for split in range(0, SPLIT_K):
+                acc += tl.load(partial_y_ptr + split * M * N + y_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+                if pid_n == 0:
+                    s_acc += tl.load(partial_s_ptr + split * M * R + s_offs, mask=s_mask, other=0.0,
+                                     cache_modifier=".cg")
+            _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, pid_n == 0,
+                           HAS_BIAS)
+            tl.atomic_xchg(counter_ptr + tile, 0)  # the buffer is zero again for the next launch
+    else:
+        _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, pid_n == 0,
+                       HAS_BIAS)
+
+
+@triton.jit
+def _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, STORE_S,
+                   HAS_BIAS: tl.constexpr):
+    """``y = acc + bias`` and (when ``STORE_S``) ``S``, both in their tensors' dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if STORE_S:
+        tl.store(s_ptr + s_offs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
+
+
+# ====================================================================== launcher
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-device int32 counter buffer (zero between launches), at least ``tiles`` long."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def split_k_for(n_tiles: int, m_tiles: int, k_steps: int, programs_wanted: int) -> int:
+    """Splits of K so that ``n_tiles * m_tiles * split`` reaches ``programs_wanted`` (no more
+    splits than K steps: each split keeps at least one ``BLOCK_K`` step)."""
+    tiles = n_tiles * m_tiles
+    return max(1, min(k_steps, -(-programs_wanted // tiles)))
+
+
+def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
+                  blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
+                  block_n: int, block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
+    """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
+
+    ``weight_args`` is ``(words, code, absmax, nested_absmax, nested_code, offset)`` (words: the
+    packed bytes viewed as int32); every tensor is contiguous on x's device (validated by the
+    ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
+    """
+    m, k = x.shape
+    n, r = y.shape[1], lora_a.shape[0]
+    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M)
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    if split_k > 1:
+        partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
+        partial_s = torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, n_tiles * m_tiles)
+    else:
+        partial_y = partial_s = counters = y  # never read
+    _skinny_kernel[(n_tiles, split_k, m_tiles)](
+        x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
+        m, n, k, r, float(scale), int(seed), float(dropout_p),
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
+        HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

@@ -1,0 +1,190 @@
+"""Which kernel runs: a registry of candidates and a per-GPU table of measured winners.
+
+Every forward candidate of ``kernels.lora_forward`` (and each way to compute ``dx``) is a
+``Candidate`` with ``supports(problem)`` and ``launch(...)``. The choice is data: the JSON
+file ``dispatch_table.json`` next to this module, keyed by GPU name (as
+``torch.cuda.get_device_name`` says it), then per operation (``forward``, ``dx``) a list of
+measured points ``{"m_bucket", "n", "k", "r", "candidate", "config"}``, written by
+``lora-triton bench --what forward --write-dispatch`` from the benchmark's fastest candidates.
+
+Lookup: the GPU's points with the same ``(n, k, r)`` and the nearest M bucket (log scale)
+win; no point for the shape, or no table for the GPU -> ``RULE``. A missing, unreadable or
+malformed table file gives a warning and the rule, never a crash. Nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..kernels.runtime import can_launch, m_bucket
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
+TABLE_FORMAT = 1
+OPERATIONS = ("forward", "dx")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a dispatch decision may depend on."""
+
+    device: torch.device
+    m: int
+    n: int
+    k: int
+    r: int
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def gpu(self) -> str | None:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A way to compute an operation: ``supports(problem)`` says where it may run."""
+
+    name: str
+    operation: str
+    supports: Callable[[Problem], bool]
+    description: str
+
+
+def _always(problem: Problem) -> bool:
+    return True
+
+
+def _skinny_supports(problem: Problem) -> bool:
+    # one M tile of 16 tokens per program; more M tiles work but re-read the weight per tile
+    return problem.m <= 64
+
+
+CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
+    Candidate("dequant", "forward", _always, "Triton dequantize + cuBLAS (F.linear, addmm)"),
+    Candidate("skinny", "forward", _skinny_supports, "swap-AB split-K kernel, LoRA and bias fused (M <= 16)"),
+    Candidate("fused", "forward", _always, "tile GEMM with in-loop NF4 decode, S in the same loop"),
+    Candidate("split", "forward", _always, "S kernel, then the tile GEMM reading S in its epilogue"),
+    Candidate("decode", "forward", _always, "split-K tile kernel with fp32 atomics (superseded by skinny)"),
+)}
+DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
+    Candidate("dequant", "dx", _always, "Triton dequantize + cuBLAS"),
+    Candidate("fused", "dx", _always, "dx kernel reducing over N with in-loop NF4 decode"),
+)}
+#: What runs where no measured point applies: dequantize + cuBLAS, the only candidate a GPU
+#: table has shown winning so far (H200, bench/RESULTS.md). A candidate earns other shapes
+#: only through a measured table.
+RULE = {"forward": "dequant", "dx": "dequant"}
+
+
+# ----------------------------------------------------------------------------- the table
+def parse_table(text: str) -> dict:
+    """The table of a JSON text, validated (ValueError naming the problem otherwise)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("gpus"), dict):
+        raise ValueError(f"expected {{'format': {TABLE_FORMAT}, 'gpus': {{...}}}}")
+    registry = {"forward": CANDIDATES, "dx": DX_CANDIDATES}
+    for gpu, ops in data["gpus"].items():
+        for op, points in ops.items():
+            if op not in OPERATIONS or not isinstance(points, list):
+                raise ValueError(f"{gpu}: unknown operation {op!r} or points not a list")
+            for point in points:
+                missing = {"m_bucket", "n", "k", "r", "candidate"} - set(point)
+                if missing:
+                    raise ValueError(f"{gpu}/{op}: point {point} lacks {sorted(missing)}")
+                if point["candidate"] not in registry[op]:
+                    raise ValueError(f"{gpu}/{op}: unknown candidate {point['candidate']!r}")
+                if not all(isinstance(point[key], int) and point[key] > 0 for key in ("m_bucket", "n", "k", "r")):
+                    raise ValueError(f"{gpu}/{op}: m_bucket, n, k, r must be positive ints in {point}")
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = TABLE_PATH) -> dict:
+    """The dispatch table at ``path``; an empty one (with a warning) when it is missing or bad."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_table(f.read())
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        warnings.warn(f"lora-triton: dispatch table {path} not used ({type(exc).__name__}: {exc}); "
+                      f"falling back to the rule {RULE}", RuntimeWarning, stacklevel=2)
+        return {"format": TABLE_FORMAT, "gpus": {}}
+
+
+def measured_choice(table: dict, gpu: str | None, operation: str, problem: Problem) -> dict | None:
+    """The table point that decides ``problem`` (same n, k, r; nearest M bucket), or None."""
+    points = table["gpus"].get(gpu, {}).get(operation, []) if gpu else []
+    same_shape = [p for p in points if (p["n"], p["k"], p["r"]) == (problem.n, problem.k, problem.r)]
+    if not same_shape:
+        return None
+    bucket = math.log2(m_bucket(max(problem.m, 1)))
+    return min(same_shape, key=lambda p: (abs(math.log2(p["m_bucket"]) - bucket), p["m_bucket"]))
+
+
+def choose(problem: Problem, operation: str = "forward", table: dict | None = None) -> tuple[str, dict | None]:
+    """``(candidate name, its config or None)`` for ``problem``; ``"reference"`` where Triton cannot run."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
+    if not can_launch(problem.device):
+        return "reference", None
+    registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
+    point = measured_choice(load_table() if table is None else table, problem.gpu, operation, problem)
+    if point is not None and registry[point["candidate"]].supports(problem):
+        return point["candidate"], point.get("config")
+    return RULE[operation], None
+
+
+def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
+    """The forward candidate's name for ``x [m, k]``, ``W [n, k]``, rank ``r`` (see ``choose``)."""
+    return choose(Problem(torch.device(device), m, n, k, r))[0]
+
+
+def choose_dx(device: torch.device, m: int, n: int, k: int, r: int) -> str:
+    """How ``dx`` is computed for this problem: ``"fused"`` or ``"dequant"``."""
+    name, _ = choose(Problem(torch.device(device), m, n, k, r), "dx")
+    return "dequant" if name == "reference" else name
+
+
+# ----------------------------------------------------------------------------- writing
+def table_from_rows(rows: list[dict], operation: str = "forward") -> dict:
+    """``{"gpus": {gpu: {operation: [points]}}}`` from benchmark rows (``bench/forward.py``'s
+    schema: ``device``, ``K``, ``N``, ``r``, ``M``, ``method``, ``ms``, ``note``): per point the
+    candidate with the lowest median time among those that ran correctly."""
+    registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("method") not in registry or row.get("ms") in (None, "") or row.get("note"):
+            continue
+        key = (row["device"], m_bucket(int(row["M"])), int(row["N"]), int(row["K"]), int(row["r"]))
+        if key not in best or float(row["ms"]) < float(best[key]["ms"]):
+            best[key] = row
+    gpus: dict[str, dict] = {}
+    for (gpu, bucket, n, k, r), row in sorted(best.items()):
+        config = json.loads(row["config"]) if row.get("config") else None
+        gpus.setdefault(gpu, {}).setdefault(operation, []).append(
+            {"m_bucket": bucket, "n": n, "k": k, "r": r, "candidate": row["method"], "config": config,
+             "ms": round(float(row["ms"]), 5)})
+    return {"format": TABLE_FORMAT, "gpus": gpus}
+
+
+def merge_tables(old: dict, new: dict) -> dict:
+    """``old`` with every (gpu, operation) that ``new`` measured replaced by ``new``'s points."""
+    merged = {"format": TABLE_FORMAT, "gpus": {gpu: dict(ops) for gpu, ops in old.get("gpus", {}).items()}}
+    for gpu, ops in new["gpus"].items():
+        merged["gpus"].setdefault(gpu, {}).update(ops)
+    return merged
+
+
+def write_table(table: dict, path: str = TABLE_PATH) -> None:
+    """Write ``table`` (validated) as JSON and forget the cached copy."""
+    parse_table(json.dumps(table))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    load_table.cache_clear()

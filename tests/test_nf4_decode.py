@@ -1,0 +1,101 @@
+"""The NF4 decode primitive (lora_triton/kernels/nf4_decode.py): exact for every byte value.
+
+The ``gather`` table runs through the interpreter here; the GPU-only ``shfl`` table's bit
+logic (lane = shifted word's low 5 bits, lanes 16..31 repeating the table) is checked against
+the packing rule by its numpy emulator, exhaustively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from lora_triton.format import NF4Weight
+from lora_triton.format.codebooks import nf4_code
+from lora_triton.kernels import nf4_decode
+from lora_triton.kernels.checks import nf4_kernel_args
+from lora_triton.kernels.nf4_dequant import dequantize_nf4
+
+
+@triton.jit
+def _decode_kernel(words_ptr, code_ptr, out_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, TABLE: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    words = tl.load(words_ptr + rows[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
+    table = nf4_decode.code_table(code_ptr, ROWS, WORDS, TABLE)
+    values = nf4_decode.decode_words(words, table, TABLE)
+    tl.store(out_ptr + rows[:, None] * WORDS * 8 + tl.arange(0, WORDS * 8)[None, :], values)
+
+
+def _all_byte_values() -> np.ndarray:
+    """Every byte value at every byte position of a word: 4 x 256 bytes, shuffled."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.permutation(256) for _ in range(4)]).astype(np.uint8)
+
+
+def test_word_shifts_follow_the_packing_rule():
+    packed = _all_byte_values()
+    words = nf4_decode.words_of_packed(packed)
+    by_shift = ((words[:, None] >> np.array(nf4_decode.WORD_SHIFT)) & 0xF).reshape(-1)
+    assert np.array_equal(by_shift, nf4_decode.codes_of_packed(packed))
+
+
+def test_decode_words_gather_is_exact_for_every_byte(device):
+    packed = torch.from_numpy(_all_byte_values())
+    words = packed.view(torch.int32).reshape(32, 8).to(device)  # 32 rows of 8 words
+    code = nf4_code().to(dtype=torch.float32, device=device)
+    out = torch.full((32, 64), float("nan"), device=device)
+    _decode_kernel[(1,)](words, code, out, ROWS=32, WORDS=8, TABLE="gather")
+    expected = code.cpu()[torch.from_numpy(nf4_decode.codes_of_packed(packed.numpy()).astype(np.int64))]
+    assert torch.equal(out.cpu().reshape(-1), expected)
+
+
+def test_shfl_emulator_is_exact_for_every_nibble_at_every_position():
+    """All 2**32 words are too many; every nibble value at every one of the 8 positions, with
+    every value in the neighbouring nibbles (which leak into the lane index's bit 4), is not."""
+    code = np.asarray(nf4_code(), dtype=np.float32)
+    values = np.arange(256, dtype=np.int64)  # this byte's two nibbles, all combinations
+    words = []
+    for byte in range(4):
+        for rest in range(0, 256, 17):  # the other bytes: a spread of patterns incl. sign bits
+            w = np.full(256, rest * 0x01010101, dtype=np.int64)
+            w &= ~(0xFF << (8 * byte))
+            w |= values << (8 * byte)
+            words.append(w)
+    words = np.concatenate(words).astype(np.uint32).view(np.int32)
+    got = nf4_decode.emulate_shfl_lookup(code, words)
+    expected_codes = (words.view(np.uint32)[:, None] >> np.array(nf4_decode.WORD_SHIFT, dtype=np.uint32)) & 0xF
+    assert got.dtype == np.float32 and got.shape == (len(words), 8)
+    assert np.array_equal(got, code[expected_codes])
+
+
+def test_shfl_emulator_on_real_packed_bytes():
+    weight = NF4Weight.quantize(torch.randn(64, 256), 64, True)
+    packed = weight.packed.numpy().reshape(-1)
+    got = nf4_decode.emulate_shfl_lookup(weight.code.numpy(), nf4_decode.words_of_packed(packed)).reshape(-1)
+    codes = nf4_decode.codes_of_packed(packed)
+    assert np.array_equal(got, weight.code.numpy()[codes])
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_dequant_kernel_equals_nf4weight_for_every_byte_value(double_quant, blocksize, device):
+    """A weight whose packed bytes run through all 256 values, with absmax of every kind
+    (tiny, huge, equal to the offset, the nested map's extremes)."""
+    n, k = 16, 256
+    weight = NF4Weight.quantize(torch.randn(n, k) * torch.logspace(-3, 3, n)[:, None], blocksize, double_quant)
+    packed = torch.from_numpy(np.resize(_all_byte_values(), weight.packed.numel())).reshape(weight.packed.shape)
+    weight = dataclasses.replace(weight, packed=packed).to(device)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(dequantize_nf4(weight, dtype), weight.dequantize(dtype)), dtype
+
+
+def test_kernel_args_view_the_bytes_as_words_without_a_copy():
+    weight = NF4Weight.quantize(torch.randn(8, 64), 64, True)
+    words = nf4_kernel_args(weight)[0]
+    assert words.dtype == torch.int32 and words.data_ptr() == weight.packed.data_ptr()
+    assert words.numel() * 4 == weight.packed.numel()

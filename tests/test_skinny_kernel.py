@@ -1,0 +1,132 @@
+"""The decode-size kernel (lora_triton/kernels/nf4_skinny.py) against the float64 reference.
+
+Interpreter shapes stay small; split-K is forced to several values (the GPU picks it from the
+SM count) so the last-program reduction runs on every shape. Outputs are poisoned with NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_triton.kernels import lora_forward as lf
+from lora_triton.kernels import nf4_skinny
+from lora_triton.kernels.dropout import dropout_mask
+from lora_triton.reference import lora_forward
+from lora_triton.testing import assert_rel_close, poison_, random_lora_problem
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, N, K, r, blocksize, double_quant, bias): M 1, 2, 3, 16, 17; N never a multiple of the tile;
+# K = 96 with blocksize 32 leaves a partial K step; blocksize 256 > BLOCK_K (one absmax per row).
+CASES = [
+    (1, 200, 256, 8, 64, True, False),
+    (2, 72, 128, 1, 128, False, True),
+    (3, 130, 96, 16, 32, True, True),
+    (16, 100, 256, 64, 256, True, True),
+    (17, 66, 128, 128, 64, False, False),
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    original = lf._new_output
+    monkeypatch.setattr(lf, "_new_output", lambda *args: poison_(original(*args)))
+
+
+def _run(problem, config=None, dropout_p=0.0, seed=0):
+    return lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
+                                  problem["scale"], problem["bias"], dropout_p, seed, "skinny", config)
+
+
+def _check(problem, config=None, dropout_p=0.0, seed=0):
+    x = problem["x"]
+    mask = dropout_mask(seed, dropout_p, *x.shape, x.device).double() if dropout_p > 0 else None
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    y_ref, s_ref = lora_forward(f64(x), problem["weight"], f64(problem["lora_a"]), f64(problem["lora_b"]),
+                                problem["scale"], f64(problem["bias"]), mask)
+    y, s = _run(problem, config, dropout_p, seed)
+    assert y.dtype == s.dtype == x.dtype
+    assert_rel_close(s, s_ref, x.dtype, what="S (skinny)")
+    assert_rel_close(y, y_ref, x.dtype, what="y (skinny)")
+    return y, s
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-r{}-bs{}-dq{:d}-bias{:d}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(case, dtype, split_k, device):
+    m, n, k, r, blocksize, double_quant, bias = case
+    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device)
+    _check(problem, dict(split_k=split_k, block_k=32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_uses_the_seed_mask(dtype, device):
+    problem = random_lora_problem(17, 72, 128, 8, dtype, 64, True, True, device)
+    _check(problem, dict(split_k=2), dropout_p=0.25, seed=7)
+
+
+def test_split_k_does_not_change_the_result_beyond_rounding_and_is_deterministic(device):
+    problem = random_lora_problem(4, 72, 256, 16, torch.float32, 64, True, True, device)
+    results = [_run(problem, dict(split_k=split, block_k=32)) for split in (1, 2, 5, 8)]
+    for y, s in results[1:]:
+        assert_rel_close(y, results[0][0], torch.float32, what="y across splits")
+        assert_rel_close(s, results[0][1], torch.float32, what="S across splits")
+    again = _run(problem, dict(split_k=5, block_k=32))
+    assert torch.equal(again[0], results[2][0]) and torch.equal(again[1], results[2][1])
+
+
+def test_counters_are_zero_after_every_launch(device):
+    problem = random_lora_problem(17, 130, 128, 4, torch.float32, 64, True, False, device)
+    _run(problem, dict(split_k=4, block_k=32))
+    counters = nf4_skinny.tile_counters(torch.device(device), 1)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_default_config_picks_a_split(device):
+    problem = random_lora_problem(1, 64, 512, 4, torch.float32, 64, True, False, device)
+    _check(problem)  # split from the device (2 "SMs" on CPU): 1 N tile, 8 K steps of 64 -> split 8
+
+
+def test_split_k_for_fills_the_programs_wanted():
+    assert nf4_skinny.split_k_for(n_tiles=32, m_tiles=1, k_steps=16, programs_wanted=528) == 16
+    assert nf4_skinny.split_k_for(n_tiles=86, m_tiles=1, k_steps=16, programs_wanted=528) == 7
+    assert nf4_skinny.split_k_for(n_tiles=1000, m_tiles=1, k_steps=16, programs_wanted=528) == 1
+    assert nf4_skinny.split_k_for(n_tiles=1, m_tiles=1, k_steps=3, programs_wanted=528) == 3
+
+
+def test_empty_batch(device):
+    problem = random_lora_problem(0, 40, 128, 4, torch.float32, 64, True, False, device)
+    y, s = _run(problem)
+    assert y.shape == (0, 40) and s.shape == (0, 4)
+
+
+def test_config_is_refused_by_candidates_that_take_none(device):
+    problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
+    with pytest.raises(ValueError, match="takes no config"):
+        lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"], 1.0,
+                               method="fused", config=dict(split_k=2))
+
+
+def test_misaligned_packed_bytes_are_refused(device):
+    import dataclasses
+
+    problem = random_lora_problem(2, 8, 64, 4, torch.float32, 64, False, False, device)
+    w = problem["weight"]
+    shifted = torch.empty(w.packed.numel() + 1, dtype=torch.uint8, device=device)[1:]
+    shifted.copy_(w.packed.reshape(-1))
+    problem["weight"] = dataclasses.replace(w, packed=shifted.reshape(w.packed.shape))
+    with pytest.raises(ValueError, match="4-byte boundary"):
+        _run(problem)
+
+
+@given(m=st.integers(1, 20), n=st.integers(1, 150), k_blocks=st.integers(1, 4), r=st.integers(1, 128),
+       blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), split_k=st.integers(1, 4), dropout=st.sampled_from([0.0, 0.3]),
+       seed=st.integers(0, 2**16))
+def test_random_shapes(m, n, k_blocks, r, blocksize, double_quant, bias, dtype, split_k, dropout, seed, device):
+    k = min(k_blocks * blocksize, 256 // blocksize * blocksize)
+    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=seed)
+    _check(problem, dict(split_k=split_k, block_k=32), dropout_p=dropout, seed=seed % 1000)

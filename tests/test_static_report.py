@@ -1,0 +1,75 @@
+"""The kernel-efficiency report (lora_triton/bench/static.py): quick mode compiles for sm_90 on
+this CPU machine, and its PTX/TTIR readers on small known inputs."""
+
+from __future__ import annotations
+
+import csv
+
+from lora_triton.bench import static, static_analysis
+
+PTX = """
+.visible .entry k(
+)
+{
+	mov.u32 	%r1, 0;
+$L__BB0_1:
+	shfl.sync.idx.b32 	%r2, %r3, %r4, 31, -1;
+	mul.f32 	%f1, %f2, %f3;
+	wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%f4, %f5}, {%r5, %r6, %r7, %r8}, %rd1, %p1, 1, 1, 0;
+	st.shared.b16 	[%r9], %rs1;
+	@%p2 bra 	$L__BB0_1;
+	ret;
+}
+"""
+
+
+def test_main_loop_and_its_operands():
+    loop = static_analysis.main_loop(PTX)
+    assert len(loop) == 5
+    ops = static_analysis.opcode_counts(loop)
+    assert ops["shfl.sync.idx.b32"] == 1 and ops["bra"] == 1
+    assert static_analysis.wgmma_from_registers(loop) is True
+    descriptor = [line.replace("{%r5, %r6, %r7, %r8}", "%rd7") for line in loop]
+    assert static_analysis.wgmma_from_registers(descriptor) is False
+    assert static_analysis.wgmma_from_registers(["mul.f32 %f1, %f2, %f3;"]) is None
+    assert static_analysis.main_loop("ret;") is None
+
+
+def test_loop_loads_of_the_code_table_are_counted():
+    ttir = """
+    %0 = tt.splat %code_ptr : !tt.ptr<f32> -> tensor<64x64x!tt.ptr<f32>>
+    %t = tt.splat %code_ptr : !tt.ptr<f32> -> tensor<16x!tt.ptr<f32>>
+    %9 = tt.load %t : tensor<16x!tt.ptr<f32>>
+    %r:2 = scf.for %k = %a to %b step %c iter_args(%x = %y) -> (tensor<64x64xf32>) {
+      %1 = tt.addptr %0, %idx : tensor<64x64x!tt.ptr<f32>>, tensor<64x64xi32>
+      %2 = tt.load %1 : tensor<64x64x!tt.ptr<f32>>
+      %3 = tt.load %other : tensor<64x64x!tt.ptr<f32>>
+      scf.yield %2 : tensor<64x64xf32>
+    }
+    %4 = tt.load %1 : tensor<64x64x!tt.ptr<f32>>
+    """
+    assert static_analysis.loop_loads_of(ttir, "code_ptr", 2) == 1
+
+
+def test_budget_misses_name_what_is_over():
+    budget = static.Budget(loop_ptx_per_weight_elem=3.0, spills=0, regs=128)
+    row = dict(loop_ptx_per_weight_elem=3.5, spills=8, regs=130, wgmma_serialized=True)
+    assert len(budget.misses(row)) == 4
+    assert budget.misses(dict(loop_ptx_per_weight_elem=2.9, spills=0, regs=96, wgmma_serialized=False)) == []
+
+
+def test_quick_report_compiles_the_dispatched_kernels_for_sm90(tmp_path, capsys):
+    code = static.run_static(str(tmp_path), quick=True, workers=2)
+    rows = list(csv.DictReader(open(tmp_path / "static.csv")))
+    assert set(static.FIELDS) <= set(rows[0])
+    kernels = {r["kernel"]: r for r in rows}
+    assert set(kernels) >= static.dispatched_kernels() | {"skinny"}
+    for row in rows:
+        assert row["error"] == "" or row["error"].startswith("over budget"), row["error"]
+        assert int(row["regs"]) > 0 and float(row["loop_ptx_per_weight_elem"]) > 0
+        assert row["dispatched"] == str(row["kernel"] in static.dispatched_kernels())
+    assert kernels["skinny"]["weight_operand_from_registers"] == "True"  # swap-AB: the weight is wgmma's A
+    assert all(r["lut_global_gathers"] == "0" for r in rows)  # the table lives in registers
+    failed = [r for r in rows if r["dispatched"] == "True" and r["within_budget"] != "True"]
+    assert code == (1 if failed else 0)
+    assert "static:" in capsys.readouterr().out
