@@ -436,7 +436,7 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
 
 #: The skinny kernel's config when the caller names none: the tile the static report budgets
 #: (bench/RESULTS.md) and, under the interpreter, a small one.
-SKINNY_DEFAULT = dict(block_n=128, block_k=256, num_warps=4, num_stages=3)
+SKINNY_DEFAULT = dict(block_n=128, block_k=128, num_warps=4, num_stages=2)
 SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1)
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
