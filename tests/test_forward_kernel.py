@@ -138,6 +138,12 @@ def test_dequantize_kernel_is_bit_exact(dtype, double_quant, shape, blocksize, d
     assert torch.equal(out, weight.dequantize(dtype))
 
 
+def test_dequantize_refuses_an_unknown_table(device):
+    weight = NF4Weight.quantize(torch.randn(8, 64), 64, True).to(device)
+    with pytest.raises(ValueError, match=r"table must be one of \('gather', 'shfl'\) or None"):
+        dequantize_nf4(weight, torch.float32, "prmt")
+
+
 def test_empty_batch(device):
     problem = random_lora_problem(0, 40, 128, 4, torch.float32, 64, True, False, device)
     y, s = run_kernel(problem, "fused")
@@ -209,6 +215,15 @@ BAD_INPUTS = [
     ("dropout-1", lambda d, x: dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
     ("negative-seed", lambda d, x: dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be an int"),
     ("unknown-method", lambda d, x: dict(method="cublas"), ValueError, r"unknown method 'cublas'"),
+    ("config-for-autotuned", lambda d, x: dict(method="fused", config={"split_k": 2}), ValueError, r"takes no config"),
+    ("skinny-config-key", lambda d, x: dict(method="skinny", config={"blok_n": 64}), ValueError,
+     r"unknown keys \['blok_n'\]"),
+    ("skinny-block-k", lambda d, x: dict(method="skinny", config={"block_k": 48}), ValueError,
+     r"block_k must be a power of two >= 16, got 48"),
+    ("skinny-split-0", lambda d, x: dict(method="skinny", config={"split_k": 0}), ValueError,
+     r"split_k must be a positive int, got 0"),
+    ("skinny-table", lambda d, x: dict(method="skinny", config={"table": "prmt"}), ValueError,
+     r"table must be one of \('gather', 'shfl'\), got 'prmt'"),
 ]
 
 

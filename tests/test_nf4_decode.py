@@ -18,7 +18,7 @@ import triton.language as tl
 from lora_triton.format import NF4Weight
 from lora_triton.format.codebooks import nf4_code
 from lora_triton.kernels import nf4_decode
-from lora_triton.kernels.checks import nf4_kernel_args
+from lora_triton.kernels.checks import packed_words
 from lora_triton.kernels.nf4_dequant import dequantize_nf4
 
 
@@ -26,7 +26,7 @@ from lora_triton.kernels.nf4_dequant import dequantize_nf4
 def _decode_kernel(words_ptr, code_ptr, out_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, TABLE: tl.constexpr):
     rows = tl.arange(0, ROWS)
     words = tl.load(words_ptr + rows[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
-    table = nf4_decode.code_table(code_ptr, ROWS, WORDS, TABLE)
+    table = nf4_decode.code_table(code_ptr, TABLE)
     values = nf4_decode.decode_words(words, table, TABLE)
     tl.store(out_ptr + rows[:, None] * WORDS * 8 + tl.arange(0, WORDS * 8)[None, :], values)
 
@@ -73,6 +73,46 @@ def test_shfl_emulator_is_exact_for_every_nibble_at_every_position():
     assert np.array_equal(got, code[expected_codes])
 
 
+def test_shfl_bytes_emulator_is_exact_for_every_byte():
+    code = np.asarray(nf4_code(), dtype=np.float32)
+    packed = np.arange(256, dtype=np.uint8)
+    got = nf4_decode.emulate_shfl_bytes(code, packed).reshape(-1)
+    assert np.array_equal(got, code[nf4_decode.codes_of_packed(packed)])
+
+
+@triton.jit
+def _tile_kernel(packed_ptr, code_ptr, absmax_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCKSIZE: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    table = nf4_decode.code_table(code_ptr, "gather")
+    for k0 in range(0, K, BLOCK_K):
+        w = nf4_decode.load_nf4_tile(packed_ptr, table, absmax_ptr, absmax_ptr, code_ptr, 0.0, offs_n, k0, N, K,
+                                     BLOCK_N, BLOCK_K, BLOCKSIZE, False, "gather")
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=offs_n[:, None] < N)
+
+
+@pytest.mark.parametrize("block_k,blocksize", [(32, 64), (64, 64), (128, 32)], ids=["part-block", "block", "blocks"])
+def test_tile_loader_equals_nf4weight_for_every_byte_value(block_k, blocksize, device):
+    n, k = 12, 256  # 12 rows: a partial row tile of 16
+    weight = NF4Weight.quantize(torch.randn(n, k), blocksize, False)
+    packed = torch.from_numpy(np.resize(_all_byte_values(), weight.packed.numel())).reshape(weight.packed.shape)
+    weight = dataclasses.replace(weight, packed=packed).to(device)
+    out = torch.full((n, k), float("nan"), device=device)
+    _tile_kernel[(1,)](weight.packed, weight.code, weight.absmax, out, n, k, BLOCK_N=16, BLOCK_K=block_k,
+                       BLOCKSIZE=blocksize)
+    assert torch.equal(out.cpu(), weight.dequantize(torch.float32).cpu())
+
+
+def test_dequant_refuses_misaligned_packed_bytes(device):
+    weight = NF4Weight.quantize(torch.randn(8, 64), 64, False).to(device)
+    shifted = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device=device)[1:]
+    shifted.copy_(weight.packed.reshape(-1))
+    weight = dataclasses.replace(weight, packed=shifted.reshape(weight.packed.shape))
+    with pytest.raises(ValueError, match="4-byte boundary"):
+        dequantize_nf4(weight, torch.float32)
+
+
 def test_shfl_emulator_on_real_packed_bytes():
     weight = NF4Weight.quantize(torch.randn(64, 256), 64, True)
     packed = weight.packed.numpy().reshape(-1)
@@ -94,8 +134,8 @@ def test_dequant_kernel_equals_nf4weight_for_every_byte_value(double_quant, bloc
         assert torch.equal(dequantize_nf4(weight, dtype), weight.dequantize(dtype)), dtype
 
 
-def test_kernel_args_view_the_bytes_as_words_without_a_copy():
+def test_packed_words_view_the_bytes_without_a_copy():
     weight = NF4Weight.quantize(torch.randn(8, 64), 64, True)
-    words = nf4_kernel_args(weight)[0]
+    words = packed_words(weight)
     assert words.dtype == torch.int32 and words.data_ptr() == weight.packed.data_ptr()
     assert words.numel() * 4 == weight.packed.numel()

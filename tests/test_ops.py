@@ -48,11 +48,17 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-skinny"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("need_x, need_a, need_b, bias_mode", COMBOS)
 def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
                                          monkeypatch):
+    """``triton-skinny``: the Triton backend with every forward dispatched to the skinny kernel."""
+    if backend == "triton-skinny":
+        from lora_triton.ops import dispatch
+
+        monkeypatch.setitem(dispatch.RULE, "forward", "skinny")
+        backend = "triton"
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)
     seed = 1234

@@ -110,16 +110,12 @@ def test_config_is_refused_by_candidates_that_take_none(device):
                                method="fused", config=dict(split_k=2))
 
 
-def test_misaligned_packed_bytes_are_refused(device):
-    import dataclasses
-
-    problem = random_lora_problem(2, 8, 64, 4, torch.float32, 64, False, False, device)
-    w = problem["weight"]
-    shifted = torch.empty(w.packed.numel() + 1, dtype=torch.uint8, device=device)[1:]
-    shifted.copy_(w.packed.reshape(-1))
-    problem["weight"] = dataclasses.replace(w, packed=shifted.reshape(w.packed.shape))
-    with pytest.raises(ValueError, match="4-byte boundary"):
-        _run(problem)
+def test_shfl_table_is_refused_by_the_interpreter(device):
+    if device.type != "cpu":
+        pytest.skip("the interpreter only runs on CPU")
+    problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
+    with pytest.raises(ValueError, match="runs on a GPU, not in Triton's interpreter"):
+        _run(problem, dict(table="shfl"))
 
 
 @given(m=st.integers(1, 20), n=st.integers(1, 150), k_blocks=st.integers(1, 4), r=st.integers(1, 128),

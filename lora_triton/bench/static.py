@@ -9,7 +9,8 @@ weight element per thread (the whole body for a kernel without a loop), ``wgmma_
 is ptxas' warning C7515, ``weight_operand_from_registers`` whether the loop's wgmma reads the
 weight from registers, ``lut_global_gathers`` the code-table loads from global memory in the
 loop. ``dispatched`` says whether the dispatcher (``ops.dispatch``: the shipped table and the
-rule) can choose the kernel; a dispatched kernel that misses its ``BUDGETS`` fails the report
+rule) can choose the kernel with that code table (a GPU runs ``shfl``; ``gather`` rows are the
+interpreter's variant, for comparison); a dispatched kernel that misses its ``BUDGETS`` fails the report
 (exit 1). Versions other than the installed triton compile in a subprocess whose path starts
 with that version's wheel, installed once (``pip --target``) under ``--triton-cache``.
 ``--quick`` (CI): the dispatched kernels plus the skinny candidate, each on its default
@@ -135,6 +136,15 @@ def dispatched_kernels() -> set[str]:
     return names
 
 
+def is_dispatched(build: Build, dispatched: set[str]) -> bool:
+    """True when a GPU launch can run this build: a dispatched kernel with the code table a GPU uses."""
+    import torch
+
+    from ..kernels.runtime import default_table
+
+    return build.kernel in dispatched and build.variant.get("table") == default_table(torch.device("cuda"))
+
+
 def builds(quick: bool) -> list[Build]:
     """Every compile of the report (``quick``: dispatched kernels and skinny, default configs, bf16)."""
     dispatched = dispatched_kernels()
@@ -166,7 +176,7 @@ def _kernel_args(build: Build) -> tuple:
     act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[v["dtype"]]
     act = lambda: torch.empty(16, dtype=act_dtype)  # noqa: E731
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    weight = dict(words_ptr=torch.empty(16, dtype=torch.int32), code_ptr=f32(),
+    weight = dict(packed_ptr=torch.empty(16, dtype=torch.uint8), code_ptr=f32(),
                   absmax_ptr=torch.empty(16, dtype=torch.uint8), nested_absmax_ptr=f32(), nested_code_ptr=f32(),
                   offset=0.0123, BLOCKSIZE=64, DOUBLE_QUANT=True, TABLE=v["table"])
     r_pad = max(16, v["r"])
@@ -182,7 +192,9 @@ def _kernel_args(build: Build) -> tuple:
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dequant":
         per_program = nf4_dequant.blocks_per_program(64)
-        args = dict(**weight, out_ptr=act(), n_blocks=4096 * 64, BLOCKS_PER_PROGRAM=per_program)
+        words = dict(weight, words_ptr=torch.empty(16, dtype=torch.int32))
+        del words["packed_ptr"]
+        args = dict(**words, out_ptr=act(), n_blocks=4096 * 64, BLOCKS_PER_PROGRAM=per_program)
         return nf4_dequant._dequant_kernel, args, per_program * 64, options
     if build.kernel == "fused":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
@@ -284,7 +296,7 @@ def report_rows(quick: bool, versions: list[str], workers: int, cache: str) -> l
     for version in versions:
         if version in ("installed", installed_triton_version()):
             dispatched = dispatched_kernels()
-            rows += _compile_all([(b, b.kernel in dispatched) for b in builds(quick)], workers)
+            rows += _compile_all([(b, is_dispatched(b, dispatched)) for b in builds(quick)], workers)
         else:
             rows += _rows_with_other_triton(version, quick, workers, cache)
     return rows
@@ -342,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json:
         dispatched = dispatched_kernels()
-        rows = _compile_all([(b, b.kernel in dispatched) for b in builds(args.quick)], args.jobs or os.cpu_count())
+        rows = _compile_all([(b, is_dispatched(b, dispatched)) for b in builds(args.quick)],
+                            args.jobs or os.cpu_count())
         print(json.dumps(rows))
         return 0
     return run_static(args.out, args.quick, workers=args.jobs)

@@ -45,24 +45,26 @@ def check_nf4_weight(weight: NF4Weight, device: torch.device) -> None:
     if k % weight.blocksize:
         raise ValueError(f"the kernels need in_features K divisible by the NF4 block size: K={k}, "
                          f"blocksize={weight.blocksize}; use the reference path for this weight")
-    if k % 8:
-        raise ValueError(f"the kernels need in_features K divisible by 8 (whole 32-bit words of codes), got K={k}")
-    if weight.packed.data_ptr() % 4:
-        raise ValueError("the kernels read the packed NF4 bytes as 32-bit words: the packed tensor must start on a "
-                         f"4-byte boundary, got address {weight.packed.data_ptr():#x} (a sliced view?); pass "
-                         "packed.clone()")
+    if k % 2:
+        raise ValueError(f"the kernels need an even in_features K, got K={k}")
 
 
 def packed_words(weight: NF4Weight) -> torch.Tensor:
-    """The packed bytes as int32 words (a view, no copy; 8 codes per word, ``nf4_decode``)."""
+    """The packed bytes as int32 words (a view, no copy; 8 codes per word, ``nf4_decode.decode_words``).
+
+    Raises ValueError when the bytes do not start on a 4-byte boundary (a sliced view)."""
+    if weight.packed.data_ptr() % 4:
+        raise ValueError("the dequant kernel reads the packed NF4 bytes as 32-bit words: the packed tensor must start "
+                         f"on a 4-byte boundary, got address {weight.packed.data_ptr():#x} (a sliced view?); pass "
+                         "packed.clone()")
     return weight.packed.reshape(-1).view(torch.int32)
 
 
 def nf4_kernel_args(weight: NF4Weight) -> tuple:
     """Positional kernel arguments describing ``weight`` (call ``check_nf4_weight`` first):
-    ``(words, code, absmax, nested_absmax, nested_code, offset)``, ``words`` from ``packed_words``.
-    Without double quant the nested pointers alias ``code`` (never read) and ``offset`` is 0.0."""
-    words = packed_words(weight)
+    ``(packed, code, absmax, nested_absmax, nested_code, offset)``. Without double quant the
+    nested pointers alias ``code`` (never read) and ``offset`` is 0.0."""
     if weight.double_quant:
-        return (words, weight.code, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset_value)
-    return words, weight.code, weight.absmax, weight.code, weight.code, 0.0
+        return (weight.packed, weight.code, weight.absmax, weight.nested_absmax, weight.nested_code,
+                weight.offset_value)
+    return weight.packed, weight.code, weight.absmax, weight.code, weight.code, 0.0

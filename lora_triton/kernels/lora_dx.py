@@ -41,7 +41,7 @@ DX_METHODS = ("fused", "dequant")
 @triton.jit
 def _lora_dx_kernel(
     dy_ptr, g_ptr, a_ptr, dx_ptr,
-    words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
     scale, seed, dropout_p,
     M, N, K, R, M_BUCKET,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
@@ -66,12 +66,12 @@ def _lora_dx_kernel(
     in_k = offs_k < K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
+    table = code_table(code_ptr, TABLE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * N + offs_n[None, :],
                      mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
-        w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                           offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
         # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
         # fp16/bf16 operands are unaffected.

@@ -25,13 +25,14 @@ Four candidates compute the same thing (shared/DESIGN.md asks to measure, not as
              LoRA and bias in the same launch.
 
 Which one runs is decided in ``ops/dispatch.py`` (measured tables); this module runs the one it
-is told to. All kernels read ``W`` through ``nf4_decode`` (int32 words, the code table in
+is told to. All kernels read ``W`` through ``nf4_decode`` (the code table in
 registers, one absmax load per block) and dropout through ``dropout.dropout_scale``, so every
 candidate sees the same ``W`` and the same mask for a seed.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
 from .nf4_dequant import dequantize_nf4
-from .nf4_skinny import launch_skinny, split_k_for
+from .nf4_skinny import check_config, launch_skinny, split_k_for, split_k_range
 from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket, require_launchable
 
 METHODS = ("fused", "split", "decode", "dequant", "skinny")
@@ -136,13 +137,13 @@ def _load_x_tile(x_ptr, offs_m, offs_k, M, K):
 
 
 @triton.jit
-def _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+def _nf4_dot_step(acc, x, packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                   offset, offs_n, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
     """``acc [BM, BN] += x [BM, BK] @ W[offs_n, k0:k0+BK]^T``; the NF4 tile is decoded in
     registers and cast to x's dtype for the MMA."""
-    w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                       offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
     return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
 
@@ -191,7 +192,7 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 # ====================================================================== kernels
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _fused_forward_kernel(
-        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr,
         M, N, K, R, M_BUCKET, scale, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SINGLE_PASS: tl.constexpr,
@@ -206,11 +207,11 @@ def _fused_forward_kernel(
     offs_r = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
+    table = code_table(code_ptr, TABLE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
-        acc = _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+        acc = _nf4_dot_step(acc, x, packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                             offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION,
                             TABLE)
         if SINGLE_PASS:
@@ -244,7 +245,7 @@ def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p,
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _decode_partial_kernel(
-        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, y32_ptr, s32_ptr,
         M, N, K, R, M_BUCKET, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
@@ -254,19 +255,17 @@ def _decode_partial_kernel(
     into the zeroed fp32 ``y32 [M, N]``; programs of the first N tile also add their part of
     ``S`` into the zeroed fp32 ``s32 [M, r]``."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = pid_k * steps_per_split * BLOCK_K
-    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
+    table = code_table(code_ptr, TABLE)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_x_tile(x_ptr, offs_m, offs_k, M, K)
-        acc = _nf4_dot_step(acc, x, words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+        acc = _nf4_dot_step(acc, x, packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                             offset, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, DOT_PRECISION,
                             TABLE)
         if pid_n == 0:
@@ -442,9 +441,15 @@ SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1)
 SKINNY_PROGRAMS_PER_SM = 4
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once per device); 2 for the interpreter's CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def skinny_split_k(op: Operands, block_n: int, block_k: int) -> int:
     """The split the skinny kernel uses on this device for ``op`` (fills the SMs a few times over)."""
-    sms = torch.cuda.get_device_properties(op.x.device).multi_processor_count if op.x.is_cuda else 2
+    sms = _multiprocessors(op.x.device)
     return split_k_for(triton.cdiv(op.n, block_n), triton.cdiv(op.m, 16), triton.cdiv(op.k, block_k),
                        SKINNY_PROGRAMS_PER_SM * sms)
 
@@ -452,6 +457,8 @@ def skinny_split_k(op: Operands, block_n: int, block_k: int) -> int:
 def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = dict(SKINNY_INTERPRETER if interpreting() else SKINNY_DEFAULT, table=default_table(op.x.device))
     cfg.update(config or {})
+    if interpreting() and cfg["table"] == "shfl":
+        raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
     if cfg.get("split_k") is None:
         cfg["split_k"] = skinny_split_k(op, cfg["block_n"], cfg["block_k"])
     y, s = op.new_outputs()
@@ -502,6 +509,8 @@ def lora_forward_triton(
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['reference']}")
     if config is not None and method != "skinny":
         raise ValueError(f"method {method!r} takes no config (its kernels autotune), got {config!r}")
+    if config is not None:
+        check_config({**SKINNY_DEFAULT, "split_k": 1, "table": default_table(x2d.device), **config})
     if method == "reference":
         return _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
     require_launchable(x2d.device)

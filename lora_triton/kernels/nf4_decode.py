@@ -3,12 +3,20 @@
 ``W`` ``[N, K]`` stays in bitsandbytes' bytes: the flattened row-major weight, two codes per
 byte with the even column in the high nibble, one absmax per ``BLOCKSIZE`` consecutive
 elements. Kernels need ``K % BLOCKSIZE == 0`` (a block never straddles two rows, so the block
-of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``) and read the bytes as **32-bit
-words**, 8 codes each: with ``K % 32 == 0`` (every block size is >= 32) a row starts on a word.
+of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``).
 
-A word is 4 bytes little-endian, so byte ``j`` is bits ``8j .. 8j+7`` and element ``e`` of the
-word (``e`` in 0..7, element ``2j`` in the high nibble of byte ``j``) is
-``(word >> WORD_SHIFT[e]) & 0xF`` with ``WORD_SHIFT = [4, 0, 12, 8, 20, 16, 28, 24]``.
+Two ways in, chosen per kernel by the static report (bench/RESULTS.md):
+
+``load_nf4_tile``  the MMA kernels (skinny, fused/split, decode, dx): one byte = two codes per
+                   load element; Triton copies the tile to shared memory in 16-byte pieces and
+                   builds the MMA operand from it. Measured against 32-bit words there: words
+                   cost 1.4-3.4x more instructions per element, because Triton moves the
+                   decoded 8-codes-per-thread tile into the MMA operand layout element by element.
+``decode_words``   the dequant kernel (no MMA, the layout is free): **32-bit words**, 8 codes each
+                   (``K % 32 == 0`` for every block size, so a row starts on a word). A word is 4
+                   bytes little-endian, so element ``e`` of it (element ``2j`` in the high nibble of
+                   byte ``j``) is ``(word >> WORD_SHIFT[e]) & 0xF``, ``WORD_SHIFT = [4, 0, 12, 8,
+                   20, 16, 28, 24]``.
 
 The 16-entry code table lives in registers; ``TABLE`` (a constexpr) picks how a code becomes
 its value, both exact (the table's own fp32 values):
@@ -61,16 +69,28 @@ def _shfl_lookup(table_lane, shifted):
 
 
 @triton.jit
-def code_table(code_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, TABLE: tl.constexpr):
-    """The code table in registers, for decoding ``[ROWS, WORDS]`` words: fp32 ``[16]`` for
-    ``"gather"``; for ``"shfl"`` an fp32 ``[1, 1, 1]`` tensor that holds ``code[L % 16]`` in lane
-    ``L`` (one register and one load per thread; ``decode_words`` broadcasts it in registers,
-    which never moves a value between threads). Load it once, before the K loop."""
+def code_table(code_ptr, TABLE: tl.constexpr):
+    """The code table in registers: fp32 ``[16]`` for ``"gather"``; for ``"shfl"`` an fp32 ``[1, 1]``
+    tensor that holds ``code[L % 16]`` in lane ``L`` (one register and one load per thread;
+    ``lookup`` broadcasts it in registers, which never moves a value between threads). Load it
+    once, before the K loop."""
     if TABLE == "shfl":
-        lane = _lane_id(tl.zeros((1, 1, 1), tl.int32))
+        lane = _lane_id(tl.zeros((1, 1), tl.int32))
         return tl.load(code_ptr + (lane & 15))
     else:
         return tl.load(code_ptr + tl.arange(0, 16))
+
+
+@triton.jit
+def lookup(table, codes, TABLE: tl.constexpr):
+    """fp32 code values of int32 ``codes`` ``[ROWS, COLS]`` (the code in bits 0..3; higher bits are
+    ignored), ``table`` from ``code_table``."""
+    ROWS: tl.constexpr = codes.shape[0]
+    COLS: tl.constexpr = codes.shape[1]
+    if TABLE == "shfl":
+        return _shfl_lookup(tl.broadcast_to(table, (ROWS, COLS)), codes)
+    else:
+        return tl.reshape(tl.gather(table, tl.reshape(codes & 0xF, (ROWS * COLS,)), 0), (ROWS, COLS))
 
 
 @triton.jit
@@ -79,11 +99,16 @@ def decode_words(words, table, TABLE: tl.constexpr):
     ROWS: tl.constexpr = words.shape[0]
     WORDS: tl.constexpr = words.shape[1]
     shifted = words[:, :, None] >> word_shifts()[None, None, :]  # code in bits 0..3, other bits vary
-    if TABLE == "shfl":
-        values = _shfl_lookup(tl.broadcast_to(table, (ROWS, WORDS, 8)), shifted)
-    else:
-        values = tl.reshape(tl.gather(table, tl.reshape(shifted & 0xF, (ROWS * WORDS * 8,)), 0), (ROWS, WORDS, 8))
-    return tl.reshape(values, (ROWS, WORDS * 8))
+    return lookup(table, tl.reshape(shifted, (ROWS, WORDS * 8)), TABLE)
+
+
+@triton.jit
+def decode_bytes(byte, table, TABLE: tl.constexpr):
+    """fp32 code values ``[ROWS, 2 * COLS]`` of int32 bytes ``[ROWS, COLS]`` (0..255), in element
+    order: the high nibble is the even element."""
+    ROWS: tl.constexpr = byte.shape[0]
+    COLS: tl.constexpr = byte.shape[1]
+    return tl.reshape(tl.join(lookup(table, byte >> 4, TABLE), lookup(table, byte, TABLE)), (ROWS, 2 * COLS))
 
 
 @triton.jit
@@ -104,26 +129,26 @@ def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bl
 
 
 @triton.jit
-def load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                   offs_n, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr):
     """Dequantize ``W[offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
 
-    ``words_ptr`` is the packed weight viewed as int32; ``table`` comes from ``code_table``;
-    ``offs_n`` holds ``BLOCK_N`` row indices; ``k0`` is a multiple of ``BLOCK_K`` (>= 8). Both
-    ``BLOCK_K`` and ``BLOCKSIZE`` are powers of two, so the tile covers part of one block per
-    row (``BLOCK_K <= BLOCKSIZE``) or ``BLOCK_K // BLOCKSIZE`` whole blocks. Rows ``>= N`` and
-    columns ``>= K`` read as 0. One absmax load per (row, block), one word load per 8 codes.
+    ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
+    holds ``BLOCK_N`` row indices; ``k0`` is a multiple of ``BLOCK_K``. Both ``BLOCK_K`` and
+    ``BLOCKSIZE`` are powers of two, so the tile covers part of one block per row
+    (``BLOCK_K <= BLOCKSIZE``) or ``BLOCK_K // BLOCKSIZE`` whole blocks. Rows ``>= N`` and
+    columns ``>= K`` read as 0. One absmax load per (row, block), each byte loaded once.
     """
-    WORDS: tl.constexpr = BLOCK_K // 8
-    offs_w = k0 // 8 + tl.arange(0, WORDS)
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_b = k0 // 2 + tl.arange(0, HALF)
     row_ok = offs_n < N
     rows = offs_n.to(tl.int64)
-    word_mask = row_ok[:, None] & (offs_w[None, :] < K // 8)
-    words = tl.load(words_ptr + rows[:, None] * (K // 8) + offs_w[None, :], mask=word_mask, other=0,
-                    eviction_policy="evict_first")
-    codes = decode_words(words, table, TABLE)
+    byte_mask = row_ok[:, None] & (offs_b[None, :] < K // 2)
+    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=byte_mask, other=0,
+                   eviction_policy="evict_first").to(tl.int32)
+    codes = decode_bytes(byte, table, TABLE)
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K <= BLOCKSIZE:
         # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
@@ -142,7 +167,8 @@ def load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_p
 
 # ====================================================================== CPU twins of the bit logic
 def emulate_shfl_lookup(code: np.ndarray, words: np.ndarray) -> np.ndarray:
-    """What ``decode_words(..., TABLE="shfl")`` computes, bit for bit, in numpy.
+    """What ``decode_words(..., TABLE="shfl")`` computes, bit for bit, in numpy (``decode_bytes``
+    is the same lookup on ``byte >> 4`` and ``byte``: ``emulate_shfl_bytes``).
 
     ``code`` float32 ``[16]``; ``words`` int32 ``[...]``. Returns float32 ``[..., 8]``: for element
     ``e`` the warp shuffle reads lane ``(word >> WORD_SHIFT[e]) & 31`` (arithmetic shift, as
@@ -152,6 +178,14 @@ def emulate_shfl_lookup(code: np.ndarray, words: np.ndarray) -> np.ndarray:
     table_lane = np.asarray(code, dtype=np.float32)[np.arange(32) % 16]
     shifted = np.asarray(words, dtype=np.int32)[..., None] >> np.asarray(WORD_SHIFT, dtype=np.int32)
     return table_lane[shifted & 0x1F]
+
+
+def emulate_shfl_bytes(code: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """What ``decode_bytes(..., TABLE="shfl")`` computes, in numpy: float32 ``[..., 2]`` per byte
+    (high nibble first); the lane operand is ``byte >> 4`` or the byte itself, low 5 bits kept."""
+    table_lane = np.asarray(code, dtype=np.float32)[np.arange(32) % 16]
+    byte = np.asarray(packed, dtype=np.int32)
+    return np.stack([table_lane[(byte >> 4) & 0x1F], table_lane[byte & 0x1F]], axis=-1)
 
 
 def words_of_packed(packed: np.ndarray) -> np.ndarray:

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..format import NF4Weight
-from .checks import check_nf4_weight, nf4_kernel_args
-from .nf4_decode import code_table, decode_words, load_block_absmax
+from .checks import check_nf4_weight, nf4_kernel_args, packed_words
+from .nf4_decode import TABLES, code_table, decode_words, load_block_absmax
 from .runtime import default_table, kernel_dtype, require_launchable
 
 #: Packed bytes per program (more when one block is larger).
@@ -30,7 +30,7 @@ def _dequant_kernel(words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_c
     in_range = blocks < n_blocks
     words = tl.load(words_ptr + blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :], mask=in_range[:, None],
                     other=0)
-    table = code_table(code_ptr, BLOCKS_PER_PROGRAM, WORDS, TABLE)
+    table = code_table(code_ptr, TABLE)
     absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks, in_range,
                                DOUBLE_QUANT)
     values = decode_words(words, table, TABLE) * absmax[:, None]
@@ -64,8 +64,10 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype, table: str | None = No
     check_nf4_weight(weight, weight.device)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"can dequantize to float16, bfloat16 or float32 only, got {dtype}")
+    if table is not None and table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES} or None (the device's), got {table!r}")
     require_launchable(weight.device)
     out = torch.empty(weight.shape, dtype=kernel_dtype(dtype, weight.device), device=weight.device)
-    launch_dequant(nf4_kernel_args(weight), out, weight.n_blocks, blocksize=weight.blocksize,
+    launch_dequant((packed_words(weight), *nf4_kernel_args(weight)[1:]), out, weight.n_blocks, blocksize=weight.blocksize,
                    double_quant=weight.double_quant, table=table or default_table(weight.device))
     return out.to(dtype)

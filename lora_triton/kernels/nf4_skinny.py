@@ -1,6 +1,6 @@
 """Decode-size forward (few tokens): ``y = x @ dequant(W)^T + s * (drop(x) @ A^T) @ B^T + b`` in one launch.
 
-Shapes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' bytes read as int32 words), ``A [r, K]``,
+Shapes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' bytes), ``A [r, K]``,
 ``B [N, r]``, ``b [N]``; ``y [M, N]`` and ``S [M, r]`` in x's dtype (fp16 / bf16 / fp32),
 fp32 accumulation. Built for ``M <= 16`` (any M works: more M tiles).
 
@@ -34,6 +34,15 @@ BLOCK_M = 16  # tokens per program: the wgmma N dimension (>= 16 on every MMA)
 
 
 @triton.jit
+def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``(k_begin, k_end)`` of split ``pid_k``: ``SPLIT_K`` runs of whole ``BLOCK_K`` steps over ``[0, K)``
+    (the last ones may be short or empty)."""
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    return k_begin, tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+
+
+@triton.jit
 def _x_t_tile(x_ptr, offs_m, offs_k, M, K):
     """``x^T [len(offs_k), len(offs_m)]`` (0 outside)."""
     mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
@@ -42,7 +51,7 @@ def _x_t_tile(x_ptr, offs_m, offs_k, M, K):
 
 @triton.jit(do_not_specialize=["M", "R", "seed"])
 def _skinny_kernel(
-        x_ptr, words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, partial_y_ptr, partial_s_ptr, counter_ptr,
         M, N, K, R, scale, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
@@ -50,19 +59,17 @@ def _skinny_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = pid_k * steps_per_split * BLOCK_K
-    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    table = code_table(code_ptr, BLOCK_N, BLOCK_K // 8, TABLE)
+    table = code_table(code_ptr, TABLE)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
     s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # S^T of this K range
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K)
-        w = load_nf4_tile(words_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                           offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
         acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -133,15 +140,39 @@ def split_k_for(n_tiles: int, m_tiles: int, k_steps: int, programs_wanted: int) 
     return max(1, min(k_steps, -(-programs_wanted // tiles)))
 
 
+CONFIG_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "table")
+
+
+def check_config(config: dict) -> None:
+    """Raise ValueError naming the field unless ``config`` is a complete, valid skinny config."""
+    from .nf4_decode import TABLES
+
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    missing = sorted(set(CONFIG_KEYS) - set(config))
+    if unknown or missing:
+        raise ValueError(f"skinny config: unknown keys {unknown}, missing keys {missing}; expected {list(CONFIG_KEYS)}")
+    for key in ("block_n", "block_k"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"skinny config: {key} must be a power of two >= 16, got {value!r}")
+    for key in ("split_k", "num_warps", "num_stages"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"skinny config: {key} must be a positive int, got {value!r}")
+    if config["table"] not in TABLES:
+        raise ValueError(f"skinny config: table must be one of {TABLES}, got {config['table']!r}")
+
+
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
                   block_n: int, block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
 
-    ``weight_args`` is ``(words, code, absmax, nested_absmax, nested_code, offset)`` (words: the
-    packed bytes viewed as int32); every tensor is contiguous on x's device (validated by the
-    ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
+    ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
+    device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
     """
+    check_config(dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                      table=table))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M)

@@ -44,7 +44,13 @@ class Problem:
 
     @property
     def gpu(self) -> str | None:
-        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return _gpu_name(self.device) if self.device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device: torch.device) -> str:
+    """The table key of a CUDA device (asked once per device: this runs on every forward)."""
+    return torch.cuda.get_device_name(device)
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,9 @@ DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("fused", "dx", _always, "dx kernel reducing over N with in-loop NF4 decode"),
 )}
 #: What runs where no measured point applies: dequantize + cuBLAS, the only candidate a GPU
-#: table has shown winning so far (H200, bench/RESULTS.md). A candidate earns other shapes
-#: only through a measured table.
+#: table has shown winning so far (H200 runs 1 and 2, bench/RESULTS.md: for dx the fused kernel
+#: made the layer's backward 14-67x slower at M >= 1024). A candidate earns other shapes only
+#: through a measured table.
 RULE = {"forward": "dequant", "dx": "dequant"}
 
 
@@ -127,6 +134,11 @@ def measured_choice(table: dict, gpu: str | None, operation: str, problem: Probl
     return min(same_shape, key=lambda p: (abs(math.log2(p["m_bucket"]) - bucket), p["m_bucket"]))
 
 
+@functools.lru_cache(maxsize=4096)
+def _shipped_choice(gpu: str | None, operation: str, bucket: int, n: int, k: int, r: int) -> dict | None:
+    return measured_choice(load_table(), gpu, operation, Problem(torch.device("cpu"), bucket, n, k, r))
+
+
 def choose(problem: Problem, operation: str = "forward", table: dict | None = None) -> tuple[str, dict | None]:
     """``(candidate name, its config or None)`` for ``problem``; ``"reference"`` where Triton cannot run."""
     if operation not in OPERATIONS:
@@ -134,7 +146,10 @@ def choose(problem: Problem, operation: str = "forward", table: dict | None = No
     if not can_launch(problem.device):
         return "reference", None
     registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
-    point = measured_choice(load_table() if table is None else table, problem.gpu, operation, problem)
+    if table is None:  # the shipped table: the point per (GPU, M bucket, shape) is looked up once
+        point = _shipped_choice(problem.gpu, operation, m_bucket(max(problem.m, 1)), problem.n, problem.k, problem.r)
+    else:
+        point = measured_choice(table, problem.gpu, operation, problem)
     if point is not None and registry[point["candidate"]].supports(problem):
         return point["candidate"], point.get("config")
     return RULE[operation], None
@@ -188,3 +203,4 @@ def write_table(table: dict, path: str = TABLE_PATH) -> None:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
     load_table.cache_clear()
+    _shipped_choice.cache_clear()
