@@ -13,14 +13,14 @@ checks the reference layer against float64, and prints the memory the packed for
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
 import torch
 
 from .bench.cli import add_bench_parser
-from .format import NF4Weight
+from .format import SUPPORTED_BLOCKSIZES, NF4Weight
+from .outputs import default_dir
 from .reference import lora_forward
 from .testing import relative_error
 
@@ -74,25 +74,50 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _model_shape(model: str):
+    """``(ModelShape, name)`` for a preset name (any case) or a transformers ``config.json`` (or
+    the folder holding one); ``SystemExit`` with a message saying what is accepted otherwise."""
+    import json
+    from pathlib import Path
+
+    from .memory.estimate import PRESETS, ModelShape
+
+    if model.lower() in PRESETS:
+        return PRESETS[model.lower()], model.lower()
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"lora-triton memory: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                         "transformers config.json (or a folder holding one)")
+    try:
+        config = json.loads(path.read_text())
+        return ModelShape.from_config(config), str(path)
+    except (ValueError, TypeError, KeyError) as err:
+        raise SystemExit(f"lora-triton memory: cannot read a LLaMA-style model shape from {path}: {err}") from None
+
+
+def _count(n: float) -> str:
+    """``6.74 B``, ``124.4 M``, ``922.2 K`` parameters."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "B" else f"{n / size:.1f} {unit}"
+    return f"{n:.0f}"
+
+
 def memory(args: argparse.Namespace) -> int:
     """Print the memory estimate of full / LoRA / QLoRA fine-tuning, optionally checked
     against measured training steps of a small LLaMA."""
-    import json
+    from .memory.estimate import METHODS, TrainingSetup, estimate, format_table
 
-    from .memory_estimate import METHODS, PRESETS, ModelShape, TrainingSetup, estimate, format_table
-
-    if args.model in PRESETS:
-        shape = PRESETS[args.model]
-    else:
-        with open(args.model) as f:
-            shape = ModelShape.from_config(json.load(f))
+    shape, name = _model_shape(args.model)
     setup = TrainingSetup(batch=args.batch, seq=args.seq, rank=args.rank,
                           gradient_checkpointing=not args.no_checkpointing)
-    print(f"model {args.model}: {shape.params / 1e9:.2f} B parameters; batch {setup.batch} x seq {setup.seq}, "
+    print(f"model {name}: {_count(shape.params)} parameters; batch {setup.batch} x seq {setup.seq}, "
           f"r={setup.rank}, gradient checkpointing {setup.gradient_checkpointing}")
     print(format_table([estimate(shape, setup, m) for m in METHODS]))
     if args.measure:
-        from .memory_measure import measure_all
+        from .memory.measure import measure_all
 
         small = TrainingSetup(batch=2, seq=128, rank=8, gradient_checkpointing=setup.gradient_checkpointing)
         print(f"\ncheck on a small LLaMA (hidden 256, 4 layers), one bf16 training step on {args.device}:")
@@ -104,53 +129,77 @@ def memory(args: argparse.Namespace) -> int:
 
 
 def forgetting(args: argparse.Namespace) -> int:
-    """Run the forgetting benchmark (lora_triton/bench/forgetting.py)."""
-    from .bench.forgetting import run_forgetting_benchmark
+    """Run the forgetting benchmark (lora_triton/demos/forgetting.py)."""
+    from .demos.forgetting import run_forgetting_benchmark
 
     run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Run the end-to-end demo (lora_triton/demo.py)."""
-    from .demo import run_demo
+    """Run the end-to-end demo (lora_triton/demos/end_to_end.py)."""
+    from .demos.end_to_end import run_demo
 
     run_demo(args.out_dir, args.quick, args.device)
     return 0
 
 
+DESCRIPTION = ("lora-triton: QLoRA layers (a bitsandbytes NF4 base weight plus a PEFT LoRA adapter) with Triton "
+               "kernels. Commands: demo, verify, memory, bench, forgetting; 'lora-triton COMMAND --help' for each.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-triton", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lora-triton", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="quantize a small LM, fine-tune it on two domains with forgetting protection")
-    d.add_argument("--out-dir", default="lora_triton_demo")
-    d.add_argument("--quick", action="store_true", help="tiny model and budgets (seconds; CI)")
-    d.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    d.add_argument("--out-dir", default=default_dir("demo"), metavar="DIR",
+                   help="folder for the saved adapter (default: %(default)s)")
+    d.add_argument("--quick", action="store_true", help="tiny model and budgets, seconds: a smoke test (CI)")
+    d.add_argument("--device", default=None, help="torch device to train on (default: cuda when available, else cpu)")
     d.set_defaults(func=demo)
     v = sub.add_parser("verify", help="quantize a weight, check it against bitsandbytes and the reference")
-    v.add_argument("--out-features", type=int, default=4096)
-    v.add_argument("--in-features", type=int, default=4096)
-    v.add_argument("--blocksize", type=int, default=64)
-    v.add_argument("--no-double-quant", action="store_true")
-    v.add_argument("--rank", type=int, default=16)
-    v.add_argument("--tokens", type=int, default=64)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out-features", type=_positive_int, default=4096, metavar="N",
+                   help="rows of the random weight (default: %(default)s)")
+    v.add_argument("--in-features", type=_positive_int, default=4096, metavar="K",
+                   help="columns of the random weight (default: %(default)s)")
+    v.add_argument("--blocksize", type=int, default=64, choices=SUPPORTED_BLOCKSIZES, metavar="B",
+                   help=f"NF4 block size, one of {', '.join(map(str, SUPPORTED_BLOCKSIZES))} (default: %(default)s)")
+    v.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32")
+    v.add_argument("--rank", type=_positive_int, default=16, metavar="R",
+                   help="LoRA rank of the layer checked against float64 (default: %(default)s)")
+    v.add_argument("--tokens", type=_positive_int, default=64, metavar="M",
+                   help="rows of the input checked against float64 (default: %(default)s)")
+    v.add_argument("--seed", type=int, default=0, help="random seed of the weight and inputs (default: %(default)s)")
     v.set_defaults(func=verify)
     m = sub.add_parser("memory", help="memory of full / LoRA / QLoRA fine-tuning for a model size or config")
-    m.add_argument("model", nargs="?", default="7b", help="7b, 13b, 70b, or a path to a transformers config.json")
-    m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--seq", type=int, default=512)
-    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("model", nargs="?", default="7b",
+                   help="7b, 13b or 70b (any case), or a transformers config.json or the folder holding it "
+                        "(default: %(default)s)")
+    m.add_argument("--batch", type=_positive_int, default=1, metavar="B",
+                   help="sequences per step (default: %(default)s)")
+    m.add_argument("--seq", type=_positive_int, default=512, metavar="S",
+                   help="tokens per sequence (default: %(default)s)")
+    m.add_argument("--rank", type=_positive_int, default=16, metavar="R",
+                   help="LoRA rank on all projections (default: %(default)s)")
     m.add_argument("--no-checkpointing", action="store_true", help="model activations without gradient checkpointing")
     m.add_argument("--measure", action="store_true", help="also measure real steps of a small LLaMA and compare")
-    m.add_argument("--device", default="cpu")
+    m.add_argument("--device", default="cpu", help="torch device for --measure (default: %(default)s)")
     m.set_defaults(func=memory)
     add_bench_parser(sub)
     f = sub.add_parser("forgetting", help="sequential-domain forgetting benchmark: naive LoRA vs stacked vs protected")
-    f.add_argument("--quick", action="store_true", help="tiny model and budgets (about a minute; CI)")
-    f.add_argument("--out-dir", default="forgetting_results")
-    f.add_argument("--seeds", type=int, default=None)
-    f.add_argument("--jobs", type=int, default=None,
+    f.add_argument("--quick", action="store_true", help="tiny model and budgets, about a minute: a smoke test (CI)")
+    f.add_argument("--out-dir", default=default_dir("forgetting"), metavar="DIR",
+                   help="folder for forgetting.csv, .md and .png (default: %(default)s)")
+    f.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                   help="seeds per method (default: 3, with --quick 2)")
+    f.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes for the (method, seed) runs (default: one per core, at most one per run); "
                         "the numbers do not depend on it")
     f.set_defaults(func=forgetting)
@@ -158,9 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # bitsandbytes warns at import on AVX512-BF16 CPUs that the optional Hugging Face `kernels`
-    # package is missing; none of our commands uses what it would fetch.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

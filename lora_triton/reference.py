@@ -77,7 +77,7 @@ def lora_backward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
-    s: torch.Tensor,
+    saved_s: torch.Tensor,
     dropout_mask: torch.Tensor | None = None,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
 ) -> LoRAGrads:
@@ -85,7 +85,7 @@ def lora_backward(
 
     Args:
         dy: ``[M, N]`` gradient of ``y``; x, weight, lora_a, lora_b, scale, dropout_mask as
-            in ``lora_forward``; s: ``[M, r]`` saved by the forward.
+            in ``lora_forward``; saved_s: ``S [M, r]`` saved by the forward.
         needs: which of ``(dx, dA, dB, dbias)`` to compute.
     Returns:
         ``LoRAGrads`` in ``x.dtype`` (``dA``/``dB`` in the adapter's shapes).
@@ -105,10 +105,22 @@ def lora_backward(
         x_drop = x if dropout_mask is None else x * dropout_mask.to(dtype)
         da = scale * (g.t() @ x_drop)
     if need_db:
-        db = scale * (dy.t() @ s)
+        db = scale * (dy.t() @ saved_s)
     if need_dbias:
         dbias = dy.sum(0)
     return LoRAGrads(dx, da, db, dbias)
+
+
+def refuse_double_backward() -> None:
+    """Raise when autograd asks a backward of this layer for a graph (``create_graph=True``).
+
+    The backward formulas use ``S`` saved by a forward that kept no graph, so a second
+    derivative through them would silently miss every path through ``S`` (and through the
+    explicit formulas): refusing is the only answer that is never a wrong number.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("lora-triton's QLoRA layer supports first derivatives only: double backward "
+                           "(create_graph=True, gradgradcheck, Hessian-vector products) is not supported")
 
 
 class LoRAReferenceFunction(torch.autograd.Function):
@@ -120,18 +132,19 @@ class LoRAReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias=None, dropout_mask=None):
-        y, s = lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_mask)
+        y, saved_s = lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_mask)
         ctx.weight, ctx.scale = weight, scale
-        ctx.save_for_backward(x, lora_a, lora_b, s, dropout_mask)
+        ctx.save_for_backward(x, lora_a, lora_b, saved_s, dropout_mask)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, lora_a, lora_b, s, mask = ctx.saved_tensors
+        refuse_double_backward()
+        x, lora_a, lora_b, saved_s, mask = ctx.saved_tensors
         given = len(ctx.needs_input_grad)  # bias / dropout_mask may have been left to their defaults
         need_x, _, need_a, need_b, _, need_bias, _ = (*ctx.needs_input_grad, False, False)[:7]
-        grads = lora_backward(dy, x, ctx.weight, lora_a, lora_b, ctx.scale, s, mask,
+        grads = lora_backward(dy, x, ctx.weight, lora_a, lora_b, ctx.scale, saved_s, mask,
                               needs=(need_x, need_a, need_b, need_bias and ctx.bias_dtype is not None))
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         dbias = None if grads.dbias is None else grads.dbias.to(ctx.bias_dtype)

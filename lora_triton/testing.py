@@ -1,4 +1,4 @@
-"""Helpers for testing kernels against the reference (used by tests/ and bench/).
+"""Helpers shared by tests, benchmarks and docs: error measures, random problems, a tiny model.
 
 The error measure is the one the project promises: ``||out - ref|| / ||ref||`` with the
 reference computed in float64. Bounds per activation dtype come from the unit roundoff of
@@ -8,8 +8,12 @@ the output dtype times a small factor for the reduction length (see ``REL_TOL``)
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .format import NF4Weight
+
+#: The seven projections of a Llama decoder layer (``target_modules`` for all of them).
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: Relative-error bounds (||out-ref||/||ref||) per activation dtype for kernel outputs.
 #: fp32 accumulates in fp32 (u = 6e-8, sums of a few thousand terms give ~1e-6);
@@ -77,3 +81,17 @@ def random_lora_problem(
         "scale": 2.0 / r,
         "bias": randn(n).to(dtype).to(device) if bias else None,
     }
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128) -> nn.Module:
+    """A tiny ``transformers`` causal LM built from a config (random init, nothing downloaded):
+    a fp32 ``LlamaForCausalLM`` (hidden ``hidden``, MLP ``2*hidden``, 4 heads / 2 KV heads,
+    untied head) with weights drawn from ``seed``: the same seed gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()

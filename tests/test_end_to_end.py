@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from lora_triton.integration import inject_lora, load_adapter, lora_layers, quantize_with_bnb, save_adapter
-from lora_triton.integration.testing import tiny_llama
-from lora_triton.testing import relative_error
+from lora_triton.testing import relative_error, tiny_llama
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

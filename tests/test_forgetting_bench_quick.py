@@ -35,8 +35,8 @@ def test_worker_processes_do_not_change_the_numbers():
 
     import torch
 
-    from lora_triton.bench import forgetting as fb
-    from lora_triton.text_domains import build_corpora
+    from lora_triton.demos import forgetting as fb
+    from lora_triton.demos.text_domains import build_corpora
 
     cfg = replace(fb.QUICK, pretrain_steps=4, task_steps=3, calib_batches=2, eval_windows=4, domain_bytes=20_000)
     threads = torch.get_num_threads()

@@ -144,6 +144,14 @@ def test_truncated_tensors_are_rejected(key, cut):
     ({"blocksize": 96}, "blocksize must be one of"),
     ({"dtype": "int8"}, "quant state dtype must be one of"),
     ({"nested_blocksize": 128}, "nested_blocksize must be 256"),
+    ({"nested_blocksize": 256.0}, "nested_blocksize must be 256"),
+    ({"shape": [33.7, 128]}, r"two positive ints, got \[33.7, 128\]"),
+    ({"shape": [40, "128"]}, "two positive ints"),
+    ({"shape": [True, 128]}, "two positive ints"),
+    ({"shape": [-40, 128]}, "two positive ints"),
+    ({"blocksize": 64.0}, "blocksize must be an int, got 64.0"),
+    ({"nested_offset": None}, "nested_offset must be a finite number, got None"),
+    ({"nested_offset": "0.1"}, "nested_offset must be a finite number"),
 ])
 def test_inconsistent_json_is_rejected(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -162,6 +170,64 @@ def test_non_finite_statistics_are_rejected():
     sd["weight.absmax"][3] = float("nan")
     with pytest.raises(ValueError, match="absmax contains NaN/Inf"):
         NF4Weight.from_bnb_state_dict(sd)
+
+
+@pytest.mark.parametrize("key, corrupt", [
+    ("weight.nested_quant_map", lambda t: t.fill_(float("nan"))),
+    ("weight.nested_quant_map", lambda t: t.zero_()),
+    ("weight.nested_quant_map", lambda t: t.mul_(2)),
+])
+def test_corrupt_nested_quant_map_is_rejected(key, corrupt):
+    sd = _state()
+    sd[key] = corrupt(sd[key].clone())
+    with pytest.raises(ValueError, match="nested_quant_map is not bitsandbytes' signed dynamic 8-bit map"):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+@pytest.mark.parametrize("double_quant, key", [(False, "weight.absmax"), (True, "weight.nested_absmax")])
+def test_negative_block_scales_are_rejected(double_quant, key):
+    sd = _state(double_quant)
+    sd[key][0] = -sd[key][0]
+    with pytest.raises(ValueError, match="negative values"):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+@pytest.mark.parametrize("blocksize", [64.0, "64", True, None])
+def test_non_int_blocksize_is_rejected(blocksize):
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        NF4Weight.quantize(torch.randn(8, 64), blocksize)
+    w = NF4Weight.quantize(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        NF4Weight(w.packed, w.absmax, w.code, w.shape, blocksize, w.dtype, w.nested_absmax, w.nested_code, w.offset)
+
+
+@pytest.mark.parametrize("shape", [(8.0, 64), (8, 64.5), ("8", 64)])
+def test_non_int_shape_is_rejected(shape):
+    w = NF4Weight.quantize(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="shape must hold ints"):
+        NF4Weight(w.packed, w.absmax, w.code, shape, 64, w.dtype, w.nested_absmax, w.nested_code, w.offset)
+
+
+@pytest.mark.parametrize("value", [1e37, 3e38])
+def test_double_quant_of_huge_weights_is_refused_clearly(value):
+    """Finite weights whose block scales average beyond float32 (bitsandbytes stores an inf
+    offset and decodes NaN there): a clear refusal; without double quant they quantize."""
+    w = torch.full((64, 256), value)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        NF4Weight.quantize(w, 64, double_quant=True)
+    plain = NF4Weight.quantize(w, 64, double_quant=False)
+    assert torch.equal(plain.dequantize(torch.float32), w)
+
+
+def test_every_weight_owns_its_code_tables():
+    """bitsandbytes gives each weight its own tables; a table shared across weights would tie
+    them together and make safetensors refuse the state dict."""
+    a, b = (NF4Weight.quantize(torch.randn(8, 64)) for _ in range(2))
+    for name in ("code", "nested_code"):
+        assert getattr(a, name).data_ptr() != getattr(b, name).data_ptr(), name
+    before = b.dequantize()
+    a.nested_code.mul_(2)
+    assert torch.equal(b.dequantize(), before)
 
 
 def test_state_without_double_quant_loads():

@@ -9,10 +9,9 @@ from torch import nn
 
 from lora_triton.integration import (delete_adapter, disable_adapters, find_targets, inject_lora, lora_layers,
                                      memory_bytes, quantize_with_bnb, set_adapter)
-from lora_triton.integration.testing import LLAMA_PROJECTIONS, tiny_llama
+from lora_triton.testing import LLAMA_PROJECTIONS, relative_error, tiny_llama
 from lora_triton.format import NF4Weight
 from lora_triton.modules import LoRALinear4bit
-from lora_triton.testing import relative_error
 
 peft = pytest.importorskip("peft")
 
@@ -128,3 +127,93 @@ def test_all_projections_of_llama():
     report = inject_lora(model, LLAMA_PROJECTIONS)
     assert len(report.converted) == 14
     assert all(isinstance(m, LoRALinear4bit) for m in lora_layers(model).values())
+
+
+def _state(model) -> dict:
+    """Everything inject_lora may change: module types and every parameter's requires_grad."""
+    return {name: (type(m).__name__, tuple(p.requires_grad for p in m.parameters(recurse=False)))
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("second_call, error, match", [
+    (dict(target_modules=["q_proj", "k_proj"]), ValueError, "already has an adapter named 'default'"),
+    (dict(target_modules=["q_proj", "k_proj"], r=0), ValueError, "rank r must be a positive int"),
+    (dict(target_modules=["q_proj", "k_proj"], lora_alpha=float("nan")), ValueError,
+     "lora_alpha must be a finite number"),
+    (dict(target_modules=["q_proj", "k_proj"], blocksize=64.0), TypeError, "blocksize must be an int"),
+    (dict(target_modules=["q_proj", "k_proj"], bias="all"), ValueError, "bias='all' is not supported"),
+])
+def test_inject_is_atomic(second_call, error, match):
+    """A clash or bad value found anywhere leaves the model as it was: no layer replaced or frozen."""
+    model = tiny_llama()
+    inject_lora(model, ["layers.1.self_attn.q_proj"], r=2)  # a clash on a later layer only
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = _state(model)
+    with pytest.raises(error, match=match):
+        inject_lora(model, **second_call)
+    assert _state(model) == before
+
+
+def test_inject_is_atomic_when_a_later_weight_cannot_be_quantized():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        inject_lora(model)
+    assert _state(model) == before
+
+
+def test_inject_takes_peft_lora_config():
+    """A PEFT user changes `get_peft_model(model, config)` to `inject_lora(model, config)`: the
+    same layers get adapters of the same shapes and scales (PEFT itself is the oracle)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                             rank_pattern={"layers.1.self_attn.v_proj": 2}, bias="none", task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    ours = tiny_llama()
+    inject_lora(ours, config)
+    peft_layers = {name.removeprefix("base_model.model."): m for name, m in theirs.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(peft_layers) == set(lora_layers(ours))
+    for name, layer in lora_layers(ours).items():
+        them = peft_layers[name]
+        assert layer.r["default"] == them.r["default"] and layer.scaling["default"] == them.scaling["default"]
+        assert layer.lora_dropout["default"] == them.lora_dropout["default"].p
+
+
+def test_peft_config_with_default_targets_uses_peft_defaults():
+    ours = tiny_llama()
+    report = inject_lora(ours, peft.LoraConfig(r=2))  # target_modules=None: PEFT's defaults for llama
+    assert {name.rsplit(".", 1)[1] for name in report.converted} == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(use_dora=True), "use_dora=True"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(bias="lora_only"), "bias='lora_only'"),
+    (dict(layers_to_transform=[0]), "layers_to_transform=\\[0\\]"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights 'pissa'"),
+])
+def test_unsupported_peft_config_fields_are_named(fields, match):
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        inject_lora(model, peft.LoraConfig(r=2, target_modules=["q_proj"], **fields))
+    assert _state(model) == before
+
+
+def test_peft_config_and_the_same_fields_as_keywords_are_refused_together():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"not both: got \['r'\]"):
+        inject_lora(model, peft.LoraConfig(r=2, target_modules=["q_proj"]), r=4)
+    assert not lora_layers(model)
+
+
+def test_peft_keywords_are_accepted_and_checked():
+    model = tiny_llama()
+    inject_lora(model, ["q_proj"], r=2, bias="none", task_type="CAUSAL_LM", modules_to_save=None)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        inject_lora(tiny_llama(), ["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        inject_lora(tiny_llama(), ["q_proj"], task_type="causal")

@@ -34,7 +34,7 @@ def _layer(backend, device):
     return layer.to(device)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_saved_activations_are_x_and_s_only(backend, device):
     layer = _layer(backend, device)
     x = torch.randn(M, K, device=device, requires_grad=True)
@@ -91,7 +91,7 @@ def test_triton_backend_keeps_no_dense_weight_for_backward(device):
 
 def test_reference_backend_dequantizes_only_transiently():
     """The CPU reference path builds dequant(W) inside the op, but never keeps it."""
-    layer = _layer("reference", "cpu")
+    layer = _layer("torch", "cpu")
     x = torch.randn(M, K, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

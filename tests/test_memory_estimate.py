@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_triton.memory_estimate import METHODS, PRESETS, ModelShape, TrainingSetup, adapter_params, estimate
+from lora_triton.memory.estimate import METHODS, PRESETS, ModelShape, TrainingSetup, adapter_params, estimate
 
 GIB = 2**30
 
@@ -47,7 +47,7 @@ def test_config_dict_round_trip():
 def test_estimate_against_measured_steps(checkpointing):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from lora_triton.memory_measure import measure_all
+    from lora_triton.memory.measure import measure_all
 
     rows = measure_all(TrainingSetup(batch=2, seq=128, rank=8, gradient_checkpointing=checkpointing))
     for row in rows:

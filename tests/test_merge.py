@@ -15,8 +15,7 @@ from torch import nn
 
 from lora_triton.integration import (disable_adapters, inject_lora, lora_layers, merge_into_nf4, merge_to_linear,
                                      unmerge)
-from lora_triton.integration.testing import LLAMA_PROJECTIONS, tiny_llama
-from lora_triton.testing import relative_error
+from lora_triton.testing import LLAMA_PROJECTIONS, relative_error, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 UPDATE = 0.01
@@ -90,3 +89,17 @@ def test_merge_needs_adapters():
         merge_to_linear(tiny_llama())
     with pytest.raises(TypeError, match="merge dtype"):
         merge_to_linear(tiny_llama(), torch.int8)
+
+
+def test_merge_to_linear_of_a_bare_layer_points_to_the_layer_method():
+    """The model-wide merge replaces layers inside a model; given the layer itself it used to
+    report "1 layers merged" and add a child named ''."""
+    from lora_triton.modules import LoRALinear4bit
+
+    layer = LoRALinear4bit.from_linear(nn.Linear(64, 16), r=2, init_lora_weights=False)
+    with pytest.raises(TypeError, match=r"layer.merge_to_linear\(dtype\)"):
+        merge_to_linear(layer)
+    assert dict(layer.named_children()).keys() == {"base_layer", "lora_A", "lora_B"}
+    linear = layer.merge_to_linear(torch.float32)
+    x = torch.randn(3, 64)
+    assert relative_error(linear(x), layer(x)) < 1e-6

@@ -122,15 +122,35 @@ def test_bad_construction_arguments():
         LoRALinear4bit(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="rank r must be a positive int"):
         LoRALinear4bit.from_linear(torch.nn.Linear(64, 8), r=0)
-    with pytest.raises(ValueError, match="lora_dropout must be in"):
+    with pytest.raises(ValueError, match="lora_dropout must be a number in"):
         LoRALinear4bit.from_linear(torch.nn.Linear(64, 8), lora_dropout=1.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", float("nan"), "lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", float("inf"), "lora_alpha must be a finite number"),
+    ("lora_alpha", "16", "lora_alpha must be a finite number"),
+    ("r", True, "rank r must be a positive int, got True"),
+    ("r", 4.0, "rank r must be a positive int"),
+    ("lora_dropout", float("nan"), "lora_dropout must be a number in"),
+    ("lora_dropout", None, "lora_dropout must be a number in"),
+    ("init_lora_weights", "pissa", "unknown init_lora_weights 'pissa'"),
+])
+def test_bad_adapter_hyperparameters_are_refused(field, value, message):
+    """Each would otherwise give NaN outputs (alpha=nan) or fail far from the cause."""
+    layer = LoRALinear4bit.from_linear(torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=message):
+        LoRALinear4bit.from_linear(torch.nn.Linear(64, 8), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        layer.add_adapter("second", **{field: value})
+    assert list(layer.lora_A) == ["default"]  # nothing half-added
 
 
 def test_triton_backend_matches_reference_backend(device):
     torch.manual_seed(0)
     layer = LoRALinear4bit.from_linear(torch.nn.Linear(128, 48), r=8, init_lora_weights=False).to(device)
     x = torch.randn(2, 9, 128, device=device)
-    layer.backend = "reference"
+    layer.backend = "torch"
     ref = layer(x)
     layer.backend = "triton"
     out = layer(x)
@@ -142,3 +162,23 @@ def test_dtype_conversion_keeps_the_packed_weight():
     packed = layer.base_layer.nf4.packed
     layer.half()
     assert layer.base_layer.nf4.packed is packed and layer.lora_A["default"].weight.dtype == torch.float16
+
+
+def test_state_dict_of_several_layers_saves_and_loads_with_safetensors(tmp_path):
+    """Each weight owns its code tables (as in bitsandbytes), so safetensors accepts the state
+    dict (no "tensors share memory") and save_model / load_model round-trip a model."""
+    from safetensors.torch import load_model, save_file, save_model
+
+    def model():
+        return torch.nn.Sequential(LoRALinear4bit.from_linear(torch.nn.Linear(64, 32), r=2, init_lora_weights=False),
+                                   LoRALinear4bit.from_linear(torch.nn.Linear(32, 64), r=2, init_lora_weights=False))
+
+    src = model()
+    save_file(src.state_dict(), str(tmp_path / "sd.safetensors"))
+    save_model(src, str(tmp_path / "model.safetensors"))
+    dst = model()
+    load_model(dst, str(tmp_path / "model.safetensors"))
+    x = torch.randn(5, 64)
+    assert torch.equal(dst(x), src(x))
+    tables = [m.base_layer.nf4.nested_code for m in dst]
+    assert tables[0].data_ptr() != tables[1].data_ptr()

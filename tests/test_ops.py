@@ -48,7 +48,7 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["reference", "triton", "triton-skinny"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-skinny"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("need_x, need_a, need_b, bias_mode", COMBOS)
 def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
@@ -100,7 +100,7 @@ def test_gradcheck_float64(dropout_p):
 
     def fn(x, a, b, bias):
         torch.manual_seed(0)  # the same dropout seed on every evaluation
-        return lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, dropout_p, training=True, backend="reference")
+        return lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, dropout_p, training=True, backend="torch")
 
     inputs = tuple(t.clone().requires_grad_() for t in (p["x"], p["lora_a"], p["lora_b"], p["bias"]))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
@@ -114,11 +114,11 @@ def test_opcheck_forward_and_backward_ops():
     seed = torch.tensor(3)
     fwd_args = (p["x"].requires_grad_(), *_weight_tensors(w), w.offset_value, 24, 64, 64,
                 p["lora_a"].requires_grad_(), p["lora_b"].requires_grad_(), p["scale"], p["bias"], 0.1, seed,
-                "reference")
+                "torch")
     torch.library.opcheck(_forward_op, fwd_args)
     _, s = lora_forward(p["x"].detach(), w, p["lora_a"].detach(), p["lora_b"].detach(), p["scale"])
     bwd_args = (torch.randn(5, 24), p["x"].detach(), s, *_weight_tensors(w), w.offset_value, 24, 64, 64,
-                p["lora_a"].detach(), p["lora_b"].detach(), p["scale"], 0.1, seed, "reference", [True, False, True, True])
+                p["lora_a"].detach(), p["lora_b"].detach(), p["scale"], 0.1, seed, "torch", [True, False, True, True])
     torch.library.opcheck(_backward_op, bwd_args)
 
 
@@ -134,7 +134,7 @@ class _TinyModel(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, device):
     torch._dynamo.reset()
     model = _TinyModel(backend).to(device)
@@ -154,13 +154,13 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
 
 def test_torch_compile_inductor_on_cpu():
     torch._dynamo.reset()
-    model = _TinyModel("reference")
+    model = _TinyModel("torch")
     x = torch.randn(4, 64)
     compiled = torch.compile(model, fullgraph=True)
     assert relative_error(compiled(x), model(x)) < 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autocast_runs_in_the_autocast_dtype(backend, device):
     p = random_lora_problem(9, 32, 64, 4, bias=True, seed=5, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -170,7 +170,7 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device):
     assert relative_error(y, y_ref) < REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("state_dtype, act_dtype", [(torch.bfloat16, torch.float16), (torch.float32, torch.float16),
                                                     (torch.float16, torch.float32)])
 def test_activation_dtype_differs_from_quant_state_dtype(backend, state_dtype, act_dtype, device):
@@ -184,7 +184,7 @@ def test_activation_dtype_differs_from_quant_state_dtype(backend, state_dtype, a
     assert y.dtype == act_dtype and relative_error(y, y_ref) < REL_TOL[act_dtype]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_stride_zero_and_non_contiguous_gradients(backend, device):
     p = random_lora_problem(8, 24, 64, 4, seed=6, device=device)
     x = p["x"].t().contiguous().t().requires_grad_()  # non-contiguous input
@@ -198,8 +198,9 @@ def test_stride_zero_and_non_contiguous_gradients(backend, device):
 
 def test_backend_selection_and_errors(device, monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_backend(cpu, "reference") == "reference"
-    assert resolve_backend(cpu, "auto") == "reference"  # CPU users get plain torch
+    assert resolve_backend(cpu, "torch") == "torch"
+    assert resolve_backend(cpu, "reference") == "torch"  # the backend's old name stays an alias
+    assert resolve_backend(cpu, "auto") == "torch"  # CPU users get plain torch
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend(cpu, "cuda-graphs")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -211,3 +212,92 @@ def test_wrong_in_features_is_a_clear_error():
     p = random_lora_problem(4, 8, 64, 2, seed=1)
     with pytest.raises(ValueError, match="in_features=64"):
         lora_nf4_linear(torch.randn(4, 65), p["weight"], p["lora_a"], p["lora_b"], 1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_is_refused_not_wrong(backend, device):
+    """S is saved without a graph, so a second derivative through the layer would silently miss
+    every path through S: the op refuses instead (gradgradcheck would fail on a wrong number)."""
+    p = random_lora_problem(3, 8, 64, 2, dtype=torch.float64 if backend == "torch" else torch.float32, seed=8,
+                            device=device)
+    x, a, b = (p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b"))
+    y = lora_nf4_linear(x, p["weight"], a, b, p["scale"], backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    y.square().sum().backward()  # first derivatives still work after the refusal
+    assert x.grad is not None and a.grad is not None
+    if backend == "torch":
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.gradgradcheck(lambda x, a, b: lora_nf4_linear(x, p["weight"], a, b, p["scale"],
+                                                                         backend=backend), (x, a, b))
+
+
+def test_reference_function_refuses_double_backward():
+    from lora_triton.reference import lora_linear_reference
+
+    p = random_lora_problem(3, 8, 64, 2, dtype=torch.float64, seed=8)
+    x = p["x"].clone().requires_grad_()
+    y = lora_linear_reference(x, p["weight"], p["lora_a"], p["lora_b"], 1.0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend, dx_method", [("torch", None), ("triton", "dequant"), ("triton", "fused")])
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_empty_batch_forward_and_backward(backend, dx_method, lead, device, monkeypatch):
+    """M = 0 on every backend and dx path: the gradient of .sum() of an empty output is an
+    expanded tensor with all-zero strides, which holds no element to read."""
+    if dx_method is not None:
+        from lora_triton.ops import lora_nf4
+
+        monkeypatch.setattr(lora_nf4, "choose_dx", lambda *args: dx_method)
+    p = random_lora_problem(1, 24, 64, 4, bias=True, seed=9, device=device)
+    x = torch.randn(*lead, 64, device=device, requires_grad=True)
+    a, b, bias = (p[k].clone().requires_grad_() for k in ("lora_a", "lora_b", "bias"))
+    y = lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, 0.1, training=True, backend=backend)
+    assert y.shape == (*lead, 24)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (a, b, bias):
+        assert torch.equal(t.grad, torch.zeros_like(t))  # nothing to learn from no tokens
+
+
+def test_kernel_launchers_take_empty_expanded_operands(device):
+    from lora_triton.kernels.lora_dx import lora_dx_triton
+    from lora_triton.kernels.lora_forward import lora_forward_triton
+
+    p = random_lora_problem(1, 24, 64, 4, seed=9, device=device)
+    empty_x = torch.ones((), device=device).expand(0, 64)
+    y, s = lora_forward_triton(empty_x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], method="fused")
+    assert y.shape == (0, 24) and s.shape == (0, 4)
+    dy = torch.ones((), device=device).expand(0, 24)
+    dx = lora_dx_triton(dy, p["weight"], p["lora_a"], torch.empty(0, 4, device=device), p["scale"])
+    assert dx.shape == (0, 64)
+
+
+def _bad_inputs(p):
+    x, w, a, b = p["x"], p["weight"], p["lora_a"], p["lora_b"]
+    return {
+        "0-d x": ((torch.tensor(1.0), w, a, b, 1.0), ValueError,
+                  r"x must be \[\.\.\., in_features=64\], got shape \[\]"),
+        "int x": ((x.long(), w, a, b, 1.0), TypeError, "x must be a float tensor.*got torch.int64"),
+        "bool x": ((x > 0, w, a, b, 1.0), TypeError, "x must be a float tensor.*got torch.bool"),
+        "complex x": ((x.to(torch.complex64), w, a, b, 1.0), TypeError, "x must be a float tensor.*complex64"),
+        "list x": ((x.tolist(), w, a, b, 1.0), TypeError, "x must be a torch.Tensor, got list"),
+        "dense weight": ((x, w.dequantize(), a, b, 1.0), TypeError, "weight must be an NF4Weight"),
+        "nan scale": ((x, w, a, b, float("nan")), ValueError, "scale must be a finite number, got nan"),
+        "tensor scale": ((x, w, a, b, torch.tensor(1.0)), ValueError, "scale must be a finite number"),
+        "rank mismatch": ((x, w, a, b[:, :1], 1.0), ValueError, r"lora_b \[out_features=8, r\]"),
+        "A on wrong K": ((x, w, a[:, :32], b, 1.0), ValueError, "lora_a must be"),
+        "int A": ((x, w, a.long(), b, 1.0), TypeError, "lora_a must be a float torch.Tensor, got torch.int64"),
+        "bias shape": ((x, w, a, b, 1.0, torch.zeros(9)), ValueError, r"bias must have shape \[8\], got \[9\]"),
+        "dropout 1": ((x, w, a, b, 1.0, None, 1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(_bad_inputs(random_lora_problem(4, 8, 64, 2, seed=1))))
+def test_bad_input_is_named_clearly(case, backend):
+    args, error, message = _bad_inputs(random_lora_problem(4, 8, 64, 2, seed=1))[case]
+    with pytest.raises(error, match=message):
+        lora_nf4_linear(*args, backend=backend)

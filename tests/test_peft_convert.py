@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from lora_triton.integration import from_peft, lora_layers, quantize_with_bnb
-from lora_triton.integration.testing import LLAMA_PROJECTIONS, tiny_llama
+from lora_triton.testing import LLAMA_PROJECTIONS, relative_error, tiny_llama
 from lora_triton.modules import LoRALinear4bit
-from lora_triton.testing import relative_error
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_triton.integration import (adapter_config, inject_lora, load_adapter, lora_layers, quantize_with_bnb,
                                      save_adapter)
-from lora_triton.integration.testing import LLAMA_PROJECTIONS, tiny_llama
-from lora_triton.testing import relative_error
+from lora_triton.format import NF4Weight
+from lora_triton.testing import LLAMA_PROJECTIONS, relative_error, tiny_llama
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -122,6 +122,25 @@ def test_bad_adapters_are_refused_before_changing_the_model(tmp_path, config_edi
     assert not lora_layers(model)
 
 
+@pytest.mark.parametrize("config_edit", [{"lora_alpha": float("nan")}, {"lora_dropout": 1.5}])
+def test_bad_hyperparameters_in_the_file_are_refused(tmp_path, config_edit):
+    directory = _corrupt(tmp_path, config_edit, None)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=next(iter(config_edit))):
+        load_adapter(model, directory)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_load_is_atomic_when_a_later_weight_cannot_be_quantized(tmp_path):
+    save_adapter(_ours_with_random_adapter(), tmp_path)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
 def test_existing_adapter_with_other_rank_is_a_mismatch(tmp_path):
     save_adapter(_ours_with_random_adapter(), tmp_path)
     model = tiny_llama()
@@ -135,3 +154,29 @@ def test_config_refuses_per_layer_dropout():
     model.model.layers[0].self_attn.q_proj.lora_dropout["default"] = 0.1
     with pytest.raises(ValueError, match="different lora_dropout per layer"):
         adapter_config(model)
+
+
+def test_auto_peft_model_loads_our_adapter(tmp_path):
+    """save_adapter fills task_type and base_model_name_or_path from a transformers model, so
+    PEFT's AutoPeftModelForCausalLM finds the base and the task by itself."""
+    base = tiny_llama()
+    with torch.no_grad():  # target weights already NF4 values (NF4 without double quant re-quantizes exactly)
+        for name in TARGETS:
+            for layer in (m for n, m in base.named_modules() if n.endswith(name)):
+                layer.weight.copy_(NF4Weight.quantize(layer.weight, double_quant=False).dequantize(torch.float32))
+    base.save_pretrained(tmp_path / "base")
+    ours = type(base).from_pretrained(tmp_path / "base")
+    inject_lora(ours, TARGETS, r=4, lora_alpha=8, init_lora_weights=False, double_quant=False)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tmp_path / "base")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert relative_error(theirs(IDS).logits, ours(IDS).logits) < 1e-5
+
+
+def test_task_type_given_to_inject_is_saved(tmp_path):
+    model = tiny_llama()
+    inject_lora(model, TARGETS, r=2, task_type="FEATURE_EXTRACTION")
+    assert adapter_config(model)["task_type"] == "FEATURE_EXTRACTION"
+    assert adapter_config(model, task_type="CAUSAL_LM")["task_type"] == "CAUSAL_LM"  # an explicit value wins
+    assert adapter_config(torch.nn.Sequential(model.model.layers[0].self_attn.q_proj))["task_type"] is None

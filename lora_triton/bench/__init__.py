@@ -5,9 +5,11 @@
     contenders   the layers compared: ours, bitsandbytes + PEFT, dequantize + F.linear + LoRA
     forward      GPU table: every forward kernel candidate against the baselines
     layer        GPU table: forward, backward, forward+backward per layer, with peak memory
-    cpu          CPU table: the reference-backend layer against bitsandbytes' CPU backend + PEFT
+    cpu          CPU table: the torch-backend layer against bitsandbytes' CPU backend + PEFT
     report       CSV, console tables, PNG plots of speed-up vs M
     cli          ``add_bench_parser`` (the ``bench`` subcommand) and ``python -m lora_triton.bench``
+    static       the kernel-efficiency report (sm_90 compiles on CPU; ``--what static``)
+    test_benchmarks  pytest-benchmark view of the CPU table: ``pytest lora_triton/bench --benchmark-only``
 
 Nothing here imports a kernel module at import time, so ``TRITON_INTERPRET`` can still be set
 by ``cli`` for quick runs on CPU.

@@ -26,6 +26,8 @@ import time
 import torch
 
 from . import cpu, forward, layer
+from ..kernels.runtime import interpreting
+from ..outputs import QUICK_NOTE, default_dir
 from .environment import environment
 from .report import plot_speedups, print_table, write_csv
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, a few seconds per table (CI smoke run); without a GPU the forward and "
                              "layer tables run through Triton's CPU interpreter")
-    parser.add_argument("--out", default="bench_results", metavar="DIR",
+    parser.add_argument("--out", default=default_dir("bench"), metavar="DIR",
                         help="folder for <table>.csv and <table>.png (default: %(default)s)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, metavar="S",
                         help="time budget of the whole run in seconds; points past it are skipped "
@@ -85,7 +87,7 @@ def _kernel_device(quick: bool) -> torch.device | None:
         return torch.device("cuda")
     if not quick:
         return None
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         if any(name in sys.modules for name in ("lora_triton.kernels.lora_forward", "lora_triton.kernels.lora_dx")):
             return None  # kernels were imported for a GPU; the interpreter can no longer be switched on
         os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernel modules are imported
@@ -127,10 +129,13 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             print_table(rows, ["dtype", "K", "N", "r", "M", "pass"], "impl", "ms", f"{table} table (ms)")
             layer.print_ratios(rows, f"{table} table")
+        smoke = f"\n{QUICK_NOTE}" if args.quick else ""
         png = plot_speedups(module.speedups(rows), os.path.join(args.out, f"{table}.png"),
-                            f"lora-triton {table}: speed-up vs M ({meta['device']})")
+                            f"lora-triton {table}: speed-up vs M ({meta['device']}){smoke}")
         print(f"{table}: wrote {len(rows)} rows to {csv_path}" + (f" and {png}" if png else ""))
         ok = ok and bool(rows)
+    if args.quick:
+        print(QUICK_NOTE)
     return 0 if ok else 1
 
 

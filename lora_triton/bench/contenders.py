@@ -99,7 +99,7 @@ def build(n: int, k: int, r: int, dtype: torch.dtype, device: torch.device, back
           seed: int = 0) -> tuple[list[Contender], NF4Weight, float]:
     """The contenders for a ``[N, K]`` layer of rank ``r`` in ``dtype`` on ``device``.
 
-    ``backend`` is ours' (``"triton"`` on a GPU or the interpreter, ``"reference"`` for the CPU
+    ``backend`` is ours' (``"triton"`` on a GPU or the interpreter, ``"torch"`` for the CPU
     path). Returns ``(contenders, the shared NF4 weight, scale)``; ``bnb_peft`` is left out
     when bitsandbytes or PEFT is missing or cannot run on ``device``.
     """

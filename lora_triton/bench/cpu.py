@@ -22,7 +22,7 @@ def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[
     if device.type != "cpu":
         raise ValueError(f"the CPU table runs on the CPU, got {device}")
     return layer.run(device, meta, quick, budget_s, plan=QUICK if quick else FULL,
-                     backend="reference", passes=PASSES, table="cpu")
+                     backend="torch", passes=PASSES, table="cpu")
 
 
 def speedups(rows: list[dict]):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import logging
 import os
 import platform
 
@@ -47,8 +46,6 @@ def version(package: str) -> str:
 
 def import_bitsandbytes():
     """bitsandbytes, or None when it is absent or its native library does not load here."""
-    # On AVX512-BF16 CPUs bitsandbytes logs that the optional `kernels` package is missing.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except Exception:

@@ -187,13 +187,13 @@ def _rows(measured: tuple[dict, dict, dict, dict], meta: dict, m: int, n: int, k
     peak_tflops = float(meta["peak_matmul_tflops"])
     rows = []
     for (impl, name), (ms, timer) in results.items():
-        ratio = lambda base: (f"{results[(base, name)][0] / ms:.3f}"  # noqa: E731
+        ratio = lambda base: (f"{results[(base, name)][0] / ms:.4g}"  # noqa: E731
                               if (base, name) in results else "")
         tflops = pass_flops(m, n, k, r, name) / ms / 1e9
         peak = peaks.get(impl) if name == "fwd+bwd" else None
         mem_ratio = f"{peak / peaks['bnb_peft']:.3f}" if peak is not None and peaks.get("bnb_peft") else ""
         rows.append({**meta, "dtype": str(dtype).removeprefix("torch."), "K": k, "N": n, "r": r, "M": m,
-                     "pass": name, "impl": impl, "ms": f"{ms:.5f}", "timer": timer, "tflops": f"{tflops:.4g}",
+                     "pass": name, "impl": impl, "ms": f"{ms:.4g}", "timer": timer, "tflops": f"{tflops:.4g}",
                      "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
                      "peak_mib": "" if peak is None else f"{peak:.2f}", "x_vs_bnb_peft": ratio("bnb_peft"),
                      "x_vs_dequant_linear": ratio("dequant_linear"), "mem_vs_bnb_peft": mem_ratio,

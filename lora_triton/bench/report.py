@@ -49,9 +49,10 @@ def print_table(rows: list[dict], point_fields: list[str], column_field: str, va
 
 
 def plot_speedups(points: list[Speedup], path: str, title: str) -> str | None:
-    """Plot speed-up vs M (log x), one panel per shape, one line per comparison; a dashed line
-    marks 1x. Returns the PNG's path, or None when matplotlib is missing or there is nothing
-    to plot."""
+    """Plot speed-up vs M (log x), one titled panel per shape, one line per comparison (the same
+    colour for the same comparison in every panel); a dashed line marks 1x, one legend sits
+    outside the panels. Returns the PNG's path, or None when matplotlib is missing or there is
+    nothing to plot."""
     try:
         import matplotlib
 
@@ -63,9 +64,10 @@ def plot_speedups(points: list[Speedup], path: str, title: str) -> str | None:
     panels = list(dict.fromkeys(p.panel for p in points))
     if not panels:
         return None
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(p.line for p in points))}
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False, layout="constrained")
     for ax, panel in zip(axes.flat, panels):
         lines: dict[str, list[Speedup]] = defaultdict(list)
         for p in points:
@@ -73,18 +75,18 @@ def plot_speedups(points: list[Speedup], path: str, title: str) -> str | None:
                 lines[p.line].append(p)
         for label, pts in lines.items():
             pts.sort(key=lambda p: p.m)
-            ax.plot([p.m for p in pts], [p.ratio for p in pts], marker="o", label=label)
+            ax.plot([p.m for p in pts], [p.ratio for p in pts], marker="o", label=label, color=colours[label])
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("speed-up (baseline ms / ours ms)")
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -63,5 +63,9 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map_signed(device: torch.device | str | None = None) -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map: float32 ``[256]``, sorted ascending."""
-    return _dynamic_map_cpu().to(device)
+    """bitsandbytes' signed dynamic 8-bit map: float32 ``[256]``, sorted ascending.
+
+    A fresh tensor per call: each weight owns its table, as in bitsandbytes (a shared one
+    would make ``safetensors`` refuse the state dict and tie every weight's table together).
+    """
+    return _dynamic_map_cpu().to(device, copy=True)

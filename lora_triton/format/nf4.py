@@ -17,7 +17,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_blocksize(blocksize: int) -> None:
-    """Raise ``ValueError`` unless ``blocksize`` is one bitsandbytes supports."""
+    """Raise ``TypeError`` unless ``blocksize`` is an int, ``ValueError`` unless it is one
+    bitsandbytes supports."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r} "
+                        f"({type(blocksize).__name__})")
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
 
@@ -111,6 +115,9 @@ def quantize_absmax_dynamic8(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.
         offset float32 0-d)``.
     """
     offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        raise ValueError(f"cannot double-quantize these absmax values: their float32 mean overflows (largest absmax "
+                         f"{float(absmax.max()):.3e}); quantize with double_quant=False")
     centered = absmax - offset
     body, tail = _blocks_with_tail(centered, NESTED_BLOCKSIZE)
     nested_absmax = body.abs().amax(dim=1)

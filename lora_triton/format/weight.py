@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
@@ -61,7 +62,7 @@ class NF4Weight:
     offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "shape", _shape_of_ints(self.shape))
         self.validate()
         # The double-quant offset as a Python float (0.0 without), read once here so kernel
         # launches never sync the device to fetch it.
@@ -262,11 +263,31 @@ class NF4Weight:
     def _validate_values(self) -> None:
         if not torch.equal(self.code.cpu(), nf4_code()):
             raise ValueError("quant_map is not the NF4 code book (an fp4 or corrupt quant state?)")
-        floats = [(self.nested_absmax, "nested_absmax"), (self.offset, "nested offset")] if self.double_quant \
+        if self.double_quant and not torch.equal(self.nested_code.cpu(), dynamic_map_signed()):
+            raise ValueError("nested_quant_map is not bitsandbytes' signed dynamic 8-bit map: corrupt NF4 state")
+        # Block scales are maxima of absolute values (the offset is their mean): never negative.
+        scales = [(self.nested_absmax, "nested_absmax"), (self.offset, "nested offset")] if self.double_quant \
             else [(self.absmax, "absmax")]
-        for t, name in floats:
+        for t, name in scales:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN/Inf: corrupt NF4 state")
+            if bool((t < 0).any()):
+                raise ValueError(f"{name} contains negative values ({float(t.min()):.3g}); block scales are "
+                                 "absolute maxima: corrupt NF4 state")
+
+
+def _shape_of_ints(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints; ``ValueError`` for non-integer entries (33.7, "8", True)."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"NF4 weight shape must be a pair of ints [N, K], got {shape!r}") from None
+    try:
+        if any(isinstance(d, bool) for d in dims):
+            raise TypeError
+        return tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise ValueError(f"NF4 weight shape must hold ints [N, K], got {list(dims)!r}") from None
 
 
 def _expect(t: torch.Tensor | None, name: str, dtype: torch.dtype, numel: int) -> None:
@@ -295,8 +316,19 @@ def _parse_quant_state_blob(blob: torch.Tensor) -> dict:
     if state["dtype"] not in _DTYPE_NAMES:
         raise ValueError(f"quant state dtype must be one of {sorted(_DTYPE_NAMES)}, got {state['dtype']!r}")
     state["dtype"] = _DTYPE_NAMES[state["dtype"]]
-    if not isinstance(state["shape"], list) or len(state["shape"]) != 2:
-        raise ValueError(f"quant state shape must be [out_features, in_features], got {state['shape']!r}")
-    if "nested_offset" in state and state.get("nested_blocksize") != NESTED_BLOCKSIZE:
-        raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {state.get('nested_blocksize')!r}")
+    shape = state["shape"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_json_int(d) and d > 0 for d in shape):
+        raise ValueError(f"quant state shape must be [out_features, in_features], two positive ints, got {shape!r}")
+    if not _is_json_int(state["blocksize"]):
+        raise ValueError(f"quant state blocksize must be an int, got {state['blocksize']!r}")
+    if "nested_offset" in state:
+        if not _is_json_int(state.get("nested_blocksize")) or state["nested_blocksize"] != NESTED_BLOCKSIZE:
+            raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {state.get('nested_blocksize')!r}")
+        offset = state["nested_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"quant state nested_offset must be a finite number, got {offset!r}")
     return state
+
+
+def _is_json_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -36,6 +36,7 @@ def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype | None = None, 
     layer.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.train(linear.training)  # a new module starts in training mode; keep the replaced layer's mode
     return layer.to(weight.device)  # bitsandbytes quantizes when the parameter is moved to a device
 
 

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..format.nf4 import check_blocksize
 from ..modules import LoRALinear4bit
+from ..modules.lora_linear4bit import check_adapter_hyperparameters
 from ..modules.nf4_linear import check_standard_bnb_layout
+from .peft_config import (check_peft_only_fields, default_target_modules, fields_from_peft_config, is_peft_config,
+                          pattern_value, record_task_type)
 from .report import InjectionReport, memory_bytes, parameter_counts
 from .targets import TargetSpec, find_targets
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Hyper-parameters of one adapter, as PEFT's ``LoraConfig`` names them."""
+    """Hyper-parameters of one adapter, as PEFT's ``LoraConfig`` names them (checked on creation)."""
 
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: str | bool = True
+
+    def __post_init__(self) -> None:
+        check_adapter_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora,
+                                      self.init_lora_weights)
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -67,42 +76,90 @@ def check_convertible(module: nn.Module, name: str) -> None:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the sub-module called ``name`` is."""
+    """Put ``new`` where the sub-module called ``name`` is (``ValueError`` for ``""``: a model
+    cannot replace itself in place)."""
+    if not name:
+        raise ValueError(f"cannot replace the model itself (a {type(model).__name__}) in place; pass the model "
+                         "that contains it")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def inject_lora(model: nn.Module, target_modules: TargetSpec = "all-linear", r: int = 8, lora_alpha: float = 16,
-                lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: TargetSpec | None = None,
-                adapter_name: str = "default", init_lora_weights: str | bool = True, blocksize: int = 64,
-                double_quant: bool = True, include_lm_head: bool = False,
-                backend: str | None = None) -> InjectionReport:
+def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-linear", r: int = 8,
+                lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                exclude_modules: TargetSpec | None = None, adapter_name: str = "default",
+                init_lora_weights: str | bool = True, blocksize: int = 64, double_quant: bool = True,
+                include_lm_head: bool = False, backend: str | None = None, *, bias: str = "none",
+                task_type: str | None = None, modules_to_save: list[str] | None = None,
+                rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> InjectionReport:
     """Convert ``model`` in place into a QLoRA model and freeze everything but the adapters.
 
-    Every ``nn.Linear`` / bitsandbytes NF4 ``Linear4bit`` whose qualified name matches
-    ``target_modules`` (PEFT's rules: list of names matched as suffixes, a full-match regex,
-    or ``"all-linear"``) and not ``exclude_modules`` becomes a ``LoRALinear4bit`` (fp32
-    adapter ``A [r, in]``, ``B [out, r]``). Targets that already are ``LoRALinear4bit`` get
-    the new adapter ``adapter_name`` added and made active. The output head is skipped unless
-    ``include_lm_head``. All other parameters (embeddings, norms, head, inactive adapters) get
-    ``requires_grad=False``.
+    ``target_modules`` may be a ``peft.LoraConfig`` instead (``inject_lora(model, config)``, as
+    ``get_peft_model(model, config)``): its fields are used, and a field set to a PEFT feature
+    these layers lack raises a ``ValueError`` naming it. Otherwise the fields come as keywords,
+    with PEFT's names: every ``nn.Linear`` / bitsandbytes NF4 ``Linear4bit`` whose qualified name
+    matches ``target_modules`` (PEFT's rules: list of names matched as suffixes, a full-match
+    regex, or ``"all-linear"``; ``None``: PEFT's default projections for ``model.config.model_type``)
+    and not ``exclude_modules`` becomes a ``LoRALinear4bit`` (fp32 adapter ``A [r, in]``,
+    ``B [out, r]``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha per layer). Targets that
+    already are ``LoRALinear4bit`` get the new adapter ``adapter_name`` added and made active.
+    The output head is skipped unless ``include_lm_head``. All other parameters (embeddings,
+    norms, head, inactive adapters) get ``requires_grad=False``. ``bias`` must be ``"none"`` and
+    ``modules_to_save`` None (not supported); ``task_type`` is recorded for ``save_adapter``.
+
+    Atomic: every check (hyper-parameters, targets, adapter-name clashes, quantization of every
+    layer) runs before the model changes, so a ``ValueError``/``TypeError`` leaves it untouched.
 
     Returns an ``InjectionReport`` (``print`` it): converted layer names, trainable count and
     percentage, bytes of parameters + buffers before and after.
     """
-    spec = AdapterSpec(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    fields = dict(target_modules=target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                  use_rslora=use_rslora, exclude_modules=exclude_modules, init_lora_weights=init_lora_weights,
+                  bias=bias, task_type=task_type, modules_to_save=modules_to_save, rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern)
+    if is_peft_config(target_modules):
+        defaults = {name: p.default for name, p in inspect.signature(inject_lora).parameters.items()}
+        fields = fields_from_peft_config(target_modules, {k: v for k, v in fields.items() if v != defaults[k]
+                                                          and k != "target_modules"})
+    fields["rank_pattern"], fields["alpha_pattern"] = fields["rank_pattern"] or {}, fields["alpha_pattern"] or {}
+    check_peft_only_fields(fields["bias"], fields["modules_to_save"], fields["task_type"])
+    check_blocksize(blocksize)
+    targets = fields["target_modules"]
+    if targets is None:
+        targets = default_target_modules(model)
     before = memory_bytes(model)
-    names = find_targets(model, target_modules, exclude_modules, include_lm_head)
+    names = find_targets(model, targets, fields["exclude_modules"], include_lm_head)
     layers = {name: model.get_submodule(name) for name in names}
+    specs = {name: AdapterSpec(pattern_value(fields["rank_pattern"], name, fields["r"]),
+                               pattern_value(fields["alpha_pattern"], name, fields["lora_alpha"]),
+                               fields["lora_dropout"], fields["use_rslora"], fields["init_lora_weights"])
+             for name in names}
     for name, module in layers.items():  # fail before changing anything
         check_convertible(module, name)
+        if isinstance(module, LoRALinear4bit):
+            check_can_add_adapter(module, name, adapter_name)
+    new_layers = {name: to_lora_layer(module, name, specs[name], adapter_name, blocksize, double_quant, backend)
+                  for name, module in layers.items() if not isinstance(module, LoRALinear4bit)}
     model.requires_grad_(False)
     for name, module in layers.items():
-        layer = to_lora_layer(module, name, spec, adapter_name, blocksize, double_quant, backend)
-        if layer is not module:
-            replace_module(model, name, layer)
+        if name in new_layers:
+            replace_module(model, name, new_layers[name])
+        else:
+            to_lora_layer(module, name, specs[name], adapter_name)
     for module in model.modules():
         if isinstance(module, LoRALinear4bit) and module.active_adapter is not None:
             module.set_adapter(module.active_adapter)  # re-enable grads of the active adapters only
+    if fields["task_type"] is not None:
+        record_task_type(model, adapter_name, fields["task_type"])
     trainable, total = parameter_counts(model)
     return InjectionReport(tuple(names), trainable, total, before, memory_bytes(model))
+
+
+def check_can_add_adapter(layer: LoRALinear4bit, name: str, adapter_name: str) -> None:
+    """``ValueError`` unless adapter ``adapter_name`` can be added to ``layer`` (called ``name``)."""
+    if adapter_name in layer.lora_A:
+        raise ValueError(f"{name!r} already has an adapter named {adapter_name!r}; pick another adapter_name "
+                         "(nothing was changed)")
+    if layer.merged_adapter is not None:
+        raise ValueError(f"{name!r} has adapter {layer.merged_adapter!r} merged into its NF4 base; unmerge() first "
+                         "(nothing was changed)")

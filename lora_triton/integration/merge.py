@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..modules import LoRALinear4bit
 from .adapters import lora_layers
 from .inject import replace_module
 
@@ -83,6 +84,9 @@ def merge_to_linear(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Me
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"merge dtype must be float16, bfloat16 or float32, got {dtype}")
+    if isinstance(model, LoRALinear4bit):
+        raise TypeError("merge_to_linear(model) replaces the LoRALinear4bit layers inside a model; for a single "
+                        "layer call layer.merge_to_linear(dtype), which returns the nn.Linear")
     errors = []
     for name, layer in _layers_to_merge(model).items():
         target, update = layer.merged_weight(torch.float32), layer.delta_weight()

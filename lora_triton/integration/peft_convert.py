@@ -14,12 +14,6 @@ from ..modules.nf4_linear import check_standard_bnb_layout
 from .inject import is_bnb_linear4bit, replace_module
 
 
-def _peft_lora_layer_class():
-    from peft.tuners.lora import LoraLayer
-
-    return LoraLayer
-
-
 def _dropout_p(dropout: nn.Module) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
@@ -77,18 +71,17 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     """Convert a PEFT model (``get_peft_model`` / ``PeftModel.from_pretrained`` output, LoRA on a
     bitsandbytes NF4 base) in place and return the underlying model (``peft_model.base_model.model``)
     with ``LoRALinear4bit`` layers where PEFT had LoRA layers. Only active adapters train."""
-    lora_layer = _peft_lora_layer_class()
+    from peft.tuners.lora import LoraLayer
+
     inner = getattr(getattr(peft_model, "base_model", None), "model", None)
     if inner is None:
         raise TypeError(f"expected a peft.PeftModel, got {type(peft_model).__name__}")
-    peft_layers = {name: m for name, m in inner.named_modules() if isinstance(m, lora_layer)}
+    peft_layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
     if not peft_layers:
         raise ValueError("the PEFT model has no LoRA layers")
-    for name, layer in peft_layers.items():
-        _check_peft_layer(layer, name)
-    inner.requires_grad_(False)
-    for name, layer in peft_layers.items():
-        converted = convert_peft_layer(layer, name, backend)
+    converted_layers = {name: convert_peft_layer(layer, name, backend) for name, layer in peft_layers.items()}
+    inner.requires_grad_(False)  # every layer converted (and checked) before the model changes
+    for name, converted in converted_layers.items():
         replace_module(inner, name, converted)
         if converted.active_adapter is not None:
             converted.set_adapter(converted.active_adapter)

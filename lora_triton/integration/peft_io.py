@@ -20,7 +20,9 @@ from torch import nn
 
 from ..modules import LoRALinear4bit
 from .adapters import lora_layers
-from .inject import AdapterSpec, replace_module, to_lora_layer
+from ..format.nf4 import check_blocksize
+from .inject import AdapterSpec, check_can_add_adapter, check_convertible, replace_module, to_lora_layer
+from .peft_config import model_name_or_path, model_task_type, pattern_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -68,10 +70,15 @@ def adapter_config(model: nn.Module, adapter_name: str = "default", base_model_n
     """The ``adapter_config.json`` contents PEFT needs to rebuild adapter ``adapter_name``.
 
     ``target_modules`` lists the adapted layers by full name (PEFT matches a full name
-    exactly), so PEFT adapts exactly these layers. Raises ``ValueError`` if dropout or rsLoRA
-    differ between layers (PEFT stores one value for each).
+    exactly), so PEFT adapts exactly these layers. ``task_type`` defaults to the one given to
+    ``inject_lora``, else the model's (a ``transformers`` causal LM: ``"CAUSAL_LM"``), and
+    ``base_model_name_or_path`` to ``model.config._name_or_path``: with both,
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(directory)`` loads the adapter. Raises
+    ``ValueError`` if dropout or rsLoRA differ between layers (PEFT stores one value for each).
     """
     layers = _adapter_layers(model, adapter_name)
+    task_type = task_type or model_task_type(model, adapter_name)
+    base_model_name_or_path = base_model_name_or_path or model_name_or_path(model)
     r, rank_pattern = _value_and_pattern({n: layer.r[adapter_name] for n, layer in layers.items()})
     alpha, alpha_pattern = _value_and_pattern({n: layer.lora_alpha[adapter_name] for n, layer in layers.items()})
     return {
@@ -140,17 +147,8 @@ def _pair_by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Te
     return {path: (pair["A"], pair["B"]) for path, pair in halves.items()}
 
 
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a name it ends
-    (as a regex, at a dot boundary); the first matching key wins."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
-
-
 def _spec_for(config: dict, path: str, a: torch.Tensor, b: torch.Tensor, module: nn.Module) -> AdapterSpec:
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    r = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
         raise ValueError(f"{path}: adapter config says r={r} but the file holds lora_A {list(a.shape)}, "
                          f"lora_B {list(b.shape)}")
@@ -158,7 +156,7 @@ def _spec_for(config: dict, path: str, a: torch.Tensor, b: torch.Tensor, module:
     if a.shape[1] != in_f or b.shape[0] != out_f:
         raise ValueError(f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a layer with "
                          f"in_features={in_f}, out_features={out_f}")
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
     return AdapterSpec(r, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), True)
 
 
@@ -190,33 +188,38 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     mismatched shapes or ranks, or layers the model lacks; ``TypeError`` for non-linear targets.
     """
     config, pairs = read_adapter(directory)
-    specs = {}
+    check_blocksize(blocksize)
+    specs, modules = {}, {}
     for path, (a, b) in pairs.items():
         try:
-            module = model.get_submodule(path)
+            modules[path] = module = model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the adapter has weights for {path!r}, which this model does not have") from None
         specs[path] = _spec_for(config, path, a, b, module)
+        check_convertible(module, path)
         if isinstance(module, LoRALinear4bit) and adapter_name in module.lora_A:
             _check_same_spec(module, path, adapter_name, specs[path])
+        elif isinstance(module, LoRALinear4bit):
+            check_can_add_adapter(module, path, adapter_name)
+    # Quantize every new layer before the model changes (a weight that cannot be quantized fails here).
+    new_layers = {path: to_lora_layer(module, path, specs[path], adapter_name, blocksize, double_quant, backend)
+                  for path, module in modules.items() if not isinstance(module, LoRALinear4bit)}
     model.requires_grad_(False)
     for path, (a, b) in pairs.items():
-        _load_layer(model, path, specs[path], a, b, adapter_name, blocksize, double_quant, backend)
+        if path in new_layers:
+            replace_module(model, path, new_layers[path])
+        _load_layer(model.get_submodule(path), path, specs[path], a, b, adapter_name)
     for layer in lora_layers(model).values():
         if layer.active_adapter is not None and layer.merged_adapter is None:
             layer.set_adapter(layer.active_adapter)
     return sorted(pairs)
 
 
-def _load_layer(model: nn.Module, path: str, spec: AdapterSpec, a: torch.Tensor, b: torch.Tensor,
-                adapter_name: str, blocksize: int, double_quant: bool, backend: str | None) -> None:
-    module = model.get_submodule(path)
-    if isinstance(module, LoRALinear4bit) and adapter_name in module.lora_A:
-        layer = module
-    else:
-        layer = to_lora_layer(module, path, spec, adapter_name, blocksize, double_quant, backend)
-        if layer is not module:
-            replace_module(model, path, layer)
+def _load_layer(layer: LoRALinear4bit, path: str, spec: AdapterSpec, a: torch.Tensor, b: torch.Tensor,
+                adapter_name: str) -> None:
+    """Copy ``(a, b)`` into ``layer``'s adapter ``adapter_name`` (added first if it is new) and activate it."""
+    if adapter_name not in layer.lora_A:
+        to_lora_layer(layer, path, spec, adapter_name)
     with torch.no_grad():
         layer.lora_A[adapter_name].weight.copy_(a)
         layer.lora_B[adapter_name].weight.copy_(b)

@@ -72,4 +72,4 @@ class InjectionReport:
                 f"  trainable params: {self.trainable_params:,} of {self.total_params:,} "
                 f"({self.trainable_percent:.3f}%)\n"
                 f"  memory (params + buffers): {self.memory_before / mib:.2f} MiB -> {self.memory_after / mib:.2f} MiB "
-                f"({self.memory_after / max(self.memory_before, 1):.1%})")
+                f"({self.memory_after / max(self.memory_before, 1):.1%} of before)")

@@ -27,7 +27,7 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], device: tor
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if any(s == 0 for s, d in zip(t.stride(), t.shape) if d > 1):
+    if t.numel() and any(s == 0 for s, d in zip(t.stride(), t.shape) if d > 1):  # empty: nothing is read
         raise ValueError(f"{name} has a zero stride (an expanded tensor, strides {t.stride()}); "
                          "call .contiguous() first")
     if not t.is_contiguous():

@@ -244,7 +244,7 @@ def lora_backward_triton(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
-    s: torch.Tensor,
+    saved_s: torch.Tensor,
     dropout_p: float = 0.0,
     seed: int = 0,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
@@ -258,7 +258,7 @@ def lora_backward_triton(
             made contiguous here). Cast to x's dtype, the compute dtype, like the reference.
         x: ``[M, K]`` forward input (fp16/bf16/fp32); weight: ``NF4Weight`` ``[N, K]``.
         lora_a: ``[r, K]``; lora_b: ``[N, r]`` (cast to x's dtype); scale: ``s``.
-        s: ``[M, r]`` = ``drop(x) @ A^T`` saved by the forward.
+        saved_s: ``S [M, r]`` = ``drop(x) @ A^T`` saved by the forward.
         dropout_p, seed: the forward's LoRA dropout (mask regenerated, never saved).
         needs: which of ``(dx, dA, dB, dbias)`` to compute.
         dx_method: ``"fused"`` (``lora_dx_triton``) or ``"dequant"`` (dequantize + cuBLAS), one of
@@ -288,7 +288,7 @@ def lora_backward_triton(
             x_drop = (x * dropout_mask(seed, dropout_p, m, k, x.device)).to(dtype)
         da = scale * (g.t() @ x_drop)
     if need_db:
-        db = scale * (dy.t() @ s.to(dtype))
+        db = scale * (dy.t() @ saved_s.to(dtype))
     if need_dbias:
         dbias = dy.sum(0)
     return LoRAGrads(dx, da, db, dbias)

@@ -17,7 +17,29 @@ from ..format import NF4Weight
 from ..ops import lora_nf4_linear
 from .nf4_linear import NF4Linear
 
-INITS = ("kaiming", "gaussian", "zeros_b_only")
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: ``init_lora_weights`` values ``reset_adapter`` knows.
+INIT_LORA_WEIGHTS = (True, False, "kaiming", "gaussian")
+
+
+def check_adapter_hyperparameters(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights=True) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the field unless the adapter's hyper-parameters
+    are valid: ``r`` a positive int, ``lora_alpha`` a finite number, ``lora_dropout`` in [0, 1),
+    ``use_rslora`` a bool, ``init_lora_weights`` one of ``INIT_LORA_WEIGHTS``."""
+    if not any(init_lora_weights is v if isinstance(v, bool) else init_lora_weights == v for v in INIT_LORA_WEIGHTS):
+        raise ValueError(f"unknown init_lora_weights {init_lora_weights!r}; expected one of {INIT_LORA_WEIGHTS} "
+                         "(lora_triton.training has PiSSA, OLoRA, LoftQ and other warm starts)")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"rank r must be a positive int, got {r!r}")
+    if not _is_real(lora_alpha) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
 
 
 def lora_scale(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -31,8 +53,8 @@ class LoRALinear4bit(nn.Module):
     Build it with ``from_linear`` (quantizes an ``nn.Linear``), ``from_bnb`` (shares a
     bitsandbytes ``Linear4bit``'s bytes) or from an ``NF4Linear``. Several named adapters may
     exist; exactly one is active and only it trains. ``backend`` (``"auto"``, ``"triton"``,
-    ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels: Triton on CUDA,
-    plain torch on CPU unless forced.
+    ``"torch"``, alias ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels:
+    Triton on CUDA, plain torch on CPU unless forced.
     """
 
     def __init__(self, base_layer: NF4Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -83,10 +105,7 @@ class LoRALinear4bit(nn.Module):
         """Add adapter ``name`` (``A [r, in]``, ``B [out, r]``, fp32) and make it the active one."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        check_adapter_hyperparameters(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         device = self.base_layer.nf4.device
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)

@@ -11,7 +11,6 @@ machines without bitsandbytes use ``NF4Weight.dequantize``.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
@@ -22,9 +21,6 @@ from ..format.codebooks import NESTED_BLOCKSIZE
 @functools.lru_cache(maxsize=None)
 def _bnb_ops():
     """``(dequantize_4bit, dequantize_blockwise)`` of bitsandbytes, or None without it."""
-    # bitsandbytes logs a warning at import on AVX512-BF16 CPUs when the optional Hugging Face
-    # `kernels` package is absent; it does not concern these ops.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -23,7 +23,7 @@ def dense_forward(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias
     return y.addmm_(s, b.t(), alpha=scale), s
 
 
-def dense_backward(dy: Tensor, x: Tensor, w: Tensor | None, a: Tensor, b: Tensor, scale: float, s: Tensor,
+def dense_backward(dy: Tensor, x: Tensor, w: Tensor | None, a: Tensor, b: Tensor, scale: float, saved_s: Tensor,
                    mask: Tensor | None, needs: tuple[bool, bool, bool, bool]) -> LoRAGrads:
     """``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``, each only where ``needs`` asks (``w`` may
     be None unless dx is needed)."""
@@ -39,7 +39,7 @@ def dense_backward(dy: Tensor, x: Tensor, w: Tensor | None, a: Tensor, b: Tensor
     if need_da:
         da = torch.mm(g.t(), x if mask is None else x * mask).mul_(scale)
     if need_db:
-        db = torch.mm(dy.t(), s).mul_(scale)
+        db = torch.mm(dy.t(), saved_s).mul_(scale)
     if need_dbias:
         dbias = dy.sum(0)
     return LoRAGrads(dx, da, db, dbias)

@@ -11,17 +11,22 @@ custom ops:
 Both take the ``NF4Weight`` as its separate tensors, so ``torch.compile(fullgraph=True)``
 traces through them without graph breaks. In eager mode a plain ``autograd.Function`` runs the
 same two functions (``_forward_impl`` / ``_backward_impl``) without the custom-op dispatch cost.
-Saved for backward: ``x``, ``S``, the dropout seed (a 0-d tensor in the custom op, an int in
-eager mode; the mask is regenerated from it) and references to the packed weight.
+Saved for backward: ``x``, ``S`` (``saved_s`` in code: ``s`` is the scale in the math), the
+dropout seed (a 0-d tensor in the custom op, an int in eager mode; the mask is regenerated from
+it) and references to the packed weight.
 
 Backends: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests),
-``"reference"`` (plain torch: ``reference.py``'s math as fused BLAS calls, ``dense_path.py``),
-``"auto"`` = Triton on CUDA, reference elsewhere. ``LORA_TRITON_BACKEND`` sets the default.
+``"torch"`` (plain torch: ``reference.py``'s math as fused BLAS calls, ``dense_path.py``; the old
+name ``"reference"`` is an alias), ``"auto"`` = Triton on CUDA, torch elsewhere.
+``LORA_TRITON_BACKEND`` sets the default. Double backward is refused
+(``reference.refuse_double_backward``): ``S`` is saved without a graph, so a second derivative
+through it would be silently wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional
 
@@ -30,26 +35,31 @@ from torch import Tensor
 
 from ..format import NF4Weight
 from ..kernels.runtime import can_launch
-from ..reference import LoRAGrads
+from ..reference import LoRAGrads, refuse_double_backward
 from .cpu_dequant import dequantize_dense
 from .dense_path import dense_backward, dense_forward
 from .dispatch import Problem, choose, choose_dx
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch")
+#: Old names still accepted: ``"reference"`` was the plain-torch backend's first name.
+BACKEND_ALIASES = {"reference": "torch"}
 _WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
-    """``"triton"`` or ``"reference"`` for tensors on ``device``.
+    """``"triton"`` or ``"torch"`` for tensors on ``device``.
 
-    ``requested`` (default: env ``LORA_TRITON_BACKEND``, else ``"auto"``) is one of ``BACKENDS``.
-    Asking for ``"triton"`` where it cannot run raises instead of silently falling back.
+    ``requested`` (default: env ``LORA_TRITON_BACKEND``, else ``"auto"``) is one of ``BACKENDS``
+    (or an alias in ``BACKEND_ALIASES``). Asking for ``"triton"`` where it cannot run raises
+    instead of silently falling back.
     """
     requested = requested or os.environ.get("LORA_TRITON_BACKEND", "auto")
+    requested = BACKEND_ALIASES.get(requested, requested)
     if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"backend must be one of {BACKENDS} ('reference' = 'torch'), got {requested!r}")
     if requested == "auto":
-        return "triton" if device.type == "cuda" and can_launch(device) else "reference"
+        return "triton" if device.type == "cuda" and can_launch(device) else "torch"
     if requested == "triton" and not can_launch(device):
         raise RuntimeError(f"the Triton backend cannot run on {device}: use a CUDA device, or set "
                            "TRITON_INTERPRET=1 before importing lora_triton (CPU interpreter, for tests)")
@@ -67,7 +77,7 @@ def _rebuild_weight(tensors, offset_value: float, n: int, k: int, blocksize: int
 
 
 def _reference_dropout_mask(seed: int, p: float, m: int, k: int, like: Tensor) -> Tensor:
-    """Dropout mask of the reference backend, regenerated from ``seed`` by torch's CPU RNG."""
+    """Dropout mask of the torch backend, regenerated from ``seed`` by torch's CPU RNG."""
     gen = torch.Generator().manual_seed(seed)
     keep = torch.rand(m, k, generator=gen) >= p
     return (keep.to(torch.float32) / (1.0 - p)).to(device=like.device, dtype=like.dtype)
@@ -82,6 +92,12 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
 
         method, config = choose(Problem(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0],
                                         x.dtype))
+        if method == "native":
+            if dropout_p == 0:
+                from ..kernels.native_skinny import lora_forward_native
+
+                return lora_forward_native(x, weight, lora_a, lora_b, scale, bias, config)
+            method, config = "skinny", None  # the native kernels have no dropout; the Triton one does
         return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, method, config)
     k = weight.shape[1]
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
@@ -89,18 +105,19 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
     return y, s.contiguous()
 
 
-def _backward_impl(dy: Tensor, x: Tensor, s: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float,
-                   dropout_p: float, seed: int, backend: str, needs: tuple[bool, bool, bool, bool]) -> LoRAGrads:
+def _backward_impl(dy: Tensor, x: Tensor, saved_s: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor,
+                   scale: float, dropout_p: float, seed: int, backend: str,
+                   needs: tuple[bool, bool, bool, bool]) -> LoRAGrads:
     """``LoRAGrads`` of ``(dx, dA, dB, dbias)``, each only where ``needs`` asks."""
     dy = dy.contiguous()  # the expanded (stride-0) gradient of .sum() lands here
     if backend == "triton":
         from ..kernels.lora_dx import lora_backward_triton
 
         dx_method = choose_dx(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
-        return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, s, dropout_p, seed, needs, dx_method)
+        return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, saved_s, dropout_p, seed, needs, dx_method)
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
     dense = dequantize_dense(weight, x.dtype) if needs[0] else None  # only dx reads W
-    return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, s, mask, needs)
+    return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, saved_s, mask, needs)
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -121,17 +138,17 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, offset, offset_value,
 
 # ----------------------------------------------------------------------------- backward op
 @torch.library.custom_op("lora_triton::lora_nf4_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, s: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
+def _backward_op(dy: Tensor, x: Tensor, saved_s: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
                  nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
                  offset_value: float, n: int, k: int, blocksize: int, lora_a: Tensor, lora_b: Tensor, scale: float,
                  dropout_p: float, seed: Tensor, backend: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     weight = _rebuild_weight((packed, absmax, code, nested_absmax, nested_code, offset), offset_value, n, k, blocksize)
-    grads = _backward_impl(dy, x, s, weight, lora_a, lora_b, scale, dropout_p, int(seed), backend, tuple(needs))
+    grads = _backward_impl(dy, x, saved_s, weight, lora_a, lora_b, scale, dropout_p, int(seed), backend, tuple(needs))
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in (grads.dx, grads.dA, grads.dB, grads.dbias))
 
 
 @_backward_op.register_fake
-def _(dy, x, s, packed, absmax, code, nested_absmax, nested_code, offset, offset_value, n, k, blocksize, lora_a,
+def _(dy, x, saved_s, packed, absmax, code, nested_absmax, nested_code, offset, offset_value, n, k, blocksize, lora_a,
       lora_b, scale, dropout_p, seed, backend, needs):
     shapes = (x.shape, lora_a.shape, lora_b.shape, (n,))
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
@@ -144,15 +161,15 @@ _FORWARD_ARGS = ("x", "packed", "absmax", "code", "nested_absmax", "nested_code"
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FORWARD_ARGS, inputs))
-    _, s = output
-    ctx.save_for_backward(args["x"], s, args["lora_a"], args["lora_b"], args["seed"], args["packed"], args["absmax"],
-                          args["code"], args["nested_absmax"], args["nested_code"], args["offset"])
+    _, saved_s = output
+    ctx.save_for_backward(args["x"], saved_s, args["lora_a"], args["lora_b"], args["seed"], args["packed"],
+                          args["absmax"], args["code"], args["nested_absmax"], args["nested_code"], args["offset"])
     ctx.meta = {name: args[name] for name in ("offset_value", "n", "k", "blocksize", "scale", "dropout_p", "backend")}
     ctx.has_bias = args["bias"] is not None
 
 
 def _backward(ctx, dy, _ds):
-    x, s, lora_a, lora_b, seed, *weight_tensors = ctx.saved_tensors
+    x, saved_s, lora_a, lora_b, seed, *weight_tensors = ctx.saved_tensors
     m = ctx.meta
     # Input order: x, packed, absmax, code, nested_absmax, nested_code, offset, offset_value,
     # n, k, blocksize, lora_a, lora_b, scale, bias, dropout_p, seed, backend.
@@ -160,7 +177,7 @@ def _backward(ctx, dy, _ds):
     needs = [need[0], need[11], need[12], need[14] and ctx.has_bias]
     if not any(needs):
         return (None,) * len(_FORWARD_ARGS)
-    dx, da, db, dbias = _backward_op(dy, x, s, *weight_tensors, m["offset_value"], m["n"], m["k"], m["blocksize"],
+    dx, da, db, dbias = _backward_op(dy, x, saved_s, *weight_tensors, m["offset_value"], m["n"], m["k"], m["blocksize"],
                                      lora_a, lora_b, m["scale"], m["dropout_p"], seed, m["backend"], needs)
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, needs[0]), None, None, None, None, None, None, None, None, None, None,
@@ -178,21 +195,22 @@ class _EagerLoRANF4(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, weight, scale, dropout_p, seed, backend):
-        y, s = _forward_impl(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend)
-        ctx.save_for_backward(x, s, lora_a, lora_b)
+        y, saved_s = _forward_impl(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend)
+        ctx.save_for_backward(x, saved_s, lora_a, lora_b)
         ctx.weight, ctx.args = weight, (scale, dropout_p, seed, backend)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, s, lora_a, lora_b = ctx.saved_tensors
+        refuse_double_backward()
+        x, saved_s, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         needs = (need_x, need_a, need_b, need_bias and ctx.has_bias)
         if not any(needs):
             return (None,) * 9
         scale, dropout_p, seed, backend = ctx.args
-        g = _backward_impl(dy, x, s, ctx.weight, lora_a, lora_b, scale, dropout_p, seed, backend, needs)
+        g = _backward_impl(dy, x, saved_s, ctx.weight, lora_a, lora_b, scale, dropout_p, seed, backend, needs)
         return g.dx, g.dA, g.dB, g.dbias, None, None, None, None, None
 
 
@@ -217,17 +235,19 @@ def lora_nf4_linear(
         lora_a: ``[r, K]``; lora_b: ``[N, r]``; bias: ``[N]`` or None - any float dtype, cast to
             x's dtype for the computation (gradients come back in their own dtype).
         scale: the LoRA scale; dropout_p: LoRA dropout, applied only when ``training``.
-        backend: ``"auto"`` / ``"triton"`` / ``"reference"`` (default: env ``LORA_TRITON_BACKEND``).
+        backend: ``"auto"`` / ``"triton"`` / ``"torch"`` (default: env ``LORA_TRITON_BACKEND``).
     Returns:
         ``[..., N]`` in x's (compute) dtype.
+    Raises:
+        TypeError / ValueError naming the argument for a bad input (shape, dtype, non-finite
+        scale, dropout outside [0, 1)); float64 ``x`` runs on the torch backend only.
     """
+    _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     autocast = torch.is_autocast_enabled(x.device.type)
     if autocast:
         x = x.to(torch.get_autocast_dtype(x.device.type))
     dtype = x.dtype
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must end in in_features={k}, got shape {list(x.shape)}")
     p = float(dropout_p) if training else 0.0
     x2d = x.reshape(-1, k).contiguous()
     a, b = lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
@@ -242,3 +262,33 @@ def lora_nf4_linear(
             seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
             y = _EagerLoRANF4.apply(x2d, a, b, bias, weight, float(scale), p, seed, backend)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
+    """Raise a clear TypeError/ValueError unless the arguments of ``lora_nf4_linear`` fit together."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    n, k = weight.shape
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be a float tensor (float16, bfloat16, float32; float64 on the torch backend), "
+                        f"got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must be [..., in_features={k}], got shape {list(x.shape)}")
+    for name, t, want in (("lora_a", lora_a, None), ("lora_b", lora_b, None), ("bias", bias, (n,))):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float torch.Tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if want is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)}, got {list(t.shape)}")
+    r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or r < 1 or tuple(lora_b.shape) != (n, r):
+        raise ValueError(f"lora_a must be [r, in_features={k}] and lora_b [out_features={n}, r] with r >= 1, got "
+                         f"lora_a {list(lora_a.shape)}, lora_b {list(lora_b.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory_estimate import METHODS, ModelShape, TrainingSetup, estimate
+from .estimate import METHODS, ModelShape, TrainingSetup, estimate
 from .profiling import PeakTensorMemory, tensor_bytes
 
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -48,7 +48,7 @@ def _prepare(method: str, model, rank: int):
 
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS))
         return peft.get_peft_model(model, config)
-    from .modules import LoRALinear4bit
+    from ..modules import LoRALinear4bit
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -65,7 +65,11 @@ def measure_step(method: str, setup: TrainingSetup, device: str = "cpu") -> Meas
     model, config = _small_llama(device, torch.bfloat16)
     model = _prepare(method, model, setup.rank)
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4)

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .integration import inject_lora, load_adapter, lora_layers, save_adapter
-from .integration.inject import replace_module
-from .modules import LoRALinear4bit
-from .ops import resolve_backend
+from ..integration import inject_lora, load_adapter, lora_layers, save_adapter
+from ..integration.inject import replace_module
+from ..modules import LoRALinear4bit
+from ..ops import resolve_backend
+from ..outputs import QUICK_NOTE, default_dir
 from .text_domains import build_corpora, eval_windows, random_batch, to_tensor
-from .training import ContinualLoRA
+from ..training import ContinualLoRA
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _as_single_adapter(model: nn.Module) -> nn.Module:
     return single
 
 
-def run_demo(out_dir: str = "lora_triton_demo", quick: bool = False, device: str | None = None,
+def run_demo(out_dir: str = default_dir("demo"), quick: bool = False, device: str | None = None,
              show_progress: bool = True) -> dict:
     """Run the demo, print what it finds, save the adapter under ``out_dir``; returns the numbers."""
     cfg = QUICK if quick else DemoConfig()
@@ -115,7 +116,7 @@ def run_demo(out_dir: str = "lora_triton_demo", quick: bool = False, device: str
     torch.manual_seed(0)
     start = time.perf_counter()
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
-          f"lora-triton backend '{backend}'")
+          f"lora-triton backend '{backend}'" + (f"\n{QUICK_NOTE}" if quick else ""))
 
     pretrain_text, domains = build_corpora(cfg.domain_bytes)
     data = {name: (to_tensor(train).to(dev), eval_windows(to_tensor(held), cfg.eval_windows, cfg.context).to(dev))
@@ -178,7 +179,7 @@ def run_demo(out_dir: str = "lora_triton_demo", quick: bool = False, device: str
     print(f"\ntraining throughput: {tokens_per_s:,.0f} tokens/s on {dev} (backend '{backend}')")
     print(f"adapter saved in PEFT's format: {adapter_dir}/ (loaded into a fresh copy of the model: max |logit diff| "
           f"{reload_err:.2e})")
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {time.perf_counter() - start:.0f} s" + (f" ({QUICK_NOTE})" if quick else ""))
     return {"naive": (naive_before, naive_after, naive_prose), "protected": (code_before, protected_after,
             protected_prose), "tokens_per_s": tokens_per_s, "reload_err": reload_err, "adapter_dir": adapter_dir,
             "trainable_params": report.trainable_params}

@@ -1,4 +1,4 @@
-"""pytest-benchmark view of the CPU layer table: ``pytest bench/ --benchmark-only``.
+"""pytest-benchmark view of the CPU layer table: ``pytest lora_triton/bench --benchmark-only``.
 
 Times one training step (forward + backward) and one inference forward of a QLoRA layer on
 CPU at small shapes: ours (``LoRALinear4bit``, the plain-torch CPU path), bitsandbytes' CPU
@@ -18,7 +18,7 @@ SHAPES = [(1024, 1024, 16, 16), (1024, 1024, 16, 256), (1024, 2816, 16, 128)]  #
 
 
 def _contender(name: str, k: int, n: int, r: int):
-    built, _, _ = cs.build(n, k, r, torch.float32, torch.device("cpu"), backend="reference")
+    built, _, _ = cs.build(n, k, r, torch.float32, torch.device("cpu"), backend="torch")
     found = {c.name: c for c in built}
     if name not in found:
         pytest.skip(f"{name} unavailable here (bitsandbytes or peft missing)")

@@ -67,6 +67,10 @@ class ModelShape:
     def from_config(cls, config) -> "ModelShape":
         """From a transformers config object or its dict (``config.json``)."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+        missing = [k for k in needed if not isinstance(get(k), int) or isinstance(get(k), bool) or get(k) < 1]
+        if missing:
+            raise ValueError(f"a LLaMA-style config needs positive int fields {missing}")
         heads = get("num_attention_heads")
         return cls(hidden=get("hidden_size"), intermediate=get("intermediate_size"), layers=get("num_hidden_layers"),
                    vocab=get("vocab_size"), heads=heads, kv_heads=get("num_key_value_heads") or heads,

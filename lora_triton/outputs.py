@@ -1,0 +1,19 @@
+"""Where the commands write when no folder is given: one folder in the current directory.
+
+``lora-triton demo``, ``forgetting`` and ``bench`` write under ``DEFAULT_ROOT/<command>``;
+the repository's ``.gitignore`` lists ``DEFAULT_ROOT``, so runs in a checkout leave git clean.
+``QUICK_NOTE`` is the line every ``--quick`` run prints (and puts in its plots' titles).
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_ROOT = "lora_triton_out"
+#: What every ``--quick`` output says about its numbers.
+QUICK_NOTE = "--quick: a smoke test at tiny sizes; its numbers are not measurements"
+
+
+def default_dir(command: str) -> str:
+    """The default output folder of ``command`` (``"demo"``, ``"forgetting"``, ``"bench"``)."""
+    return os.path.join(DEFAULT_ROOT, command)
