@@ -57,15 +57,34 @@ grep -E "(FAILED|ERROR) " "$OUT/pytest.log" | sort | uniq | head -60
 tail -n 25 "$OUT/pytest.log"
 echo "pytest exit code: $tests_rc" | tee -a "$OUT/summary.txt"
 
+# ==== native CUDA kernels (top-level kernels/, issue 20) ==========================================
+# Builds the library here for sm_90 (the GPU image has nvcc and CMake; a fresh build folder, so a
+# build carried from another machine never gets in the way), runs tests/test_native.py on the GPU
+# (failing, not skipping, when the library is missing) and leaves LORA_TRITON_NATIVE_LIB set, so
+# the forward benchmark below times the native rows beside the Triton skinny kernel. Logs:
+# native_build.log (ptxas resource usage per kernel), native_pytest.log.
+NATIVE_BUILD="$ROOT/build/native-gpu"
+{ cmake -S "$ROOT" -B "$NATIVE_BUILD" -DCMAKE_BUILD_TYPE=Release -DLORA_TRITON_CUDA_ARCHS=90 \
+    -DLORA_TRITON_PTXAS_VERBOSE=ON && cmake --build "$NATIVE_BUILD" -j 16; } > "$OUT/native_build.log" 2>&1
+echo "native build exit code: $?" | tee -a "$OUT/summary.txt"
+export LORA_TRITON_NATIVE_LIB="$NATIVE_BUILD/liblora_triton_native.so"
+LORA_TRITON_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 "${GPU_NATIVE_TEST_TIMEOUT_S:-120}" \
+  python3 -m pytest -p no:cacheprovider --import-mode=importlib tests/test_native.py --device cuda -q -rfE \
+  --durations=5 > "$OUT/native_pytest.log" 2>&1
+native_rc=$?
+tail -n 20 "$OUT/native_pytest.log"
+echo "native tests exit code: $native_rc" | tee -a "$OUT/summary.txt"
+# ==== end of the native section ===================================================================
+
 budget="${GPU_BENCH_BUDGET_S:-240}"
 dispatch_flag=""
 [ "${GPU_WRITE_DISPATCH:-1}" = "1" ] && dispatch_flag="--write-dispatch"
-PYTHONUNBUFFERED=1 timeout -k 5 $((budget + 60)) python3 bench/run.py --what forward,layer --out "$OUT/bench" --budget-s "$budget" \
-  $dispatch_flag > "$OUT/bench.log" 2>&1
+PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what forward,layer \
+  --out "$OUT/bench" --budget-s "$budget" $dispatch_flag > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp lora_triton/ops/dispatch_table.json "$OUT/dispatch_table.json" 2>/dev/null || true
 cat "$OUT/bench.log"
 echo "bench exit code: $bench_rc" | tee -a "$OUT/summary.txt"
 date -u +"end %Y-%m-%dT%H:%M:%SZ" | tee -a "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$native_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -40,7 +40,7 @@ def test_choose_uses_the_rule_without_a_table_and_reference_without_triton(devic
     import lora_triton.kernels.runtime as runtime
 
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
-    assert dispatch.choose(dispatch.Problem(torch.device("cpu"), 3, 64, 128, 8))[0] == "reference"
+    assert dispatch.choose(dispatch.Problem(torch.device("cpu"), 3, 64, 128, 8))[0] == "torch"
 
 
 def test_a_winner_that_does_not_support_the_problem_falls_back_to_the_rule(monkeypatch, device):
@@ -90,3 +90,25 @@ def test_table_from_benchmark_rows_keeps_the_fastest_correct_candidate(tmp_path)
     dispatch.write_table(merged, str(path))
     assert dispatch.parse_table(path.read_text()) == json.loads(path.read_text())
     dispatch.load_table.cache_clear()
+
+
+def test_the_fastest_skinny_config_is_kept_and_chosen(tmp_path):
+    from lora_triton.bench import forward
+    from lora_triton.kernels import lora_forward as lf, nf4_skinny
+
+    cuda = torch.device("cuda")  # the benchmark's GPU rows: the default plus every SKINNY_CONFIGS entry
+    names = list(forward.skinny_configs(cuda))
+    assert names[0] == "skinny" and len(names) == 1 + len(lf.SKINNY_CONFIGS)
+    assert forward.method_and_config("skinny", cuda) == ("skinny", "")
+    rows = []
+    for name in names:
+        method, config = forward.method_and_config(name, cuda)
+        rows.append(dict(device="G", K="4096", N="4096", r="16", M="1", method=method, config=config,
+                         ms="0.010" if name == "skinny#2" else "0.020", note=""))
+    path = tmp_path / "table.json"
+    dispatch.write_table(dispatch.table_from_rows(rows), str(path))
+    table = dispatch.load_table(str(path))
+    dispatch.load_table.cache_clear()
+    point = dispatch.measured_choice(table, "G", "forward", dispatch.Problem(torch.device("cpu"), 1, 4096, 4096, 16))
+    assert point["candidate"] == "skinny" and point["config"] == lf.SKINNY_CONFIGS[1]
+    nf4_skinny.check_config({**point["config"], "split_k": 1, "table": "gather"})  # a config the kernel takes

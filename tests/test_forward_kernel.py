@@ -118,12 +118,14 @@ def test_dispatch_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
 
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     problem = random_lora_problem(5, 40, 128, 4, torch.float32, 64, True, True)
-    assert dispatch.choose_method(torch.device("cpu"), 5, 40, 128, 4) == "reference"
+    assert dispatch.choose_method(torch.device("cpu"), 5, 40, 128, 4) == "torch"
     check_against_reference(problem, None)
     with pytest.raises(RuntimeError, match="LoRA dropout needs the Triton mask generator"):
         run_kernel(problem, None, dropout_p=0.1)
     with pytest.raises(RuntimeError, match="cannot run Triton kernels on cpu"):
         run_kernel(problem, "fused")
+    plain, old_name = run_kernel(problem, "torch"), run_kernel(problem, "reference")  # the old name is an alias
+    assert all(torch.equal(a, b) for a, b in zip(plain, old_name))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_triton.kernels import lora_forward as lf
-from lora_triton.kernels import nf4_skinny
+from lora_triton.kernels import nf4_skinny, runtime
 from lora_triton.kernels.dropout import dropout_mask
 from lora_triton.reference import lora_forward
 from lora_triton.testing import assert_rel_close, poison_, random_lora_problem
@@ -81,13 +81,50 @@ def test_split_k_does_not_change_the_result_beyond_rounding_and_is_deterministic
 def test_counters_are_zero_after_every_launch(device):
     problem = random_lora_problem(17, 130, 128, 4, torch.float32, 64, True, False, device)
     _run(problem, dict(split_k=4, block_k=32))
-    counters = nf4_skinny.tile_counters(torch.device(device), 1)
+    counters = runtime.tile_counters(torch.device(device), 1)
     assert int(counters.abs().sum()) == 0
 
 
 def test_default_config_picks_a_split(device):
     problem = random_lora_problem(1, 64, 512, 4, torch.float32, 64, True, False, device)
     _check(problem)  # split from the device (2 "SMs" on CPU): 1 N tile, 8 K steps of 64 -> split 8
+
+
+# (M, N, K, blocksize, config): every combination of the kernel's EVEN_N / EVEN_K specializations,
+# BLOCK_K above, at and below the block size, and 1, 2 or 4 chunks of the in-loop LoRA shrink.
+TILE_CASES = [
+    (3, 64, 96, 32, dict(block_n=32, block_k=64, split_k=1)),    # EVEN_N, K tail: 96 = 64 + 32
+    (5, 70, 192, 64, dict(block_n=32, block_k=128, split_k=2)),  # neither even; 2 blocks per step, tail
+    (2, 48, 128, 128, dict(block_n=16, block_k=16, split_k=3)),  # both even; one LoRA chunk
+    (16, 40, 256, 64, dict(block_n=64, block_k=32, split_k=4)),  # K even, N not; 2 LoRA chunks
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "M{}-N{}-K{}-bs{}-{block_n}x{block_k}".format(*c[:4], **c[4]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_even_and_ragged_tiles(case, dtype, device):
+    m, n, k, blocksize, config = case
+    problem = random_lora_problem(m, n, k, 16, dtype, blocksize, True, True, device)
+    _check(problem, config, dropout_p=0.2, seed=3)
+
+
+@pytest.mark.parametrize("k_steps", range(1, 40))
+def test_nonempty_split_k_leaves_no_split_empty(k_steps):
+    for wanted in range(1, 45):
+        split = nf4_skinny.nonempty_split_k(k_steps, wanted)
+        assert 1 <= split <= min(wanted, k_steps)
+        per_split = -(-k_steps // split)  # split_k_range's steps per split
+        starts = [i * per_split for i in range(split)]
+        assert all(start < k_steps for start in starts), (k_steps, wanted, split)
+        assert split * per_split >= k_steps
+
+
+def test_maxnreg_is_a_config_field(device):
+    problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
+    _check(problem, dict(maxnreg=128, num_warps=8))
+    for bad in (16, 300, 1.5, True):
+        with pytest.raises(ValueError, match="maxnreg must be None or an int"):
+            _run(problem, dict(maxnreg=bad))
 
 
 def test_split_k_for_fills_the_programs_wanted():

@@ -35,6 +35,26 @@ def test_main_loop_and_its_operands():
     assert static_analysis.main_loop("ret;") is None
 
 
+# The shape of triton.tools.disasm.get_sass's text: control codes, a tab, the instruction; labels.
+SASS = """
+--:-:-:-:2	MOV R1, c[0x0][0x28] ;
+LBB0:
+--:-:-:-:1	SHFL.IDX PT, R2, R3, R4, 0x1f ;
+--:-:-:-:4	FMUL R5, R2, R6 ;
+--:-:-:-:5	@P0 BRA LBB1;
+--:-:-:-:1	IADD3 R7, R7, 0x1, RZ ;
+--:-:-:-:5	@!P1 BRA LBB0;
+LBB1:
+--:-:-:Y:0	EXIT ;
+"""
+
+
+def test_sass_main_loop_is_the_span_back_to_its_label():
+    loop = static_analysis.sass_main_loop(SASS)
+    assert [line.split()[0] for line in loop] == ["SHFL.IDX", "FMUL", "@P0", "IADD3", "@!P1"]
+    assert static_analysis.sass_main_loop("--:-:-:-:1\tEXIT ;") is None
+
+
 def test_loop_loads_of_the_code_table_are_counted():
     ttir = """
     %0 = tt.splat %code_ptr : !tt.ptr<f32> -> tensor<64x64x!tt.ptr<f32>>
@@ -67,8 +87,13 @@ def test_quick_report_compiles_the_dispatched_kernels_for_sm90(tmp_path, capsys)
     for row in rows:
         assert row["error"] == "" or row["error"].startswith("over budget"), row["error"]
         assert int(row["regs"]) > 0 and float(row["loop_ptx_per_weight_elem"]) > 0
+        if row["has_loop"] == "True":
+            assert float(row["loop_sass_per_weight_elem"]) > 0
         assert row["dispatched"] == str(row["kernel"] in static.dispatched_kernels() and "table=shfl" in row["variant"])
     assert kernels["skinny"]["weight_operand_from_registers"] == "True"  # swap-AB: the weight is wgmma's A
+    # the default skinny config's register, spill and serialization budgets (its ptx/elem budget is not met)
+    assert kernels["skinny"]["wgmma_serialized"] == "False" and kernels["skinny"]["spills"] == "0"
+    assert int(kernels["skinny"]["regs"]) <= 128
     assert all(r["lut_global_gathers"] == "0" for r in rows)  # the table lives in registers
     failed = [r for r in rows if r["dispatched"] == "True" and r["within_budget"] != "True"]
     assert code == (1 if failed else 0)

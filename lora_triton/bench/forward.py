@@ -8,11 +8,12 @@ For each projection shape (K, N), rank r and token count M it times the candidat
                     ``F.linear`` + PEFT-style LoRA: what bitsandbytes + PEFT does
 ``bnb_matmul_4bit`` ``bitsandbytes.matmul_4bit`` + LoRA, only when bitsandbytes imports
 
-One row per (shape, method): relative error of ``y`` against an fp32 product on the same
+One row per (shape, method, config): relative error of ``y`` against an fp32 product on the same
 dequantized weight (a fast but wrong kernel shows), median time, TFLOP/s, GB/s, both as % of
 the device peaks measured in the same run, speed-up over each baseline, the dispatcher's
-choice and whether this method was the fastest candidate (so ``choose_method``'s constants
-can be set from the table). GB/s counts the bytes an NF4 forward must move (packed W,
+choice and whether this method was the fastest candidate (``--write-dispatch`` turns the
+fastest per point, with its ``config``, into ``ops/dispatch_table.json``). The skinny kernel
+has a row per config of ``lora_forward.SKINNY_CONFIGS`` on a GPU. GB/s counts the bytes an NF4 forward must move (packed W,
 absmax, x, y, A, B, S) for every row, so rows compare on the same work. Small M is timed
 from CUDA graphs (launch overhead would dominate), the rest with do_bench; L2 flushed in both.
 """
@@ -43,7 +44,7 @@ BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
 KERNEL_ONLY = ("dequant_only_shfl", "dequant_only_gather", "skinny_many_layers")
 MANY_LAYERS_BYTES = 256 * 2**20  # > the H200's 60 MB L2 several times over
 SKINNY_BENCH_MAX_M = 16
-FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "rel_err", "ms", "timer", "tflops", "gbps",
+FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "config", "rel_err", "ms", "timer", "tflops", "gbps",
                         "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense", "x_vs_dequant_linear",
                         "x_vs_bnb_matmul_4bit", "dispatch", "fastest_candidate", "note"]
 
@@ -128,13 +129,61 @@ def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
     for method in lf.METHODS:
         if (method == "decode" and p.m > DECODE_BENCH_MAX_M) or (method == "skinny" and p.m > SKINNY_BENCH_MAX_M):
             continue
-        fns[method] = (lambda method=method: lf.lora_forward_triton(p.x, p.weight, p.lora_a, p.lora_b, p.scale,
-                                                                    method=method))
+        for name, config in (skinny_configs(p.x.device) if method == "skinny" else {method: None}).items():
+            fns[name] = (lambda method=method, config=config: lf.lora_forward_triton(
+                p.x, p.weight, p.lora_a, p.lora_b, p.scale, method=method, config=config))
     if p.m <= SKINNY_BENCH_MAX_M:
         for table in ("shfl", "gather") if p.x.is_cuda else ("gather",):  # shfl is inline PTX: GPU only
             fns[f"dequant_only_{table}"] = lambda table=table: dequantize_nf4(p.weight, p.x.dtype, table)
         fns["skinny_many_layers"] = many_layers(p, "skinny")
+    fns.update(native_methods(p))
     return fns
+
+
+# --- native CUDA kernels (top-level kernels/, issue 20): rows only where the library is built ---------
+#: ``native`` is the dispatch candidate (shared-memory code table, the library's per-shape plan);
+#: ``native_register`` the same kernels with the code table in registers (a variant, not a candidate).
+NATIVE_ROWS = {"native": {}, "native_register": {"table": "register"}}
+
+
+def native_methods(p: Problem) -> dict[str, Callable[[], object]]:
+    """The native kernels' rows for ``p`` (none off CUDA, beyond M = 16 or without the library)."""
+    from ..kernels import native_skinny
+
+    if p.m > SKINNY_BENCH_MAX_M or not native_skinny.supports(p.x.device, p.m, p.x.dtype):
+        return {}
+    return {name: (lambda config=config: native_skinny.lora_forward_native(p.x, p.weight, p.lora_a, p.lora_b,
+                                                                           p.scale, config=config))
+            for name, config in NATIVE_ROWS.items()}
+
+
+def print_native_ratios(p: Problem, timings: dict[str, float]) -> None:
+    """One line per point: each native row's speed-up over the Triton skinny kernel (and dense)."""
+    for name in NATIVE_ROWS:
+        if name in timings and "skinny" in timings:
+            dense = f", {timings['dense'] / timings[name]:.2f}x dense" if "dense" in timings else ""
+            print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: {timings[name]:.4g} ms, "
+                  f"{timings['skinny'] / timings[name]:.2f}x the Triton skinny kernel{dense}")
+# --- end of the native rows ----------------------------------------------------------------------------
+
+
+def skinny_configs(device: torch.device) -> dict[str, dict | None]:
+    """The skinny kernel's configs timed at each point, by row name: ``skinny`` its default (None),
+    and on a GPU ``skinny#i`` for every ``lora_forward.SKINNY_CONFIGS`` entry, so the dispatch
+    table can keep the fastest."""
+    from ..kernels import lora_forward as lf
+
+    others = lf.SKINNY_CONFIGS if device.type == "cuda" else ()
+    return {"skinny": None, **{f"skinny#{i}": dict(config) for i, config in enumerate(others, 1)}}
+
+
+def method_and_config(name: str, device: torch.device) -> tuple[str, str]:
+    """``(candidate, config JSON or "")`` of a row name (``skinny#2`` -> ``skinny`` and its config)."""
+    import json
+
+    method = name.split("#")[0]
+    config = skinny_configs(device).get(name) if method == "skinny" else None
+    return method, json.dumps(config, sort_keys=True) if config else ""
 
 
 def many_layers(p: Problem, method: str) -> Callable[[], object]:
@@ -195,13 +244,14 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
             timings[name], timers[name] = time_ms(fn, device, use_cuda_graph=p.m <= CUDA_GRAPH_MAX_M, quick=quick)
         except Exception as err:  # one broken candidate must not hide the others' numbers
             print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
-    candidates = {name: t for name, t in timings.items() if name in lf.METHODS}
+    candidates = {name: t for name, t in timings.items() if method_and_config(name, device)[0] in lf.METHODS}
     fastest = min(candidates, key=candidates.get) if candidates else ""
+    print_native_ratios(p, timings)
     dispatch = choose_method(device, p.m, p.n, p.k, p.r)
     peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
     rows = []
     for name, ms in timings.items():
-        ratio = lambda base: f"{timings[base] / ms:.3f}" if base in timings else ""  # noqa: E731
+        ratio = lambda base: f"{timings[base] / ms:.4g}" if base in timings else ""  # noqa: E731
         tflops, gbps = p.flops() / ms / 1e9, p.min_bytes() / ms / 1e6
         if name in KERNEL_ONLY:  # bytes read by the kernel alone: packed W + stats (dequant also writes W)
             weight_bytes = p.weight.nbytes
@@ -209,8 +259,9 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
                 ms, gbps = ms / p.layers, weight_bytes / (ms / p.layers) / 1e6
             else:
                 gbps = (weight_bytes + p.n * p.k * p.x.element_size()) / ms / 1e6  # reads W, writes dense W
+        method, config = method_and_config(name, device)
         rows.append({**meta, "dtype": str(p.x.dtype).removeprefix("torch."), "K": p.k, "N": p.n, "r": p.r,
-                     "M": p.m, "method": name, "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.5f}",
+                     "M": p.m, "method": method, "config": config, "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.4g}",
                      "timer": timers[name], "tflops": f"{tflops:.4g}", "gbps": f"{gbps:.4g}",
                      "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
                      "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": ratio("dense"),
@@ -222,10 +273,12 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
 
 def speedups(rows: list[dict]) -> list[Speedup]:
     """Plot points: the dispatched method's speed-up over each baseline, per shape and rank."""
-    points = []
+    points, seen = [], set()
     for row in rows:
-        if row["method"] != row["dispatch"]:
+        key = (row["K"], row["N"], row["r"], row["M"])
+        if row["method"] != row["dispatch"] or key in seen:  # the first (default-config) row of the candidate
             continue
+        seen.add(key)
         for base in BASELINES:
             if row[f"x_vs_{base}"]:
                 points.append(Speedup(f"K={row['K']} N={row['N']}", f"vs {base}, r={row['r']}", int(row["M"]),

@@ -1,11 +1,13 @@
 """Kernel-efficiency report on CPU: compile every kernel the dispatcher can choose for sm_90 and
-read registers, spills, shared memory and PTX instructions per decoded weight element.
+read registers, spills, shared memory and PTX (and SASS) instructions per decoded weight element.
 
     lora-triton bench --what static [--quick] [--triton 3.6.0,installed] [--out DIR]
 
 Each row is one (kernel, config, variant, triton version) compile (``static_analysis``):
 ``loop_ptx_per_weight_elem`` counts the PTX instructions of the main K loop per decoded
-weight element per thread (the whole body for a kernel without a loop), ``wgmma_serialized``
+weight element per thread (the whole body for a kernel without a loop; the budgets are on it),
+``loop_sass_per_weight_elem`` the same for the machine code ptxas made of it (register moves that
+ptxas removes do not count there, expansions do), ``wgmma_serialized``
 is ptxas' warning C7515, ``weight_operand_from_registers`` whether the loop's wgmma reads the
 weight from registers, ``lut_global_gathers`` the code-table loads from global memory in the
 loop. ``dispatched`` says whether the dispatcher (``ops.dispatch``: the shipped table and the
@@ -28,7 +30,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-FIELDS = ["kernel", "config", "variant", "triton", "regs", "spills", "smem_bytes", "loop_ptx_per_weight_elem",
+FIELDS = ["kernel", "config", "variant", "triton", "regs", "spills", "smem_bytes", "loop_ptx_per_weight_elem", "loop_sass_per_weight_elem",
           "loop_shared_ops_per_weight_elem", "wgmma_serialized", "weight_operand_from_registers",
           "lut_global_gathers", "has_loop", "dispatched", "budget", "within_budget", "top_opcodes", "error"]
 
@@ -88,24 +90,25 @@ class Build:
     num_warps: int
     num_stages: int
     variant: dict = field(default_factory=dict)
+    maxnreg: int | None = None  # ptxas' register cap (Triton's ``maxnreg`` launch option)
 
     def config_text(self) -> str:
-        return " ".join(f"{k}{v}" for k, v in self.config.items()) + f" w{self.num_warps} s{self.num_stages}"
+        cap = f" maxnreg{self.maxnreg}" if self.maxnreg else ""
+        return " ".join(f"{k}{v}" for k, v in self.config.items()) + f" w{self.num_warps} s{self.num_stages}{cap}"
 
     def variant_text(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.variant.items())
 
 
 # ----------------------------------------------------------------------------- what to compile
-def _skinny_configs(quick: bool) -> list[tuple[dict, int, int]]:
-    from ..kernels.lora_forward import SKINNY_DEFAULT
+def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
+    """The skinny configs the GPU benchmark times: the default for the variant's rank, then
+    (unless ``quick``) the others."""
+    from ..kernels.lora_forward import SKINNY_CONFIGS, padded_rank, skinny_default
 
-    default = (dict(BLOCK_N=SKINNY_DEFAULT["block_n"], BLOCK_K=SKINNY_DEFAULT["block_k"]),
-               SKINNY_DEFAULT["num_warps"], SKINNY_DEFAULT["num_stages"])
-    if quick:
-        return [default]
-    return [default] + [(dict(BLOCK_N=bn, BLOCK_K=bk), 4, st) for bn, bk, st in
-                        ((64, 256, 3), (128, 128, 4), (64, 128, 4), (128, 256, 2))]
+    configs = [skinny_default(padded_rank(variant["r"]))] + ([] if quick else list(SKINNY_CONFIGS))
+    return [Build("skinny", dict(BLOCK_N=c["block_n"], BLOCK_K=c["block_k"]), c["num_warps"], c["num_stages"],
+                  variant, c["maxnreg"]) for c in configs]
 
 
 def _autotune_configs(kernel: str, quick: bool) -> list[tuple[dict, int, int]]:
@@ -154,16 +157,14 @@ def builds(quick: bool) -> list[Build]:
     variants = [dict(dtype="bf16", r=16)] if quick else [dict(dtype="bf16", r=16), dict(dtype="fp16", r=64)]
     out = []
     for kernel in kernels:
-        if kernel == "skinny":
-            configs = _skinny_configs(quick)
-        elif kernel == "dequant":
-            configs = [({}, 4, 3)]
-        else:
-            configs = _autotune_configs(kernel, quick)
-        for cfg, warps, stages in configs:
-            for table in (("shfl",) if quick else ("shfl", "gather")):
-                for variant in variants:
-                    out.append(Build(kernel, cfg, warps, stages, {**variant, "table": table}))
+        for table in (("shfl",) if quick else ("shfl", "gather")):
+            for variant in variants:
+                variant = {**variant, "table": table}
+                if kernel == "skinny":
+                    out.extend(_skinny_builds(quick, variant))
+                    continue
+                configs = [({}, 4, 3)] if kernel == "dequant" else _autotune_configs(kernel, quick)
+                out.extend(Build(kernel, cfg, warps, stages, variant) for cfg, warps, stages in configs)
     return out
 
 
@@ -183,12 +184,13 @@ def _kernel_args(build: Build) -> tuple:
     precision = "ieee" if v["dtype"] == "fp32" else "tf32"
     sizes = dict(M=7, N=4096, K=4096, R=v["r"] - 3)
     cfg = build.config
-    options = {"enable_fp_fusion": False}
+    options = {"enable_fp_fusion": False, **({"maxnreg": build.maxnreg} if build.maxnreg else {})}
     if build.kernel == "skinny":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
                     **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
-                    DOT_PRECISION=precision, BLOCK_M=nf4_skinny.BLOCK_M, SPLIT_K=4, **cfg)
+                    DOT_PRECISION=precision, BLOCK_M=nf4_skinny.BLOCK_M, SPLIT_K=4,
+                    LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True, **cfg)
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dequant":
         per_program = nf4_dequant.blocks_per_program(64)
@@ -229,6 +231,7 @@ def compile_row(build: Build, dispatched: bool, arch: int = 90) -> dict:
         result = analyze(compiled, log, elems, build.num_warps, fn)
         row.update(regs=result.regs, spills=result.spill_bytes, smem_bytes=result.smem_bytes,
                    loop_ptx_per_weight_elem=result.loop_ptx_per_weight_elem,
+                   loop_sass_per_weight_elem=result.loop_sass_per_weight_elem,
                    loop_shared_ops_per_weight_elem=result.loop_shared_ops_per_weight_elem,
                    wgmma_serialized=result.wgmma_serialized,
                    weight_operand_from_registers=result.weight_operand_from_registers,
@@ -308,17 +311,19 @@ def failures(rows: list[dict]) -> list[dict]:
 
 
 def print_report(rows: list[dict]) -> None:
-    header = (f"{'kernel':<8} {'config':<26} {'variant':<30} {'triton':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} "
-              f"{'ptx/el':>6} {'shm/el':>6} {'C7515':>5} {'A reg':>5} {'gath':>4} {'disp':>4}  budget")
+    header = (f"{'kernel':<8} {'config':<36} {'variant':<30} {'triton':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+              f"{'ptx/el':>6} {'sass/el':>7} {'shm/el':>6} {'C7515':>5} {'A reg':>5} {'gath':>4} {'disp':>4}  budget")
     print(header)
     print("-" * len(header))
     for r in rows:
         if r.get("regs") is None and r["error"].startswith("compile failed"):
-            print(f"{r['kernel']:<8} {r['config']:<26} {r['variant']:<30} {r['triton']:<6} {r['error']}")
+            print(f"{r['kernel']:<8} {r['config']:<36} {r['variant']:<30} {r['triton']:<6} {r['error']}")
             continue
         mark = "ok" if r["within_budget"] else ("MISS" if r["dispatched"] else "miss")
-        print(f"{r['kernel']:<8} {r['config']:<26} {r['variant']:<30} {r['triton']:<6} {r['regs'] or '':>4} "
+        sass = r["loop_sass_per_weight_elem"]
+        print(f"{r['kernel']:<8} {r['config']:<36} {r['variant']:<30} {r['triton']:<6} {r['regs'] or '':>4} "
               f"{r['spills']:>5} {r['smem_bytes'] / 1024:>7.1f} {r['loop_ptx_per_weight_elem']:>6.2f} "
+              f"{sass if sass is not None else '':>7} "
               f"{r['loop_shared_ops_per_weight_elem']:>6.2f} {'yes' if r['wgmma_serialized'] else 'no':>5} "
               f"{str(r['weight_operand_from_registers'])[:5]:>5} {r['lut_global_gathers']:>4} "
               f"{'yes' if r['dispatched'] else 'no':>4}  {mark} {r['error'].removeprefix('over budget: ')}")

@@ -69,19 +69,42 @@ def _instructions(lines: list[str]) -> list[str]:
     return out
 
 
-def main_loop(ptx: str) -> list[str] | None:
-    """Instructions of the kernel's main loop: the longest span from a label to a backward branch
-    to it (Triton emits one basic-block chain per ``for``), or None when the kernel has no loop."""
-    lines = ptx.splitlines()
+def _longest_loop(lines: list[str], label: re.Pattern, back_branch: re.Pattern, instructions) -> list[str] | None:
+    """``instructions(span)`` of the longest span of ``lines`` from a label to a backward branch to
+    it (Triton emits one basic-block chain per ``for``), or None when there is no loop."""
     labels, best = {}, None
     for i, line in enumerate(lines):
-        if m := _LABEL.match(line.strip()):
+        if m := label.match(line.strip()):
             labels[m.group(1)] = i
-        if (m := _BACK_BRANCH.search(line)) and labels.get(m.group(1), i) < i:
-            body = _instructions(lines[labels[m.group(1)]: i + 1])
+        if (m := back_branch.search(line)) and labels.get(m.group(1), i) < i:
+            body = instructions(lines[labels[m.group(1)]: i + 1])
             if best is None or len(body) > len(best):
                 best = body
     return best
+
+
+def main_loop(ptx: str) -> list[str] | None:
+    """PTX instructions of the kernel's main loop, or None when the kernel has no loop."""
+    return _longest_loop(ptx.splitlines(), _LABEL, _BACK_BRANCH, _instructions)
+
+
+_SASS_LABEL = re.compile(r"^(\w+):$")
+_SASS_BACK_BRANCH = re.compile(r"\bBRA\s+(\w+);")
+
+
+def sass_main_loop(sass: str) -> list[str] | None:
+    """SASS instructions of the main loop (as ``main_loop`` for PTX) in the text of Triton's
+    ``triton.tools.disasm.get_sass``: ``control\tinstruction;`` lines and ``LBB<n>:`` labels."""
+    return _longest_loop(sass.splitlines(), _SASS_LABEL, _SASS_BACK_BRANCH,
+                         lambda span: [line.split("\t", 1)[1] for line in span if "\t" in line])
+
+
+def sass_of(cubin: bytes) -> str:
+    """The SASS of a cubin (cuobjdump from the imported triton's wheel; its nvdisasm note is dropped)."""
+    from triton.tools.disasm import get_sass
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return get_sass(cubin)
 
 
 def kernel_body(ptx: str) -> list[str]:
@@ -142,6 +165,7 @@ class Analysis:
     spill_bytes: int
     smem_bytes: int
     loop_ptx_per_weight_elem: float
+    loop_sass_per_weight_elem: float | None
     loop_shared_ops_per_weight_elem: float
     wgmma_serialized: bool
     weight_operand_from_registers: bool | None
@@ -163,6 +187,7 @@ def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=N
     shared = sum(n for op, n in ops.items() if op.startswith(_SHARED_OPS))
     regs = _REGS.findall(log)
     spill = _SPILL.search(log)
+    sass = sass_main_loop(sass_of(compiled.asm["cubin"])) if loop is not None else None
     gathers = 0
     names = [p.name for p in fn.params if not p.is_constexpr] if fn is not None else []
     if code_param in names:
@@ -172,6 +197,7 @@ def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=N
         spill_bytes=int(spill.group(2)) if spill else 0,
         smem_bytes=int(compiled.metadata.shared),
         loop_ptx_per_weight_elem=round(len(body) / per_thread, 2),
+        loop_sass_per_weight_elem=round(len(sass) / per_thread, 2) if sass else None,
         loop_shared_ops_per_weight_elem=round(shared / per_thread, 3),
         wgmma_serialized=WGMMA_SERIALIZED in log,
         weight_operand_from_registers=wgmma_from_registers(body),

@@ -5,7 +5,7 @@ double-quantized absmax), ``A [r, K]``, ``B [N, r]``, ``b [N]``; activations, ad
 share one dtype (fp16, bf16 or fp32); accumulation is fp32; ``y [M, N]`` and ``S [M, r]`` come
 back in ``x``'s dtype. Ranks 1..128 (padded inside to a power of two >= 16, masked). ``K`` must
 be a multiple of the NF4 block size (kernels read whole blocks); other weights use the
-reference path (``method="reference"``).
+plain-torch path (``method="torch"``; ``"reference"`` is its old name, still accepted).
 
 Four candidates compute the same thing (shared/DESIGN.md asks to measure, not assume):
 
@@ -32,7 +32,6 @@ candidate sees the same ``W`` and the same mask for a seed.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -47,10 +46,13 @@ from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
 from .nf4_dequant import dequantize_nf4
 from .nf4_skinny import check_config, launch_skinny, split_k_for, split_k_range
-from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket, require_launchable
+from .runtime import (can_launch, default_table, interpreting, kernel_dtype, m_bucket, multiprocessors,
+                      require_launchable)
 
 METHODS = ("fused", "split", "decode", "dequant", "skinny")
-"""Kernel candidates of the forward (``"reference"`` is also accepted: plain torch)."""
+"""Kernel candidates of the forward (``"torch"`` is also accepted: plain torch)."""
+#: Names of the plain-torch path: ``"torch"`` and its old name.
+TORCH_METHODS = ("torch", "reference")
 
 MAX_RANK = 128
 
@@ -433,29 +435,42 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
     return y, s
 
 
-#: The skinny kernel's config when the caller names none: the tile the static report budgets
-#: (bench/RESULTS.md) and, under the interpreter, a small one.
-SKINNY_DEFAULT = dict(block_n=128, block_k=128, num_warps=4, num_stages=2)
-SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1)
+#: The skinny kernel's config when the caller names none: the tile that keeps the static report's
+#: register, spill and C7515 budgets on triton 3.6 and 3.9 at rank 16 (bench/RESULTS.md); the
+#: register cap only up to ``SKINNY_CAPPED_MAX_RANK`` (above it the cap spills). Under the
+#: interpreter, a small tile.
+SKINNY_DEFAULT = dict(block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128)
+SKINNY_CAPPED_MAX_RANK = 16
+SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None)
+#: The configs the GPU benchmark times besides the default (the dispatch table keeps the fastest per
+#: shape) and the static report compiles: the fewest instructions per element (4 warps, ~254
+#: registers), no load pipelining (1 stage, ~113-128 registers), a 256-row tile, a 64-row tile.
+SKINNY_CONFIGS = (
+    dict(block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None),
+    dict(block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None),
+    dict(block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
+    dict(block_n=64, block_k=128, num_warps=4, num_stages=3, maxnreg=None),
+)
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (asked once per device); 2 for the interpreter's CPU."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def skinny_split_k(op: Operands, block_n: int, block_k: int) -> int:
     """The split the skinny kernel uses on this device for ``op`` (fills the SMs a few times over)."""
-    sms = _multiprocessors(op.x.device)
+    sms = multiprocessors(op.x.device)
     return split_k_for(triton.cdiv(op.n, block_n), triton.cdiv(op.m, 16), triton.cdiv(op.k, block_k),
                        SKINNY_PROGRAMS_PER_SM * sms)
 
 
+def skinny_default(r_pad: int) -> dict:
+    """The skinny kernel's default GPU config for a padded rank (``SKINNY_DEFAULT``, uncapped
+    above ``SKINNY_CAPPED_MAX_RANK``)."""
+    return dict(SKINNY_DEFAULT, maxnreg=SKINNY_DEFAULT["maxnreg"] if r_pad <= SKINNY_CAPPED_MAX_RANK else None)
+
+
 def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = dict(SKINNY_INTERPRETER if interpreting() else SKINNY_DEFAULT, table=default_table(op.x.device))
+    default = SKINNY_INTERPRETER if interpreting() else skinny_default(padded_rank(op.r))
+    cfg = dict(default, table=default_table(op.x.device))
     cfg.update(config or {})
     if interpreting() and cfg["table"] == "shfl":
         raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
@@ -494,9 +509,10 @@ def lora_forward_triton(
         scale: the LoRA scale ``s``.
         dropout_p: LoRA dropout probability in ``[0, 1)``; the mask is ``dropout.dropout_mask(seed, p, M, K)``.
         seed: dropout seed (ignored when ``dropout_p == 0``).
-        method: one of ``METHODS`` or ``"reference"`` (plain torch).
+        method: one of ``METHODS`` or ``"torch"`` (plain torch; alias ``"reference"``).
         config: the candidate's launch config (only ``"skinny"`` takes one: ``block_n``, ``block_k``,
-            ``split_k``, ``num_warps``, ``num_stages``, ``table``); None: its default.
+            ``split_k``, ``num_warps``, ``num_stages``, ``maxnreg``, ``table``, any subset); None: its
+            default.
     Returns:
         ``(y [M, N], S [M, r])`` in x's dtype, ``S = drop(x) @ A^T`` (saved for the backward).
     Raises:
@@ -505,13 +521,13 @@ def lora_forward_triton(
     """
     _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
     n, r = weight.shape[0], lora_a.shape[0]
-    if method not in METHODS + ("reference",):
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['reference']}")
+    if method not in METHODS + TORCH_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['torch']}")
     if config is not None and method != "skinny":
         raise ValueError(f"method {method!r} takes no config (its kernels autotune), got {config!r}")
     if config is not None:
         check_config({**SKINNY_DEFAULT, "split_k": 1, "table": default_table(x2d.device), **config})
-    if method == "reference":
+    if method in TORCH_METHODS:
         return _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
     require_launchable(x2d.device)
     if x2d.shape[0] == 0:

@@ -113,26 +113,42 @@ def decode_bytes(byte, table, TABLE: tl.constexpr):
 
 @triton.jit
 def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
-                      DOUBLE_QUANT: tl.constexpr):
-    """fp32 absmax of the blocks ``block`` (any shape of int indices).
+                      DOUBLE_QUANT: tl.constexpr, IN_BOUNDS: tl.constexpr = False):
+    """fp32 absmax of the blocks ``block`` (any shape of int indices); 0 where ``mask`` is False
+    (``IN_BOUNDS``: every block is valid and ``mask`` is not applied).
 
     With double quantization ``absmax = nested_code[q] * nested_absmax[block // 256] + offset``
     (bitsandbytes' order: multiply, then add); otherwise the stored float32 value.
     """
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        return scale * nested + offset
+        if IN_BOUNDS:
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            nested = tl.load(nested_absmax_ptr + block // 256)
+        else:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q) * nested + offset  # q is a valid index, masked or not
+    elif IN_BOUNDS:
+        return tl.load(absmax_ptr + block)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bound(offs, limit, ALWAYS: tl.constexpr):
+    """``offs < limit``, or all True when the caller guarantees it (``ALWAYS``)."""
+    if ALWAYS:
+        return tl.full(offs.shape, True, tl.int1)
+    else:
+        return offs < limit
 
 
 @triton.jit
 def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                   offs_n, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr):
+                  DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
+                  EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """Dequantize ``W[offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
 
     ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
@@ -140,27 +156,34 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
     ``BLOCKSIZE`` are powers of two, so the tile covers part of one block per row
     (``BLOCK_K <= BLOCKSIZE``) or ``BLOCK_K // BLOCKSIZE`` whole blocks. Rows ``>= N`` and
     columns ``>= K`` read as 0. One absmax load per (row, block), each byte loaded once.
+    ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row of ``offs_n`` is ``< N`` / the whole
+    tile is ``< K``, so those bounds are not tested (no mask instructions in the K loop).
     """
     HALF: tl.constexpr = BLOCK_K // 2
     offs_b = k0 // 2 + tl.arange(0, HALF)
-    row_ok = offs_n < N
+    row_ok = _bound(offs_n, N, EVEN_N)
     rows = offs_n.to(tl.int64)
-    byte_mask = row_ok[:, None] & (offs_b[None, :] < K // 2)
-    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=byte_mask, other=0,
-                   eviction_policy="evict_first").to(tl.int32)
-    codes = decode_bytes(byte, table, TABLE)
+    byte_ptr = packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+    if EVEN_N and EVEN_K:
+        byte = tl.load(byte_ptr, eviction_policy="evict_first")
+    else:
+        byte_mask = row_ok[:, None] & _bound(offs_b, K // 2, EVEN_K)[None, :]
+        byte = tl.load(byte_ptr, mask=byte_mask, other=0, eviction_policy="evict_first")
+    codes = decode_bytes(byte.to(tl.int32), table, TABLE)
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K <= BLOCKSIZE:
         # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT)
+                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, EVEN_N)
         return codes * absmax[:, None]
     else:
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE
         offs_blk = k0 // BLOCKSIZE + tl.arange(0, NB)
-        blk_mask = row_ok[:, None] & (offs_blk[None, :] < blocks_per_row)  # zero whole blocks past K
+        # zero whole blocks past K
+        blk_mask = row_ok[:, None] & _bound(offs_blk, blocks_per_row, EVEN_K)[None, :]
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                   rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT)
+                                   rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT,
+                                   EVEN_N and EVEN_K)
         w = tl.reshape(codes, (BLOCK_N, NB, BLOCKSIZE))
         return tl.reshape(w * absmax[:, :, None], (BLOCK_N, BLOCK_K))
 

@@ -10,7 +10,12 @@ Design (memory-bound: the packed weight is read once, at full width):
   ``acc [BLOCK_N, 16] += W_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16]``: the decoded weight is
   the *left* MMA operand (on sm_90 a register-A wgmma m64n16k16), the tokens the small side.
 * **Split-K** over ``SPLIT_K`` programs per output tile so a few hundred tiles fill the GPU.
-  The LoRA term goes in by linearity: each split adds ``s * B_n @ (A_ks @ drop(x_ks)^T)``.
+  The LoRA term goes in by linearity: each split adds ``s * B_n @ (A_ks @ drop(x_ks)^T)``; the
+  shrink inside the K loop is a 3-D dot over ``LORA_CHUNKS`` K chunks, so the warps share it.
+  The launcher leaves no split empty and the kernel peels its first K step (a zero-trip path
+  would write the wgmma accumulator with moves: ptxas' C7515, serialized wgmma).
+* **Masks only where a tile can be ragged**: ``EVEN_N`` / ``EVEN_K`` (N, K multiples of the
+  tile) drop the bound tests from the K loop.
 * **Deterministic reduction, no zero fill**: each split writes its fp32 partial to a
   workspace, then bumps the tile's counter; the program that sees ``SPLIT_K - 1`` sums the
   partials in split order (the same order whichever program is last), adds the bias, stores
@@ -29,6 +34,7 @@ import triton.language as tl
 
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
+from .runtime import tile_counters
 
 BLOCK_M = 16  # tokens per program: the wgmma N dimension (>= 16 on every MMA)
 
@@ -43,10 +49,54 @@ def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _x_t_tile(x_ptr, offs_m, offs_k, M, K):
-    """``x^T [len(offs_k), len(offs_m)]`` (0 outside)."""
-    mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+def _x_t_tile(x_ptr, offs_m, offs_k, M, K, EVEN_K: tl.constexpr):
+    """``x^T [len(offs_k), len(offs_m)]`` (0 outside; ``EVEN_K``: every ``offs_k < K``)."""
+    mask = offs_m[None, :] < M
+    if not EVEN_K:
+        mask = mask & (offs_k[:, None] < K)
     return tl.load(x_ptr + offs_m[None, :].to(tl.int64) * K + offs_k[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _lora_shrink_step(s_acc, x_t, a_ptr, offs_r, k0, R, K,
+                      LORA_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``s_acc [LORA_CHUNKS, R_PAD, BLOCK_M] += A[:, chunk c of k0:k0+BK] @ x^T[chunk c]``.
+
+    The tile's K range is cut into ``LORA_CHUNKS`` chunks, one batch of a 3-D dot each, so the
+    warps share the small product instead of each computing all of it; the caller sums the
+    chunks once, after the loop.
+    """
+    BLOCK_K: tl.constexpr = x_t.shape[0]
+    BLOCK_M: tl.constexpr = x_t.shape[1]
+    CHUNK: tl.constexpr = BLOCK_K // LORA_CHUNKS
+    offs_c = tl.arange(0, LORA_CHUNKS)[:, None, None] * CHUNK
+    offs_k = k0 + offs_c + tl.arange(0, CHUNK)[None, None, :]  # [chunks, 1, CHUNK]
+    mask = offs_r[None, :, None] < R
+    if not EVEN_K:
+        mask = mask & (offs_k < K)
+    a = tl.load(a_ptr + offs_r[None, :, None].to(tl.int64) * K + offs_k, mask=mask, other=0.0)
+    x3 = tl.reshape(x_t, (LORA_CHUNKS, CHUNK, BLOCK_M))
+    return tl.dot(a, x3, s_acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+            a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
+            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LORA_CHUNKS: tl.constexpr,
+            EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """One ``BLOCK_K`` step at ``k0``: ``acc += W_tile @ x^T`` and the LoRA shrink chunks."""
+    BLOCK_N: tl.constexpr = acc.shape[0]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K, EVEN_K)
+    x_drop = x_t
+    if HAS_DROPOUT:
+        x_drop = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
+    s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, k0, R, K, LORA_CHUNKS, EVEN_K, DOT_PRECISION)
+    w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE, EVEN_N, EVEN_K)
+    acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+    return acc, s_chunks
 
 
 @triton.jit(do_not_specialize=["M", "R", "seed"])
@@ -56,7 +106,8 @@ def _skinny_kernel(
         M, N, K, R, scale, seed, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
@@ -65,18 +116,19 @@ def _skinny_kernel(
     offs_r = tl.arange(0, R_PAD)
     table = code_table(code_ptr, TABLE)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
-    s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # S^T of this K range
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K)
-        w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
-        acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            x_t = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
-        a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
-        s_acc = tl.dot(a, x_t, s_acc, input_precision=DOT_PRECISION)
+    s_chunks = tl.zeros((LORA_CHUNKS, R_PAD, BLOCK_M), dtype=tl.float32)  # S^T of this K range, by chunk
+    # The first step is peeled (every split has one: the launcher makes none empty), so no path
+    # reaches the end of the MMA pipeline with an accumulator that no wgmma wrote (C7515).
+    acc, s_chunks = _k_step(acc, s_chunks, k_begin, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
+                            nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
+                            BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
+                            EVEN_N, EVEN_K)
+    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
+        acc, s_chunks = _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
+                                nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
+                                BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
+                                EVEN_N, EVEN_K)
+    s_acc = tl.sum(s_chunks, axis=0)
     # LoRA expand of this K range: acc += s * B[offs_n] @ S^T (S rounded to x's dtype, as the reference)
     b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
     b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], mask=b_mask, other=0.0)
@@ -121,18 +173,6 @@ def _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask
 
 
 # ====================================================================== launcher
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The per-device int32 counter buffer (zero between launches), at least ``tiles`` long."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def split_k_for(n_tiles: int, m_tiles: int, k_steps: int, programs_wanted: int) -> int:
     """Splits of K so that ``n_tiles * m_tiles * split`` reaches ``programs_wanted`` (no more
     splits than K steps: each split keeps at least one ``BLOCK_K`` step)."""
@@ -140,7 +180,21 @@ def split_k_for(n_tiles: int, m_tiles: int, k_steps: int, programs_wanted: int) 
     return max(1, min(k_steps, -(-programs_wanted // tiles)))
 
 
-CONFIG_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "table")
+def nonempty_split_k(k_steps: int, split_k: int) -> int:
+    """The largest split ``<= split_k`` whose every split gets at least one of the ``k_steps``
+    ``BLOCK_K`` steps under ``split_k_range`` (the kernel peels its first step)."""
+    steps_per_split = triton.cdiv(k_steps, max(1, min(split_k, k_steps)))
+    return triton.cdiv(k_steps, steps_per_split)
+
+
+def lora_chunks(block_k: int, r_pad: int) -> int:
+    """K chunks of the in-loop LoRA shrink (one 3-D dot batch each, >= 16 columns per chunk), at
+    most 64 rank rows of accumulator in all (rank 16: 4 chunks; rank 64: 1) so the chunks'
+    accumulators stay small next to the weight tile."""
+    return max(1, min(4, block_k // 16, 64 // r_pad))
+
+
+CONFIG_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table")
 
 
 def check_config(config: dict) -> None:
@@ -159,24 +213,29 @@ def check_config(config: dict) -> None:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"skinny config: {key} must be a positive int, got {value!r}")
+    maxnreg = config["maxnreg"]
+    if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
+        raise ValueError(f"skinny config: maxnreg must be None or an int in [24, 255] (ptxas' register cap), "
+                         f"got {maxnreg!r}")
     if config["table"] not in TABLES:
         raise ValueError(f"skinny config: table must be one of {TABLES}, got {config['table']!r}")
 
 
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
-                  block_n: int, block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
+                  block_n: int, block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3,
+                  maxnreg: int | None = None) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
 
     ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
     device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
     """
     check_config(dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                      table=table))
+                      maxnreg=maxnreg, table=table))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M)
-    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
     if split_k > 1:
         partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
         partial_s = torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
@@ -188,5 +247,6 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         m, n, k, r, float(scale), int(seed), float(dropout_p),
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad),
+        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

@@ -12,6 +12,7 @@ read, which ``torch.compile`` can trace; Triton's own knob object it cannot).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -36,7 +37,7 @@ def require_launchable(device: torch.device) -> None:
     """Raise a RuntimeError that says what to do when Triton cannot run on ``device``."""
     if not can_launch(device):
         raise RuntimeError(f"cannot run Triton kernels on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
-                           "before importing lora_triton kernels (tests), or method='reference'")
+                           "before importing lora_triton kernels (tests), or method='torch'")
 
 
 def default_table(device: torch.device) -> str:
@@ -58,3 +59,24 @@ def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.bfloat16 and device.type == "cpu":
         return torch.float32
     return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once per device); 2 for the interpreter's CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, count: int) -> torch.Tensor:
+    """The per-device int32 counter buffer of the split-K kernels' last-program reductions (the
+    Triton skinny kernel and the native one), at least ``count`` long. It is zero between launches:
+    each launch leaves it as it found it, so launches on one stream may share it; two launches
+    must not run concurrently on different streams."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf

@@ -79,6 +79,21 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("split", "forward", _always, "S kernel, then the tile GEMM reading S in its epilogue"),
     Candidate("decode", "forward", _always, "split-K tile kernel with fp32 atomics (superseded by skinny)"),
 )}
+
+
+# --- native CUDA candidate (top-level kernels/, built by CMake; issue 20) -----------------------
+def _native_supports(problem: Problem) -> bool:
+    # False without the built library, off CUDA, for fp32 and beyond 16 tokens (kernels/README.md)
+    from ..kernels.native_skinny import supports
+
+    return supports(problem.device, problem.m, problem.dtype)
+
+
+CANDIDATES["native"] = Candidate("native", "forward", _native_supports,
+                                 "CUDA C++ decode-size kernels (kernels/), LoRA and bias fused (M <= 16)")
+# --- end of the native candidate -----------------------------------------------------------------
+
+
 DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("dequant", "dx", _always, "Triton dequantize + cuBLAS"),
     Candidate("fused", "dx", _always, "dx kernel reducing over N with in-loop NF4 decode"),
@@ -140,11 +155,12 @@ def _shipped_choice(gpu: str | None, operation: str, bucket: int, n: int, k: int
 
 
 def choose(problem: Problem, operation: str = "forward", table: dict | None = None) -> tuple[str, dict | None]:
-    """``(candidate name, its config or None)`` for ``problem``; ``"reference"`` where Triton cannot run."""
+    """``(candidate name, its config or None)`` for ``problem``; ``"torch"`` (plain torch) where Triton
+    cannot run."""
     if operation not in OPERATIONS:
         raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
     if not can_launch(problem.device):
-        return "reference", None
+        return "torch", None
     registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
     if table is None:  # the shipped table: the point per (GPU, M bucket, shape) is looked up once
         point = _shipped_choice(problem.gpu, operation, m_bucket(max(problem.m, 1)), problem.n, problem.k, problem.r)
@@ -163,7 +179,7 @@ def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
 def choose_dx(device: torch.device, m: int, n: int, k: int, r: int) -> str:
     """How ``dx`` is computed for this problem: ``"fused"`` or ``"dequant"``."""
     name, _ = choose(Problem(torch.device(device), m, n, k, r), "dx")
-    return "dequant" if name == "reference" else name
+    return "dequant" if name == "torch" else name
 
 
 # ----------------------------------------------------------------------------- writing
