@@ -97,10 +97,13 @@ TILE_CASES = [
     (5, 70, 192, 64, dict(block_n=32, block_k=128, split_k=2)),  # neither even; 2 blocks per step, tail
     (2, 48, 128, 128, dict(block_n=16, block_k=16, split_k=3)),  # both even; one LoRA chunk
     (16, 40, 256, 64, dict(block_n=64, block_k=32, split_k=4)),  # K even, N not; 2 LoRA chunks
+    (40, 70, 192, 64, dict(block_m=32, block_n=32, block_k=128, split_k=2)),  # medium-M tile, 2 M tiles
+    (17, 64, 128, 32, dict(block_m=64, block_n=64, block_k=64, split_k=1)),   # 64 tokens, 47 of them masked
 ]
 
 
-@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "M{}-N{}-K{}-bs{}-{block_n}x{block_k}".format(*c[:4], **c[4]))
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "M{}-N{}-K{}-bs{}-{}x{block_n}x{block_k}".format(
+    *c[:4], c[4].get("block_m", 16), **c[4]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_even_and_ragged_tiles(case, dtype, device):
     m, n, k, blocksize, config = case
@@ -125,6 +128,9 @@ def test_maxnreg_is_a_config_field(device):
     for bad in (16, 300, 1.5, True):
         with pytest.raises(ValueError, match="maxnreg must be None or an int"):
             _run(problem, dict(maxnreg=bad))
+    for bad in (8, 48, 128, True):
+        with pytest.raises(ValueError, match="block_m must be one of"):
+            _run(problem, dict(block_m=bad))
 
 
 def test_split_k_for_fills_the_programs_wanted():

@@ -43,7 +43,8 @@ BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
 #: decode step sees; a single 8 MB GEMV is near launch overhead). ``gbps`` there counts bytes read.
 KERNEL_ONLY = ("dequant_only_shfl", "dequant_only_gather", "skinny_many_layers")
 MANY_LAYERS_BYTES = 256 * 2**20  # > the H200's 60 MB L2 several times over
-SKINNY_BENCH_MAX_M = 16
+SKINNY_BENCH_MAX_M = 128  # its 32- and 64-token tiles are medium-M candidates
+KERNEL_ONLY_MAX_M = 16  # the kernel-only rows: decode-size points only
 FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "config", "rel_err", "ms", "timer", "tflops", "gbps",
                         "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense", "x_vs_dequant_linear",
                         "x_vs_bnb_matmul_4bit", "dispatch", "fastest_candidate", "note"]
@@ -132,7 +133,7 @@ def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
         for name, config in (skinny_configs(p.x.device) if method == "skinny" else {method: None}).items():
             fns[name] = (lambda method=method, config=config: lf.lora_forward_triton(
                 p.x, p.weight, p.lora_a, p.lora_b, p.scale, method=method, config=config))
-    if p.m <= SKINNY_BENCH_MAX_M:
+    if p.m <= KERNEL_ONLY_MAX_M:
         for table in ("shfl", "gather") if p.x.is_cuda else ("gather",):  # shfl is inline PTX: GPU only
             fns[f"dequant_only_{table}"] = lambda table=table: dequantize_nf4(p.weight, p.x.dtype, table)
         fns["skinny_many_layers"] = many_layers(p, "skinny")

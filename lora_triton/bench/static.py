@@ -107,8 +107,8 @@ def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
     from ..kernels.lora_forward import SKINNY_CONFIGS, padded_rank, skinny_default
 
     configs = [skinny_default(padded_rank(variant["r"]))] + ([] if quick else list(SKINNY_CONFIGS))
-    return [Build("skinny", dict(BLOCK_N=c["block_n"], BLOCK_K=c["block_k"]), c["num_warps"], c["num_stages"],
-                  variant, c["maxnreg"]) for c in configs]
+    return [Build("skinny", dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"]), c["num_warps"],
+                  c["num_stages"], variant, c["maxnreg"]) for c in configs]
 
 
 def _autotune_configs(kernel: str, quick: bool) -> list[tuple[dict, int, int]]:
@@ -189,7 +189,7 @@ def _kernel_args(build: Build) -> tuple:
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
                     **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
-                    DOT_PRECISION=precision, BLOCK_M=nf4_skinny.BLOCK_M, SPLIT_K=4,
+                    DOT_PRECISION=precision, SPLIT_K=4,
                     LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True, **cfg)
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dequant":

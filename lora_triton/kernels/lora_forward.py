@@ -439,26 +439,30 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
 #: register, spill and C7515 budgets on triton 3.6 and 3.9 at rank 16 (bench/RESULTS.md); the
 #: register cap only up to ``SKINNY_CAPPED_MAX_RANK`` (above it the cap spills). Under the
 #: interpreter, a small tile.
-SKINNY_DEFAULT = dict(block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128)
+SKINNY_DEFAULT = dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128)
 SKINNY_CAPPED_MAX_RANK = 16
-SKINNY_INTERPRETER = dict(block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None)
+SKINNY_INTERPRETER = dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None)
 #: The configs the GPU benchmark times besides the default (the dispatch table keeps the fastest per
 #: shape) and the static report compiles: the fewest instructions per element (4 warps, ~254
-#: registers), no load pipelining (1 stage, ~113-128 registers), a 256-row tile, a 64-row tile.
+#: registers), no load pipelining (1 stage, ~113-128 registers), a 256-row tile, a 64-row tile,
+#: and token tiles of 32 and 64 for medium M (16 < M <= 128: each weight tile decoded once per 32
+#: or 64 tokens instead of 16).
 SKINNY_CONFIGS = (
-    dict(block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None),
-    dict(block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None),
-    dict(block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
-    dict(block_n=64, block_k=128, num_warps=4, num_stages=3, maxnreg=None),
+    dict(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None),
+    dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None),
+    dict(block_m=16, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
+    dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, maxnreg=None),
+    dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
 )
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
 
 
-def skinny_split_k(op: Operands, block_n: int, block_k: int) -> int:
+def skinny_split_k(op: Operands, block_m: int, block_n: int, block_k: int) -> int:
     """The split the skinny kernel uses on this device for ``op`` (fills the SMs a few times over)."""
     sms = multiprocessors(op.x.device)
-    return split_k_for(triton.cdiv(op.n, block_n), triton.cdiv(op.m, 16), triton.cdiv(op.k, block_k),
+    return split_k_for(triton.cdiv(op.n, block_n), triton.cdiv(op.m, block_m), triton.cdiv(op.k, block_k),
                        SKINNY_PROGRAMS_PER_SM * sms)
 
 
@@ -475,7 +479,7 @@ def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tens
     if interpreting() and cfg["table"] == "shfl":
         raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
     if cfg.get("split_k") is None:
-        cfg["split_k"] = skinny_split_k(op, cfg["block_n"], cfg["block_k"])
+        cfg["split_k"] = skinny_split_k(op, cfg["block_m"], cfg["block_n"], cfg["block_k"])
     y, s = op.new_outputs()
     launch_skinny(op.x, op.weight_args(), op.lora_a, op.lora_b, op.bias, y, s, op.scale, op.dropout_p, op.seed,
                   blocksize=op.weight.blocksize, double_quant=op.weight.double_quant, r_pad=padded_rank(op.r),
@@ -510,7 +514,7 @@ def lora_forward_triton(
         dropout_p: LoRA dropout probability in ``[0, 1)``; the mask is ``dropout.dropout_mask(seed, p, M, K)``.
         seed: dropout seed (ignored when ``dropout_p == 0``).
         method: one of ``METHODS`` or ``"torch"`` (plain torch; alias ``"reference"``).
-        config: the candidate's launch config (only ``"skinny"`` takes one: ``block_n``, ``block_k``,
+        config: the candidate's launch config (only ``"skinny"`` takes one: ``block_m``, ``block_n``, ``block_k``,
             ``split_k``, ``num_warps``, ``num_stages``, ``maxnreg``, ``table``, any subset); None: its
             default.
     Returns:

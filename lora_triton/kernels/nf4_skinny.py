@@ -6,7 +6,8 @@ fp32 accumulation. Built for ``M <= 16`` (any M works: more M tiles).
 
 Design (memory-bound: the packed weight is read once, at full width):
 
-* **Swap-AB**: each program computes ``y^T`` for ``BLOCK_N`` outputs and ``BLOCK_M = 16`` tokens,
+* **Swap-AB**: each program computes ``y^T`` for ``BLOCK_N`` outputs and ``BLOCK_M`` tokens (16;
+  32 or 64 for medium M, a config field),
   ``acc [BLOCK_N, 16] += W_tile [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16]``: the decoded weight is
   the *left* MMA operand (on sm_90 a register-A wgmma m64n16k16), the tokens the small side.
 * **Split-K** over ``SPLIT_K`` programs per output tile so a few hundred tiles fill the GPU.
@@ -36,7 +37,8 @@ from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
 from .runtime import tile_counters
 
-BLOCK_M = 16  # tokens per program: the wgmma N dimension (>= 16 on every MMA)
+BLOCK_M = 16  # default tokens per program: the wgmma N dimension (>= 16 on every MMA)
+BLOCK_MS = (16, 32, 64)  # the token tiles a config may name
 
 
 @triton.jit
@@ -194,7 +196,7 @@ def lora_chunks(block_k: int, r_pad: int) -> int:
     return max(1, min(4, block_k // 16, 64 // r_pad))
 
 
-CONFIG_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table")
+CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table")
 
 
 def check_config(config: dict) -> None:
@@ -205,6 +207,8 @@ def check_config(config: dict) -> None:
     missing = sorted(set(CONFIG_KEYS) - set(config))
     if unknown or missing:
         raise ValueError(f"skinny config: unknown keys {unknown}, missing keys {missing}; expected {list(CONFIG_KEYS)}")
+    if config["block_m"] not in BLOCK_MS or isinstance(config["block_m"], bool):
+        raise ValueError(f"skinny config: block_m must be one of {BLOCK_MS}, got {config['block_m']!r}")
     for key in ("block_n", "block_k"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -223,18 +227,18 @@ def check_config(config: dict) -> None:
 
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
-                  block_n: int, block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3,
-                  maxnreg: int | None = None) -> None:
+                  block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
+                  num_stages: int = 3, maxnreg: int | None = None) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
 
     ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
     device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
     """
-    check_config(dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                      maxnreg=maxnreg, table=table))
+    check_config(dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
+                      num_stages=num_stages, maxnreg=maxnreg, table=table))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
-    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M)
+    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
     if split_k > 1:
         partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
@@ -246,7 +250,7 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
         m, n, k, r, float(scale), int(seed), float(dropout_p),
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
-        HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=BLOCK_M,
+        HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad),
         EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

@@ -68,8 +68,8 @@ def _always(problem: Problem) -> bool:
 
 
 def _skinny_supports(problem: Problem) -> bool:
-    # one M tile of 16 tokens per program; more M tiles work but re-read the weight per tile
-    return problem.m <= 64
+    # token tiles of 16-64 per program; more M tiles work but re-decode the weight per tile
+    return problem.m <= 128
 
 
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
