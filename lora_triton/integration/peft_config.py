@@ -116,8 +116,19 @@ def model_task_type(model: nn.Module, adapter_name: str) -> str | None:
                    "SEQ_CLS": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
                    "TOKEN_CLS": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
                    "QUESTION_ANS": auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES}
-    name = type(model).__name__
+    name = _model_class(model).__name__
     return next((task for task, mapping in class_names.items() if name in set(mapping.values())), None)
+
+
+def _model_class(model: nn.Module) -> type:
+    """The model's class; for a module FSDP2's ``fully_shard`` wrapped (class ``FSDP<Name>``), ``<Name>``."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls
+    return next((c for c in cls.__mro__ if not issubclass(c, FSDPModule)), cls) if issubclass(cls, FSDPModule) \
+        else cls
 
 
 def model_name_or_path(model: nn.Module) -> str | None:

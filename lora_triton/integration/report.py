@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..modules import NF4Linear
+from ..modules.nf4_linear import NF4_PARAMETERS
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -25,12 +26,19 @@ def _bnb_quant_state_bytes(param: torch.Tensor) -> int:
     return sum(_tensor_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _nf4_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of every NF4 parameter of the model's ``NF4Linear`` layers (counted through ``nf4``)."""
+    return {id(p) for m in model.modules() if isinstance(m, NF4Linear)
+            for p in (m._parameters.get(name) for name in NF4_PARAMETERS) if p is not None}
+
+
 def memory_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (each storage counted once, so tied
     weights count once), plus the packed NF4 weights and their statistics of ``NF4Linear``
     layers and bitsandbytes ``Linear4bit`` quant states."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    nf4 = _nf4_parameter_ids(model)
+    for t in [p for p in model.parameters() if id(p) not in nf4] + list(model.buffers()):
         key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -46,7 +54,8 @@ def _logical_numel(param: torch.Tensor) -> int:
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` number of weights; NF4 weights count once per weight, not per byte."""
-    params = list(model.parameters())
+    nf4 = _nf4_parameter_ids(model)
+    params = [p for p in model.parameters() if id(p) not in nf4]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     frozen_nf4 = sum(m.nf4.numel for m in model.modules() if isinstance(m, NF4Linear))
     return trainable, sum(_logical_numel(p) for p in params) + frozen_nf4

@@ -164,3 +164,72 @@ def format_table(breakdowns: list[MemoryBreakdown], unit: float = 2**30, unit_na
     for i, (name, _) in enumerate(breakdowns[0].rows()):
         lines.append(f"{name:<12}" + "".join(f"{b.rows()[i][1] / unit:>12.2f}" for b in breakdowns))
     return "\n".join(lines) + f"\n(values in {unit_name})"
+
+
+# ----------------------------------------------------------------------------- several GPUs
+#: FSDP units whose full weights are on a GPU at once: the layer computing and the next one,
+#: all-gathered ahead (FSDP's default prefetch of one unit, forward and backward).
+GATHERED_LAYERS = 2
+
+
+def layer_weight_bytes(shape: ModelShape, setup: TrainingSetup, method: str) -> int:
+    """Bytes of one decoder layer's weights as stored (NF4 projections for QLoRA, 16-bit else)."""
+    projections = sum(a * b for a, b in shape.projection_shapes())
+    norms = 2 * shape.hidden * setup.compute_bytes
+    if method == "qlora":
+        return round(projections * NF4_BITS_PER_WEIGHT / 8) + norms
+    return projections * setup.compute_bytes + norms
+
+
+def estimate_distributed(shape: ModelShape, setup: TrainingSetup, method: str, gpus: int, fsdp: bool = True,
+                         cpu_offload: bool = False) -> MemoryBreakdown:
+    """Memory of one GPU when ``gpus`` GPUs train together, ``setup.batch`` sequences each.
+
+    FSDP (``fsdp=True``, FULL_SHARD / FSDP2 ``fully_shard`` per decoder layer): every stored
+    tensor - weights (NF4 bytes and block scales included for QLoRA), trained parameters, their
+    gradients, the optimizer's moments and master weights - is split ``1/gpus`` per GPU; on top,
+    ``GATHERED_LAYERS`` decoder layers are whole at a time (the one computing, the next
+    prefetched) and, for QLoRA, the largest projection dequantized to the compute dtype for its
+    matmul (a transient the default GPU path of our layer and bitsandbytes both create).
+    ``cpu_offload`` keeps every shard (weights, adapters, gradients, optimizer) in CPU memory: the
+    GPU then holds only the gathered layers and the activations. Activations are one GPU's batch,
+    as on a single GPU.
+
+    Without FSDP (DDP): every GPU holds the whole single-GPU footprint plus DDP's gradient
+    buckets, one more copy of the trained gradients.
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be a positive int, got {gpus!r}")
+    if cpu_offload and not fsdp:
+        raise ValueError("cpu_offload needs fsdp (DDP keeps everything on every GPU)")
+    single = estimate(shape, setup, method)
+    if not fsdp:
+        return MemoryBreakdown(method, single.weights, single.adapter, 2 * single.gradients, single.optimizer,
+                               single.activations)
+    layer = layer_weight_bytes(shape, setup, method)
+    working = min(GATHERED_LAYERS, shape.layers) * layer
+    if method == "qlora":
+        working += max(a * b for a, b in shape.projection_shapes()) * setup.compute_bytes
+    if cpu_offload:
+        return MemoryBreakdown(method, working, 0, 0, 0, single.activations)
+    shard = lambda nbytes: -(-nbytes // gpus)  # noqa: E731 (ceil)
+    return MemoryBreakdown(method, shard(single.weights) + (working if gpus > 1 else 0), shard(single.adapter),
+                           shard(single.gradients), shard(single.optimizer), single.activations)
+
+
+def cpu_offload_bytes(shape: ModelShape, setup: TrainingSetup, method: str, gpus: int) -> int:
+    """CPU memory per process that ``cpu_offload`` moves off the GPU: its shard of the weights,
+    trained parameters, gradients and optimizer state."""
+    single = estimate(shape, setup, method)
+    return -(-(single.weights + single.adapter + single.gradients + single.optimizer) // gpus)
+
+
+#: Published FSDP-QLoRA measurements for Llama-2-70B on 2 x 24 GB GPUs (PEFT's FSDP guide,
+#: Answer.AI's recipe through accelerate): sequence 2048, 2 sequences per GPU, r=8 on all linear
+#: layers, nested quantization, gradient checkpointing, flash attention, bf16.
+PUBLISHED_70B_2GPU = {
+    "setup": TrainingSetup(batch=2, seq=2048, rank=8, gradient_checkpointing=True),
+    "gpu_gb_cpu_offload": 19.6, "cpu_ram_gb_cpu_offload": 107.0, "gpu_gb_no_offload": 35.6,
+    "source": "PEFT documentation, 'Use PEFT QLoRA and FSDP for finetuning large models on multiple GPUs' "
+              "(huggingface/peft docs/source/accelerate/fsdp.md)",
+}

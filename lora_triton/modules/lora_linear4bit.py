@@ -223,8 +223,8 @@ class LoRALinear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         name = self.active_adapter
-        nf4 = self.base_layer.nf4
+        base = self.base_layer  # its metadata: readable while FSDP2 holds the NF4 bytes sharded
         adapter = (f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, scale={self.scaling[name]:.4g}, "
                    f"dropout={self.lora_dropout[name]}" if name else "no active adapter")
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapter={name!r}, {adapter}, "
-                f"blocksize={nf4.blocksize}, double_quant={nf4.double_quant}")
+                f"blocksize={base.blocksize}, double_quant={base.double_quant}")
