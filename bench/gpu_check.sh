@@ -79,7 +79,7 @@ echo "native tests exit code: $native_rc" | tee -a "$OUT/summary.txt"
 budget="${GPU_BENCH_BUDGET_S:-240}"
 dispatch_flag=""
 [ "${GPU_WRITE_DISPATCH:-1}" = "1" ] && dispatch_flag="--write-dispatch"
-PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what forward,layer \
+PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what "${GPU_BENCH_TABLES:-forward,layer}" \
   --out "$OUT/bench" --budget-s "$budget" $dispatch_flag > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp lora_triton/ops/dispatch_table.json "$OUT/dispatch_table.json" 2>/dev/null || true

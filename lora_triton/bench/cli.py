@@ -5,10 +5,12 @@
     lora-triton bench --quick                 # tiny shapes, seconds (CI); on CPU the GPU tables
                                               # run through Triton's interpreter
     lora-triton bench --what static           # kernel-efficiency report: sm_90 compiles on CPU
+    lora-triton bench --what model            # training steps of a whole Llama: ours vs PEFT (Q)LoRA
     lora-triton bench --what forward --write-dispatch   # GPU: measure, then dispatch from it
     python -m lora_triton.bench ...           # the same, without the lora-triton command
 
-Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``static``
+Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``model``
+(``model.py``: whole training steps, on the GPU when there is one, else the CPU), ``static``
 (``static.py``: no device needed, writes ``DIR/static.csv``, exits 1 when a dispatched kernel
 misses its budget). Each of the others writes
 ``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape). ``--budget-s`` is the
@@ -25,13 +27,13 @@ import time
 
 import torch
 
-from . import cpu, forward, layer
+from . import cpu, forward, layer, model
 from ..kernels.runtime import interpreting
 from ..outputs import QUICK_NOTE, default_dir
 from .environment import environment
 from .report import plot_speedups, print_table, write_csv
 
-TABLES = ("forward", "layer", "cpu", "static")
+TABLES = ("forward", "layer", "cpu", "model", "static")
 GPU_TABLES = ("forward", "layer")
 DEFAULT_BUDGET_S = 420.0
 
@@ -47,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="time budget of the whole run in seconds; points past it are skipped "
                              "(default: %(default)s)")
     parser.add_argument("--what", default=None, metavar="TABLES",
-                        help="comma-separated tables out of forward,layer,cpu,static (default: forward,layer on a "
-                             "CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency report (sm_90 compiles)")
+                        help="comma-separated tables out of forward,layer,cpu,model,static (default: forward,layer "
+                             "on a CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency report (sm_90 "
+                             "compiles); model times whole training steps of a Llama")
     parser.add_argument("--write-dispatch", action="store_true",
                         help="after the forward table, write its fastest candidates per (GPU, M bucket, N, K, r) "
                              "into the package's dispatch table (lora_triton/ops/dispatch_table.json)")
@@ -108,6 +111,9 @@ def run_bench(args: argparse.Namespace) -> int:
         tables = [t for t in tables if t != "static"]
     for i, table in enumerate(tables):
         budget = max(0.0, args.budget_s - (time.monotonic() - start)) / (len(tables) - i)
+        if table == "model":
+            ok = _run_model_table(args, budget) and ok
+            continue
         device = torch.device("cpu") if table == "cpu" else _kernel_device(args.quick)
         if device is None:
             print(f"{table}: needs a CUDA GPU (or --quick, which runs the kernels through Triton's CPU "
@@ -137,6 +143,22 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         print(QUICK_NOTE)
     return 0 if ok else 1
+
+
+def _run_model_table(args: argparse.Namespace, budget_s: float) -> bool:
+    """The model table on the GPU when there is one, else on the CPU (our layers' torch path, never
+    the interpreter); True when it wrote rows."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = environment(device, args.quick)
+    rows = model.run(device, meta, args.quick, budget_s)
+    csv_path = os.path.join(args.out, "model.csv")
+    write_csv(csv_path, rows, model.FIELDS)
+    model.print_summary(rows)
+    smoke = f"\n{QUICK_NOTE}" if args.quick else ""
+    png = model.plot(rows, os.path.join(args.out, "model.png"),
+                     f"lora-triton model: training steps ({meta['device']}){smoke}")
+    print(f"model: wrote {len(rows)} rows to {csv_path}" + (f" and {png}" if png else ""))
+    return bool(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
