@@ -2,9 +2,9 @@
 
     lora-triton demo [--quick] [--out-dir DIR] [--device cuda|cpu]
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
-    lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--measure]
+    lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--gpus N [--fsdp [--cpu-offload]]] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
-    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N] [--jobs N]
+    lora-triton forgetting [--quick | --full] [--out-dir DIR] [--seeds N] [--jobs N]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -113,9 +113,15 @@ def memory(args: argparse.Namespace) -> int:
     shape, name = _model_shape(args.model)
     setup = TrainingSetup(batch=args.batch, seq=args.seq, rank=args.rank,
                           gradient_checkpointing=not args.no_checkpointing)
-    print(f"model {name}: {_count(shape.params)} parameters; batch {setup.batch} x seq {setup.seq}, "
-          f"r={setup.rank}, gradient checkpointing {setup.gradient_checkpointing}")
-    print(format_table([estimate(shape, setup, m) for m in METHODS]))
+    print(f"model {name}: {_count(shape.params)} parameters; batch {setup.batch} x seq {setup.seq}"
+          f"{' per GPU' if args.gpus > 1 or args.fsdp else ''}, r={setup.rank}, gradient checkpointing "
+          f"{setup.gradient_checkpointing}")
+    if args.cpu_offload and not args.fsdp:
+        raise SystemExit("lora-triton memory: --cpu-offload needs --fsdp (DDP keeps everything on every GPU)")
+    if args.gpus == 1 and not args.fsdp:
+        print(format_table([estimate(shape, setup, m) for m in METHODS]))
+    else:
+        _memory_distributed(shape, setup, args)
     if args.measure:
         from .memory.measure import measure_all
 
@@ -128,11 +134,36 @@ def memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_distributed(shape, setup, args: argparse.Namespace) -> None:
+    """The per-GPU table for ``--gpus N`` (DDP) or ``--fsdp``, and the published 70B figures."""
+    from .memory.estimate import (METHODS, PRESETS, PUBLISHED_70B_2GPU, cpu_offload_bytes, estimate_distributed,
+                                  format_table)
+
+    mode = (f"FSDP over {args.gpus} GPU(s){', CPU offload' if args.cpu_offload else ''}" if args.fsdp
+            else f"DDP over {args.gpus} GPUs")
+    print(f"per GPU, {mode}:")
+    print(format_table([estimate_distributed(shape, setup, m, args.gpus, args.fsdp, args.cpu_offload)
+                        for m in METHODS]))
+    if args.cpu_offload:
+        offloaded = cpu_offload_bytes(shape, setup, "qlora", args.gpus)
+        print(f"CPU memory per process (the offloaded qlora shards): {offloaded / 2**30:.2f} GiB")
+    if args.fsdp and shape == PRESETS["70b"]:
+        pub = PUBLISHED_70B_2GPU
+        same = pub["setup"]
+        ours = [estimate_distributed(shape, same, "qlora", 2, True, off).total / 1e9 for off in (False, True)]
+        print(f"\npublished FSDP-QLoRA, Llama-2-70B on 2 x 24 GB (batch {same.batch} x seq {same.seq} per GPU, "
+              f"r={same.rank}, gradient checkpointing; nvidia-smi per GPU):")
+        print(f"  without CPU offload: {pub['gpu_gb_no_offload']:.1f} GB measured, {ours[0]:.1f} GB estimated here")
+        print(f"  with CPU offload:    {pub['gpu_gb_cpu_offload']:.1f} GB measured, {ours[1]:.1f} GB estimated here "
+              f"(CPU RAM {pub['cpu_ram_gb_cpu_offload']:.0f} GB measured)")
+        print(f"  source: {pub['source']}; differences: README 'Multi-GPU'")
+
+
 def forgetting(args: argparse.Namespace) -> int:
     """Run the forgetting benchmark (lora_triton/demos/forgetting.py)."""
     from .demos.forgetting import run_forgetting_benchmark
 
-    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs)
+    run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs, args.full)
     return 0
 
 
@@ -189,18 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rank", type=_positive_int, default=16, metavar="R",
                    help="LoRA rank on all projections (default: %(default)s)")
     m.add_argument("--no-checkpointing", action="store_true", help="model activations without gradient checkpointing")
+    m.add_argument("--gpus", type=_positive_int, default=1, metavar="N",
+                   help="GPUs training together (data parallel; --batch is per GPU) (default: %(default)s)")
+    m.add_argument("--fsdp", action="store_true",
+                   help="shard weights, adapters, gradients and optimizer over the GPUs (FSDP / FSDP2)")
+    m.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards in CPU memory")
     m.add_argument("--measure", action="store_true", help="also measure real steps of a small LLaMA and compare")
     m.add_argument("--device", default="cpu", help="torch device for --measure (default: %(default)s)")
     m.set_defaults(func=memory)
     add_bench_parser(sub)
-    f = sub.add_parser("forgetting", help="sequential-domain forgetting benchmark: naive LoRA vs stacked vs protected")
-    f.add_argument("--quick", action="store_true", help="tiny model and budgets, about a minute: a smoke test (CI)")
+    f = sub.add_parser("forgetting", help="sequential-domain forgetting benchmark over domain orders: naive LoRA vs "
+                       "protected vs per-task adapters (oracle)")
+    size = f.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny model and budgets, about a minute: a smoke test (CI)")
+    size.add_argument("--full", action="store_true",
+                      help="every one of the 6 domain orders on every seed, plus unconstrained stacked blocks "
+                           "(default: one order per seed)")
     f.add_argument("--out-dir", default=default_dir("forgetting"), metavar="DIR",
                    help="folder for forgetting.csv, .md and .png (default: %(default)s)")
     f.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
-                   help="seeds per method (default: 3, with --quick 2)")
+                   help="fresh seeds from 100 on (default: 5, with --quick 2)")
     f.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
-                   help="worker processes for the (method, seed) runs (default: one per core, at most one per run); "
+                   help="worker processes for the runs (default: one per core, at most one per run); "
                         "the numbers do not depend on it")
     f.set_defaults(func=forgetting)
     return parser

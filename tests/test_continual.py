@@ -395,3 +395,30 @@ def test_warm_start_rejects_a_wrong_or_non_finite_moment():
     bad[3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         layer.warm_start(bad)
+
+
+def test_free_energy_measures_the_new_inputs_outside_the_basis():
+    """``free_energy``: tr(P C P) / tr(C) per layer (and the same for C less its top direction):
+    0 for the protected task's own inputs at energy 1, 1 for inputs orthogonal to them, and the
+    plain formula for a mix."""
+    torch.manual_seed(4)
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    cl = ContinualLoRA(layer, energy=1.0, r=2)
+    seen = torch.randn(10, 6) @ torch.linalg.qr(torch.randn(K, K)).Q[:, :6].T  # rank 6
+    cl.begin_task("a")
+    cl.end_task([seen])
+    name, = cl.layers
+    assert cl.free_energy([seen])[name]["free_energy"] < 1e-6
+    u = layer.basis.double()
+    other = torch.randn(12, K, dtype=torch.float64)
+    other = (other - other @ u @ u.T).float()
+    assert cl.free_energy([other])[name] == pytest.approx({"free_energy": 1.0, "free_variation": 1.0}, abs=1e-5)
+    mix = torch.cat([seen, 0.3 * other])
+    c = mix.double().T @ mix.double()
+    p = torch.eye(K, dtype=torch.float64) - u @ u.T
+    values, vectors = torch.linalg.eigh(c)
+    rest = c - values[-1] * torch.outer(vectors[:, -1], vectors[:, -1])
+    got = cl.free_energy([mix])[name]
+    assert got["free_energy"] == pytest.approx(float(torch.trace(p @ c @ p) / torch.trace(c)), rel=1e-6)
+    assert got["free_variation"] == pytest.approx(float(torch.trace(p @ rest @ p) / torch.trace(rest)), rel=1e-6)
+    assert 0.05 < got["free_energy"] < 0.95  # a real mix, so the comparison above can fail

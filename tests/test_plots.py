@@ -42,28 +42,27 @@ def _inside_figure(fig, text) -> bool:
 
 
 def test_forgetting_plot(tmp_path, saved_figures):
-    seeds = [0, 1]
-    n_stages = len(fb.DOMAINS) + 1
-    trajectories = {(m, s): [[2.0 + 0.1 * k + j for j in range(len(fb.DOMAINS))] for k in range(n_stages)]
-                    for m in fb.METHODS for s in seeds}
-    drift = {"naive": 300.0, "stacked": 350.0, "ours": 0.12}  # ours' bar is invisible at this scale
-    results = {(m, s): {"domains": {d: {"rel_drift_pct": drift[m]} for d in fb.DOMAINS[:-1]}}
-               for m in fb.METHODS for s in seeds}
-    assert fb.plot(results, trajectories, seeds, tmp_path / "f.png", quick=True)
+    drift = {"naive": 300.0, "stacked": 350.0, "ours": 0.12, "oracle": 0.0}  # ours' bar is invisible at this scale
+    results = {(m, order, s): {"own": dict.fromkeys(fb.DOMAINS, 2.0), "final": dict.fromkeys(fb.DOMAINS, 2.5),
+                               "mean_drift": drift[m]}
+               for m in fb.METHODS for order in fb.ORDERS[:2] for s in (100, 101)}
+    assert fb.plot(results, tmp_path / "f.png", quick=True)
     fig, = saved_figures
-    left, right = fig.axes
+    panels = fig.axes
+    assert len(panels) == 3 and all(ax.get_title() for ax in panels)
     assert fig._suptitle is not None and "smoke test" in fig._suptitle.get_text()
     assert _inside_figure(fig, fig._suptitle)
-    assert left.get_title() and right.get_title()
-    for ax in (left, right):
-        assert _legend_outside_data(ax, ax.get_legend())
-    labels = [t.get_text() for t in right.texts]
-    assert "+0.12%" in labels and len(labels) == len(fb.METHODS) * (len(fb.DOMAINS) - 1)
-    # Colour means the method in both panels.
-    bar_colours = {c.get_label(): c.patches[0].get_facecolor() for c in right.containers}
-    for line in left.get_lines():
-        method = line.get_label().split(":")[0]
-        assert matplotlib.colors.to_rgba(line.get_color()) == bar_colours[method], line.get_label()
+    legend, = fig.legends
+    assert all(_legend_outside_data(ax, legend) for ax in panels)
+    labels = [t.get_text() for t in panels[2].texts]
+    assert "+0.12%" in labels and len(labels) == len(fb.METHODS) - 1  # the oracle has no drift bar
+    # Colour means the method in every panel.
+    legend_colours = {t.get_text(): h.get_facecolor() for t, h in zip(legend.texts, legend.legend_handles)}
+    for ax in panels[:2]:
+        for container in ax.containers:
+            assert container.patches[0].get_facecolor() == legend_colours[container.get_label()]
+    for patch, method in zip(panels[2].patches, [m for m in fb.METHODS if m != "oracle"]):
+        assert patch.get_facecolor() == legend_colours[method]
 
 
 def test_speedup_plot(tmp_path, saved_figures):

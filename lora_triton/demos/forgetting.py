@@ -1,31 +1,43 @@
-"""Forgetting benchmark: one QLoRA model trained on domain after domain, three ways.
+"""Forgetting benchmark: one QLoRA model trained on domain after domain, in every order.
 
-    lora-triton forgetting [--quick] [--out-dir DIR] [--seeds N] [--jobs N]
+    lora-triton forgetting [--quick | --full] [--out-dir DIR] [--seeds N] [--jobs N]
 
 A byte-level causal transformer is pretrained briefly here (on Python standard-library source
 and Python's own documentation), NF4-quantized, and its linear layers get LoRA adapters. Three
 domains follow in turn, all built from text any Python install ships (``text_domains``:
-code, prose, arithmetic; held-out splits for each).
+code, prose, arithmetic; held-out splits for each), in one of the six orders.
 
-Methods: ``naive`` (one adapter trained on every domain in turn), ``stacked`` (a new frozen
-block per domain, no constraint: ``ContinualLoRA(energy=0)``) and ``ours`` (stacked blocks with
-the orthogonal-complement constraint: ``ContinualLoRA(energy=0.99, exclude_top=True)``, each
-layer's basis built from 32 calibration batches of the domain's TRAINING split, plus the soft
-drift penalty on the free directions: ``drift_penalty=3, shrinkage=0.35``, added to its loss;
-each new block after the first warm-started from 16 batches of its domain's training split:
-``begin_task(name, warm_start=batches)``). Every adapter (block) has rank 16.
-For each seed and method it records the held-out loss of every domain after every stage, and
-reports for the earlier domains the relative drift ``100 (L_after - L_before) / L_before``, the absolute
-change, backward transfer (mean of ``L_before - L_after``; negative = forgetting) and the last
-domain's own loss. Writes ``forgetting.csv`` (per seed), ``forgetting.md`` (mean over seeds)
-and ``forgetting.png``; prints the table.
+Methods: ``naive`` (one adapter trained on every domain in turn), ``ours`` (stacked blocks with
+the orthogonal-complement constraint and the soft drift penalty: ``ContinualLoRA(energy=0.99,
+exclude_top=True, drift_penalty=3, shrinkage=0.35)``, bases from 32 calibration batches of each
+domain's TRAINING split, every block after the first warm-started from 16 batches of its
+domain), ``oracle`` (a fresh adapter per domain trained from the NF4 base, each domain evaluated
+with its own adapter: the task-routing upper bound that per-task-adapter methods rely on) and,
+with ``--full``, ``stacked`` (a new frozen block per domain, no constraint). Every adapter
+(block) has rank 16 and every method the same steps per domain.
 
-``run_forgetting_benchmark(quick, out_dir)`` is the entry point for the command line.
+The grid: seeds ``FIRST_SEED ...`` (100 on; seeds 0-14 were used to choose the settings in
+rounds 1-3 and are never reported here). By default seed ``i`` trains the domains in order
+``ORDERS[i % 6]`` (5 seeds: 5 of the 6 orders), ``--full`` runs every order on every seed.
+
+Per run it records the held-out loss of every domain after every stage and reports
+plasticity (a domain's loss right after its own stage; compared with naive's on the same order
+and seed), the relative drift ``100 (L_final - L_own) / L_own`` of the earlier domains, BWT
+(mean of ``L_own - L_final`` over the earlier domains; negative = forgetting) and the average
+final loss over all domains (compared with naive's and the oracle's of the same seed). For
+``ours`` it also records, per layer and stage, where plasticity goes
+(``forgetting_layers.csv``): the fraction of the new domain's input energy (and of its
+variation) outside the protected basis, and the task loss and penalty at the end of the stage.
+Writes ``forgetting.csv`` (per run and domain), ``forgetting.md`` (the tables),
+``forgetting_layers.csv`` and ``forgetting.png``; prints the tables.
+
+``run_forgetting_benchmark(quick, out_dir, seeds, jobs, full)`` is the command line's entry point.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import multiprocessing
 import os
 import platform
@@ -33,7 +45,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,12 +57,15 @@ from ..outputs import QUICK_NOTE, default_dir
 from ..training import ContinualLoRA
 from .text_domains import DOMAINS, build_corpora, eval_windows, random_batch, to_tensor
 
-METHODS = ("naive", "stacked", "ours")
+METHODS = ("naive", "stacked", "ours", "oracle")
+DEFAULT_METHODS = ("naive", "ours", "oracle")
+ORDERS = tuple(itertools.permutations(DOMAINS))
+FIRST_SEED = 100  # seeds 0-14 chose the settings (rounds 1-3); 50-59 the round-4 probes
 
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes and budgets of one run."""
+    """Sizes and budgets of one run, and ours' settings (one setting for every order and seed)."""
 
     d_model: int = 128
     n_layer: int = 4
@@ -73,7 +88,9 @@ class Config:
     calib_batches: int = 32
     warm_start_batches: int = 16
     domain_bytes: int = 240_000
-    seeds: int = 3
+    seeds: int = 5
+    first_seed: int = FIRST_SEED
+    methods: tuple = field(default=DEFAULT_METHODS)
 
 
 FULL = Config()
@@ -162,34 +179,51 @@ def quantize_with_lora(float_model: ByteLM, cfg: Config) -> ByteLM:
 
 # =============================================================================== methods
 def train_steps(model: nn.Module, params: list, data: torch.Tensor, cfg: Config, gen: torch.Generator,
-                penalty=None) -> None:
-    """``cfg.task_steps`` AdamW steps on ``data``; ``penalty()`` (if given) is added to each loss."""
+                penalty=None) -> tuple[float, float]:
+    """``cfg.task_steps`` AdamW steps on ``data``; ``penalty()`` (if given) is added to each loss.
+    Returns the mean task loss and mean penalty over the last quarter of the steps."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    for _ in range(cfg.task_steps):
+    tail = max(1, cfg.task_steps // 4)
+    task_sum = penalty_sum = 0.0
+    for step in range(cfg.task_steps):
         loss = lm_loss(model, random_batch(data, cfg.batch, cfg.context, gen))
-        if penalty is not None:
-            loss = loss + penalty()
+        extra = penalty() if penalty is not None else None
+        if step >= cfg.task_steps - tail:
+            task_sum += float(loss.detach())
+            penalty_sum += float(extra.detach()) if extra is not None else 0.0
+        total = loss + extra if extra is not None else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
+    return task_sum / tail, penalty_sum / tail
 
 
-def run_method(method: str, base: ByteLM, domains: dict, cfg: Config, seed: int) -> list[list[float]]:
-    """Train ``method`` on the domains in order; ``losses[stage][domain]`` = held-out loss of
-    ``domain`` after training stage ``stage`` (stage 0 = the NF4 model before any adapter)."""
+def make_manager(model: nn.Module, method: str, cfg: Config) -> ContinualLoRA:
+    """``ours``: the protected stack with ``cfg``'s settings; ``stacked``: the same without protection."""
+    ours = method == "ours"
+    return ContinualLoRA(model, energy=cfg.energy if ours else 0.0, rel_threshold=cfg.rel_threshold if ours else 0.0,
+                         exclude_top=cfg.exclude_top and ours, drift_penalty=cfg.drift_penalty if ours else 0.0,
+                         residual_rank=cfg.residual_rank, shrinkage=cfg.shrinkage, r=cfg.rank,
+                         lora_alpha=cfg.lora_alpha)
+
+
+def run_method(method: str, base: ByteLM, domains: dict, cfg: Config, seed: int,
+               order: tuple = DOMAINS) -> dict:
+    """Train ``method`` (naive, stacked or ours) on the domains in ``order``.
+
+    Returns ``{"losses": losses, "layers": rows}``: ``losses[stage][j]`` = held-out loss of
+    ``DOMAINS[j]`` after training stage ``stage`` (stage 0 = the NF4 model before any adapter,
+    stage k = after ``order[k-1]``); ``rows`` = ours' per-layer diagnostics (see the module
+    docstring; empty for the other methods)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = quantize_with_lora(base, cfg)
     held_out = [eval_windows(to_tensor(domains[d][1]), cfg.eval_windows, cfg.context) for d in DOMAINS]
     ours = method == "ours"
-    manager = None if method == "naive" else ContinualLoRA(model, energy=cfg.energy if ours else 0.0,
-                                                          rel_threshold=cfg.rel_threshold if ours else 0.0,
-                                                          exclude_top=cfg.exclude_top and ours,
-                                                          drift_penalty=cfg.drift_penalty if ours else 0.0,
-                                                          residual_rank=cfg.residual_rank, shrinkage=cfg.shrinkage,
-                                                          r=cfg.rank, lora_alpha=cfg.lora_alpha)
+    manager = None if method == "naive" else make_manager(model, method, cfg)
     losses = [[held_out_loss(model, w) for w in held_out]]
-    for stage, name in enumerate(DOMAINS):
+    rows = []
+    for stage, name in enumerate(order):
         train = to_tensor(domains[name][0])
         if manager is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -200,77 +234,234 @@ def run_method(method: str, base: ByteLM, domains: dict, cfg: Config, seed: int)
             warm_gen = torch.Generator().manual_seed(1000 * seed + stage)
             warm = [random_batch(train, cfg.batch, cfg.context, warm_gen)[:, :-1]
                     for _ in range(cfg.warm_start_batches if ours and stage > 0 else 0)]
+            free = manager.free_energy(warm) if warm else {}
             params = manager.begin_task(name, warm_start=warm or None)
-        train_steps(model, params, train, cfg, gen, manager.penalty if ours else None)
+        task_loss, penalty = train_steps(model, params, train, cfg, gen, manager.penalty if ours else None)
+        if ours:
+            rows += [{"stage": stage + 1, "domain": name, "layer": layer, **free.get(layer, {}),
+                      "task_loss_end": task_loss, "penalty_end": penalty} for layer in manager.layers]
         if manager is not None:
             # stacked protects nothing (energy 0): its blocks are frozen without calibration data
             calibration = [random_batch(train, cfg.batch, cfg.context, gen)[:, :-1]
                            for _ in range(cfg.calib_batches if ours else 0)]
             manager.end_task(calibration)
         losses.append([held_out_loss(model, w) for w in held_out])
-    if manager is not None and method == "ours":
-        print(manager.report(), file=sys.stderr)
-    return losses
+    return {"losses": losses, "layers": rows}
 
 
-def summarise(losses: list[list[float]]) -> dict:
-    """Per earlier domain ``i``: ``L_before`` (after stage i) and ``L_after`` (after the last
-    stage), relative drift %, absolute change; BWT; the last domain's own loss."""
-    last = len(DOMAINS)
-    rows = {}
-    for i, name in enumerate(DOMAINS[:-1]):
-        before, after = losses[i + 1][i], losses[last][i]
-        rows[name] = {"before": before, "after": after, "rel_drift_pct": 100 * (after - before) / before,
-                      "abs_change": after - before}
-    bwt = statistics.mean(before_after["before"] - before_after["after"] for before_after in rows.values())
-    return {"domains": rows, "bwt": bwt, "last_loss": losses[last][last - 1],
-            "mean_rel_drift_pct": statistics.mean(r["rel_drift_pct"] for r in rows.values())}
+def run_oracle(base: ByteLM, domains: dict, cfg: Config, seed: int) -> dict:
+    """Per-task adapters with routing: for each domain a fresh adapter trained from the NF4 base,
+    seeded like a sequential run's first stage (so it equals naive's first stage when the domain
+    comes first). ``losses`` has one row per domain (its own adapter), as a one-stage run."""
+    own = []
+    for j, name in enumerate(DOMAINS):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        model = quantize_with_lora(base, cfg)
+        train_steps(model, [p for p in model.parameters() if p.requires_grad], to_tensor(domains[name][0]), cfg, gen)
+        own.append(held_out_loss(model, eval_windows(to_tensor(domains[name][1]), cfg.eval_windows, cfg.context)))
+    return {"losses": [own], "layers": []}
 
 
-# =============================================================================== output
-def write_csv(results: dict, path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "seed", "domain", "loss_before", "loss_after", "rel_drift_pct", "abs_change",
-                         "bwt", "last_domain_loss"])
-        for (method, seed), summary in sorted(results.items()):
-            for domain, row in summary["domains"].items():
-                writer.writerow([method, seed, domain, f"{row['before']:.5f}", f"{row['after']:.5f}",
-                                 f"{row['rel_drift_pct']:.3f}", f"{row['abs_change']:.5f}", f"{summary['bwt']:.5f}",
-                                 f"{summary['last_loss']:.5f}"])
+def summarise(method: str, run: dict, order: tuple) -> dict:
+    """Per domain: ``own`` (loss right after its own stage), ``final`` (after the last stage; the
+    oracle: its own adapter's), relative drift % and absolute change for the earlier domains;
+    BWT, mean drift and average final loss."""
+    losses = run["losses"]
+    if method == "oracle":
+        own = dict(zip(DOMAINS, losses[0]))
+        return {"own": own, "final": dict(own), "drift": {}, "abs_change": {}, "bwt": 0.0, "mean_drift": 0.0,
+                "avg_final": statistics.mean(own.values()), "order": order}
+    index = {d: j for j, d in enumerate(DOMAINS)}
+    own = {d: losses[k + 1][index[d]] for k, d in enumerate(order)}
+    final = {d: losses[-1][index[d]] for d in DOMAINS}
+    earlier = order[:-1]
+    drift = {d: 100 * (final[d] - own[d]) / own[d] for d in earlier}
+    change = {d: final[d] - own[d] for d in earlier}
+    return {"own": own, "final": final, "drift": drift, "abs_change": change,
+            "bwt": statistics.mean(-change[d] for d in earlier), "mean_drift": statistics.mean(drift.values()),
+            "avg_final": statistics.mean(final.values()), "order": order}
 
 
-def _mean_std(values: list[float]) -> str:
+def grid(cfg: Config, full: bool) -> list[tuple]:
+    """``(method, order, seed)`` runs: the oracle once per seed (it does not depend on the order)."""
+    seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
+    keys = []
+    for i, seed in enumerate(seeds):
+        orders = ORDERS if full else (ORDERS[i % len(ORDERS)],)
+        keys += [(m, order, seed) for order in orders for m in cfg.methods if m != "oracle"]
+        if "oracle" in cfg.methods:
+            keys.append(("oracle", DOMAINS, seed))
+    return keys
+
+
+# =============================================================================== tables
+def compare(results: dict) -> dict:
+    """Per non-oracle run: plasticity gap per domain (% vs naive's own-stage loss on the same order
+    and seed) and the average final loss vs naive's and the oracle's (%)."""
+    out = {}
+    for (method, order, seed), s in results.items():
+        if method == "oracle":
+            continue
+        naive, oracle = results.get(("naive", order, seed)), results.get(("oracle", DOMAINS, seed))
+        out[(method, order, seed)] = {
+            "gap": {d: 100 * (s["own"][d] / naive["own"][d] - 1) for d in DOMAINS} if naive else {},
+            "vs_naive": 100 * (s["avg_final"] / naive["avg_final"] - 1) if naive else float("nan"),
+            "vs_oracle": 100 * (s["avg_final"] / oracle["avg_final"] - 1) if oracle else float("nan")}
+    return out
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def markdown_table(results: dict, seeds: list[int]) -> str:
-    """Mean ± std over seeds per method."""
-    earlier = DOMAINS[:-1]
-    head = ["method"] + [f"{d}: L before → after" for d in earlier] + [f"{d} drift %" for d in earlier] + \
-        ["mean drift %", "mean abs change", "BWT", f"{DOMAINS[-1]} loss (last domain)"]
+def _order_name(order: tuple) -> str:
+    return " → ".join(order)
+
+
+def method_table(results: dict) -> str:
+    """One row per method, over every order and seed it ran."""
+    cmp = compare(results)
+    head = (["method", "runs", "mean drift % (earlier domains)", "max drift %"] +
+            [f"{d}: own-stage loss (vs naive)" for d in DOMAINS] +
+            ["worst plasticity gap %", "avg final loss", "vs naive %", "vs oracle %", "BWT"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
-        runs = [results[(method, s)] for s in seeds]
-        cells = [method]
-        for d in earlier:
-            before = statistics.mean(r["domains"][d]["before"] for r in runs)
-            after = statistics.mean(r["domains"][d]["after"] for r in runs)
-            cells.append(f"{before:.3f} → {after:.3f}")
-        cells += [_mean_std([r["domains"][d]["rel_drift_pct"] for r in runs]) for d in earlier]
-        cells.append(_mean_std([r["mean_rel_drift_pct"] for r in runs]))
-        cells.append(_mean_std([statistics.mean(v["abs_change"] for v in r["domains"].values()) for r in runs]))
-        cells.append(_mean_std([r["bwt"] for r in runs]))
-        cells.append(_mean_std([r["last_loss"] for r in runs]))
+        keys = [k for k in results if k[0] == method]
+        if not keys:
+            continue
+        runs = [results[k] for k in keys]
+        seq = method != "oracle"
+        cells = [method, str(len(runs)),
+                 _mean_std([r["mean_drift"] for r in runs], 2) if seq else "— (routing)",
+                 f"{max(r['mean_drift'] for r in runs):.2f}" if seq else "—"]
+        for d in DOMAINS:
+            own = statistics.mean(r["own"][d] for r in runs)
+            gaps = [cmp[k]["gap"][d] for k in keys if seq and cmp[k]["gap"]]
+            cells.append(f"{own:.3f}" + (f" ({statistics.mean(gaps):+.1f}%)" if gaps and method != "naive" else ""))
+        worst = [max(cmp[k]["gap"].values()) for k in keys if seq and cmp[k]["gap"]]
+        cells.append(f"{max(worst):+.1f}" if worst and method != "naive" else "—")
+        cells.append(_mean_std([r["avg_final"] for r in runs]))
+        vs_naive = [cmp[k]["vs_naive"] for k in keys if seq]
+        vs_oracle = [cmp[k]["vs_oracle"] for k in keys if seq]
+        cells.append(f"{statistics.mean(vs_naive):+.1f}" if vs_naive and method != "naive" else "—")
+        cells.append(f"{statistics.mean(vs_oracle):+.1f}" if vs_oracle else "0")
+        cells.append(_mean_std([r["bwt"] for r in runs]) if seq else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, trajectories: dict, seeds: list[int], path: Path, quick: bool = False) -> bool:
-    """Left: held-out loss of each domain over the stages (mean over seeds) per method.
-    Right: relative drift of each earlier domain per method, each bar labelled with its value
-    (ours is near 0). Colour means the method in both panels. Returns False without matplotlib."""
+def order_table(results: dict, method: str = "ours") -> str:
+    """``method`` against naive and the oracle, one row per order (mean over its seeds)."""
+    cmp = compare(results)
+    head = ["order", "seeds", f"{method} mean drift %", "naive mean drift %",
+            "plasticity gap % (1st / 2nd / 3rd domain)", "avg final: naive / " + method + " / oracle",
+            f"{method} vs oracle %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for order in ORDERS:
+        keys = [k for k in results if k[0] == method and k[1] == order]
+        if not keys:
+            continue
+        seeds = [k[2] for k in keys]
+        naive = [results[("naive", order, s)] for s in seeds if ("naive", order, s) in results]
+        oracle = [results[("oracle", DOMAINS, s)] for s in seeds if ("oracle", DOMAINS, s) in results]
+        gaps = " / ".join(f"{statistics.mean(cmp[k]['gap'][d] for k in keys):+.1f}" for d in order) \
+            if all(cmp[k]["gap"] for k in keys) else "—"
+        finals = [statistics.mean(r["avg_final"] for r in rs) if rs else float("nan")
+                  for rs in (naive, [results[k] for k in keys], oracle)]
+        cells = [_order_name(order), ", ".join(map(str, seeds)),
+                 f"{statistics.mean(results[k]['mean_drift'] for k in keys):+.2f}",
+                 f"{statistics.mean(r['mean_drift'] for r in naive):+.1f}" if naive else "—", gaps,
+                 " / ".join(f"{v:.3f}" for v in finals),
+                 f"{statistics.mean(cmp[k]['vs_oracle'] for k in keys):+.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def layer_table(layer_rows: list[dict]) -> str:
+    """Where ours' plasticity goes, per stage position and domain (mean over layers, orders, seeds)."""
+    head = ["stage", "domain", "new domain's input energy outside the basis %", "its variation outside %",
+            "least free layer (variation %)", "task loss at stage end", "penalty at stage end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups: dict = {}
+    for row in layer_rows:
+        if "free_energy" in row:
+            groups.setdefault((row["stage"], row["domain"]), []).append(row)
+    for (stage, domain), rows in sorted(groups.items()):
+        by_layer: dict = {}
+        for row in rows:
+            by_layer.setdefault(row["layer"], []).append(row["free_variation"])
+        least = min(by_layer, key=lambda name: statistics.mean(by_layer[name]))
+        lines.append(f"| {stage} | {domain} | {100 * statistics.mean(r['free_energy'] for r in rows):.1f} | "
+                     f"{100 * statistics.mean(r['free_variation'] for r in rows):.1f} | "
+                     f"{least} ({100 * statistics.mean(by_layer[least]):.1f}) | "
+                     f"{statistics.mean(r['task_loss_end'] for r in rows):.3f} | "
+                     f"{statistics.mean(r['penalty_end'] for r in rows):.3f} |")
+    return "\n".join(lines)
+
+
+def goal_lines(results: dict, method: str = "ours") -> list[str]:
+    """The issue's three targets for ``method``, each with its number."""
+    cmp = compare(results)
+    keys = [k for k in results if k[0] == method]
+    if not keys or not all(cmp[k]["gap"] for k in keys):
+        return []
+    drift = [results[k]["mean_drift"] for k in keys]
+    gaps = {d: statistics.mean(cmp[k]["gap"][d] for k in keys) for d in DOMAINS}
+    within = sum(g <= 5 for k in keys for g in cmp[k]["gap"].values())
+    vs_oracle = statistics.mean(cmp[k]["vs_oracle"] for k in keys)
+    vs_naive = statistics.mean(cmp[k]["vs_naive"] for k in keys)
+
+    def met(ok):
+        return "met" if ok else "MISSED"
+
+    return [f"* drift < 1%: mean {statistics.mean(drift):+.2f}%, {sum(d < 1 for d in drift)} of {len(drift)} runs "
+            f"under 1% - {met(statistics.mean(drift) < 1)}",
+            "* plasticity within 5% of naive, every domain: mean gap " +
+            ", ".join(f"{d} {g:+.1f}%" for d, g in gaps.items()) +
+            f"; {within} of {len(keys) * len(DOMAINS)} (run, domain) pairs within 5% - "
+            f"{met(max(gaps.values()) <= 5)}",
+            f"* average final loss: {vs_naive:+.1f}% vs naive (forgets), {vs_oracle:+.1f}% vs the oracle - "
+            f"{met(vs_naive < 0 and vs_oracle <= 5)}"]
+
+
+# =============================================================================== output
+def write_csv(results: dict, path: Path) -> None:
+    cmp = compare(results)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "order", "seed", "domain", "position", "loss_own_stage", "loss_final",
+                         "rel_drift_pct", "abs_change", "plasticity_gap_pct", "bwt", "avg_final_loss",
+                         "avg_final_vs_naive_pct", "avg_final_vs_oracle_pct"])
+        for key in sorted(results, key=lambda k: (k[0], ORDERS.index(k[1]), k[2])):
+            method, order, seed = key
+            s, c = results[key], cmp.get(key, {})
+            for d in DOMAINS:
+                writer.writerow([method, "-".join(order) if method != "oracle" else "routing", seed, d,
+                                 order.index(d) + 1 if method != "oracle" else "", f"{s['own'][d]:.5f}",
+                                 f"{s['final'][d]:.5f}", f"{s['drift'][d]:.3f}" if d in s["drift"] else "",
+                                 f"{s['abs_change'][d]:.5f}" if d in s["abs_change"] else "",
+                                 f"{c['gap'][d]:.3f}" if c.get("gap") else "", f"{s['bwt']:.5f}",
+                                 f"{s['avg_final']:.5f}", f"{c['vs_naive']:.3f}" if c else "",
+                                 f"{c['vs_oracle']:.3f}" if c else ""])
+
+
+def write_layers_csv(layer_rows: list[dict], path: Path) -> None:
+    fields = ["order", "seed", "stage", "domain", "layer", "free_energy", "free_variation", "task_loss_end",
+              "penalty_end"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in layer_rows:
+            writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot(results: dict, path: Path, quick: bool = False) -> bool:
+    """Three panels, colour = method in each: loss of each domain right after its own stage
+    (plasticity), final loss of each domain (the oracle: its own adapter), and the mean drift of
+    the earlier domains (each bar labelled, ours is near 0). Means over orders and seeds.
+    Returns False without matplotlib."""
     try:
         import matplotlib
 
@@ -278,93 +469,103 @@ def plot(results: dict, trajectories: dict, seeds: list[int], path: Path, quick:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    methods = [m for m in METHODS if any(k[0] == m for k in results)]
     colours = {method: f"C{m}" for m, method in enumerate(METHODS)}
-    styles = dict(zip(DOMAINS, [("-", "o"), ("--", "s"), (":", "^")]))
-    stages = ["NF4 base"] + [f"after {d}" for d in DOMAINS]
-    for method in METHODS:
-        for j, domain in enumerate(DOMAINS):
-            mean = [statistics.mean(trajectories[(method, s)][k][j] for s in seeds) for k in range(len(stages))]
-            line, marker = styles[domain]
-            left.plot(stages, mean, line, marker=marker, color=colours[method], label=f"{method}: {domain}")
-    left.set_title("held-out loss per domain after each stage")
-    left.set_ylabel("held-out loss (nats/byte)")
-    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method: domain", title_fontsize=7)
-    width = 0.25
-    for m, method in enumerate(METHODS):
-        drifts = [statistics.mean(results[(method, s)]["domains"][d]["rel_drift_pct"] for s in seeds)
-                  for d in DOMAINS[:-1]]
-        bars = right.bar([i + m * width for i in range(len(drifts))], drifts, width, label=method,
-                         color=colours[method])
-        right.bar_label(bars, fmt="%+.2f%%", fontsize=7, padding=2)
-    right.set_xticks([i + width for i in range(len(DOMAINS) - 1)], DOMAINS[:-1])
-    right.axhline(0, color="black", linewidth=0.5)
-    right.margins(y=0.15)
-    right.set_title("drift of the earlier domains after all domains")
-    right.set_ylabel("relative drift (%)")
-    right.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
-    smoke = " - quick smoke test, not a measurement" if quick else ""
-    fig.suptitle(f"Forgetting benchmark: {len(seeds)} seed(s), mean over seeds{smoke}")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    width = 0.8 / len(methods)
+    for ax, what, title in ((axes[0], "own", "plasticity: loss right after the domain's own stage"),
+                            (axes[1], "final", "final loss per domain (oracle: its own adapter)")):
+        for m, method in enumerate(methods):
+            runs = [s for k, s in results.items() if k[0] == method]
+            values = [statistics.mean(r[what][d] for r in runs) for d in DOMAINS]
+            ax.bar([i + m * width for i in range(len(DOMAINS))], values, width, label=method, color=colours[method])
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(DOMAINS))], DOMAINS)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("held-out loss (nats/byte)")
+    sequential = [m for m in methods if m != "oracle"]
+    drifts = [statistics.mean(s["mean_drift"] for k, s in results.items() if k[0] == m) for m in sequential]
+    bars = axes[2].bar(sequential, drifts, color=[colours[m] for m in sequential], label=sequential)
+    axes[2].bar_label(bars, fmt="%+.2f%%", fontsize=8, padding=2)
+    axes[2].axhline(0, color="black", linewidth=0.5)
+    axes[2].margins(y=0.15)
+    axes[2].set_title("mean drift of the earlier domains", fontsize=10)
+    axes[2].set_ylabel("relative drift (%)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in methods]
+    fig.legend(handles, methods, loc="outside right upper", title="method")
+    n_seeds = len({k[2] for k in results})
+    n_orders = len({k[1] for k in results if k[0] != "oracle"})
+    smoke = f" - {QUICK_NOTE}" if quick else ""
+    fig.suptitle(f"Forgetting benchmark: {n_orders} domain order(s), {n_seeds} seed(s), mean over runs{smoke}")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 # =============================================================================== entry
-def _run_job(job: tuple) -> list[list[float]]:
-    """One ``(method, seed)`` run in a worker process: the base arrives as a state dict."""
-    method, base_state, domains, cfg, seed = job
+def _run(key: tuple, base: ByteLM, domains: dict, cfg: Config) -> dict:
+    method, order, seed = key
+    return run_oracle(base, domains, cfg, seed) if method == "oracle" else \
+        run_method(method, base, domains, cfg, seed, order)
+
+
+def _run_job(job: tuple) -> dict:
+    """One run in a worker process: the base arrives as a state dict."""
+    key, base_state, domains, cfg = job
     torch.set_num_threads(1)
     base = ByteLM(cfg)
     base.load_state_dict(base_state)
-    return run_method(method, base, domains, cfg, seed)
+    return _run(key, base, domains, cfg)
 
 
-def run_all(base: ByteLM, domains: dict, cfg: Config, seeds: list[int], jobs: int = 1,
+def run_all(base: ByteLM, domains: dict, cfg: Config, keys: list[tuple], jobs: int = 1,
             start: float | None = None) -> dict:
-    """``{(method, seed): losses}`` for every method and seed, in ``jobs`` processes.
+    """``{(method, order, seed): run}`` for every key, in ``jobs`` processes.
 
     Each run is independent and single-threaded (it seeds its own generators), so the numbers
     are the same for any ``jobs``: ``jobs > 1`` only spreads the runs over the cores.
     """
     start = time.perf_counter() if start is None else start
-    keys = [(method, seed) for seed in seeds for method in METHODS]
 
-    def progress(key, losses):
-        summary = summarise(losses)
-        print(f"seed {key[1]} {key[0]:8s} mean drift {summary['mean_rel_drift_pct']:+7.2f}%  "
-              f"last loss {summary['last_loss']:.3f}  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    def progress(key, run):
+        s = summarise(key[0], run, key[1])
+        print(f"seed {key[2]} {_order_name(key[1]) if key[0] != 'oracle' else 'routing':32s} {key[0]:8s} "
+              f"drift {s['mean_drift']:+8.2f}%  avg final {s['avg_final']:.3f}  "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
-    trajectories = {}
+    runs = {}
     if jobs <= 1:
         for key in keys:
-            trajectories[key] = run_method(key[0], base, domains, cfg, key[1])
-            progress(key, trajectories[key])
-        return trajectories
+            runs[key] = _run(key, base, domains, cfg)
+            progress(key, runs[key])
+        return runs
     state = {name: t.detach().clone() for name, t in base.state_dict().items()}
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(_run_job, (method, state, domains, cfg, seed)): (method, seed) for method, seed in keys}
+        futures = {pool.submit(_run_job, (key, state, domains, cfg)): key for key in keys}
         for future in as_completed(futures):
-            trajectories[futures[future]] = future.result()
-            progress(futures[future], trajectories[futures[future]])
-    return {key: trajectories[key] for key in keys}
+            runs[futures[future]] = future.result()
+            progress(futures[future], runs[futures[future]])
+    return {key: runs[key] for key in keys}
 
 
-def default_jobs(seeds: int) -> int:
-    """Worker processes for the runs: one per core, at most one per (method, seed) run."""
-    return max(1, min(os.cpu_count() or 1, len(METHODS) * seeds))
+def default_jobs(runs: int) -> int:
+    """Worker processes: one per core, at most one per run."""
+    return max(1, min(os.cpu_count() or 1, runs))
 
 
 def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = default_dir("forgetting"),
-                             seeds: int | None = None, jobs: int | None = None) -> dict:
-    """Run the benchmark; write ``forgetting.csv``, ``forgetting.md``, ``forgetting.png`` into
-    ``out_dir``; print the table. ``jobs`` worker processes run the (method, seed) runs side by
-    side (default ``default_jobs(seeds)``; the numbers do not depend on it). Returns
-    ``{(method, seed): summary}``."""
-    cfg = QUICK if quick else FULL
+                             seeds: int | None = None, jobs: int | None = None, full: bool = False,
+                             cfg: Config | None = None) -> dict:
+    """Run the benchmark; write ``forgetting.csv``, ``forgetting_layers.csv``, ``forgetting.md``
+    and ``forgetting.png`` into ``out_dir``; print the tables. ``full``: every order on every
+    seed and the ``stacked`` method too (default: one order per seed). ``jobs`` worker processes
+    run the runs side by side (default ``default_jobs``; the numbers do not depend on it).
+    ``cfg`` replaces the QUICK/FULL sizes (probes). Returns ``{(method, order, seed): summary}``."""
+    cfg = cfg or (QUICK if quick else FULL)
+    cfg = replace(cfg, methods=METHODS) if full else cfg
     cfg = cfg if seeds is None else replace(cfg, seeds=seeds)
-    jobs = default_jobs(cfg.seeds) if jobs is None else jobs
+    keys = grid(cfg, full)
+    jobs = default_jobs(len(keys)) if jobs is None else jobs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One thread: the model is tiny, so a second thread gains little, and when other jobs share the
@@ -374,24 +575,31 @@ def run_forgetting_benchmark(quick: bool = False, out_dir: str | os.PathLike = d
     start = time.perf_counter()
     pretrain_text, domains = build_corpora(cfg.domain_bytes)
     base = pretrain(cfg, pretrain_text)
-    print(f"pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    seed_list = list(range(cfg.seeds))
-    trajectories = run_all(base, domains, cfg, seed_list, jobs, start)
-    results = {key: summarise(losses) for key, losses in trajectories.items()}
+    print(f"pretrained in {time.perf_counter() - start:.0f} s; {len(keys)} runs", file=sys.stderr)
+    runs = run_all(base, domains, cfg, keys, jobs, start)
+    results = {key: summarise(key[0], run, key[1]) for key, run in runs.items()}
+    layer_rows = [{"order": "-".join(key[1]), "seed": key[2], **row} for key, run in runs.items()
+                  for row in run["layers"]]
     elapsed = time.perf_counter() - start
-    table = markdown_table(results, seed_list)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    header = (f"Forgetting benchmark ({QUICK_NOTE if quick else 'full'}): {len(seed_list)} seeds, domains "
-              f"{' → '.join(DOMAINS)}, {cfg.task_steps} steps each, rank {cfg.rank} per block, energy {cfg.energy}"
-              f"{' of the variation (top direction always protected)' if cfg.exclude_top else ''}, "
-              f"drift penalty {cfg.drift_penalty} (shrinkage {cfg.shrinkage}), {cfg.n_layer} layers d={cfg.d_model}, "
-              f"{cfg.calib_batches} calibration batches, {cfg.warm_start_batches} warm-start batches; "
-              f"{machine}; {elapsed:.0f} s with {jobs} worker process{'es' if jobs > 1 else ''}")
+    seed_list = sorted({k[2] for k in keys})
+    header = (f"Forgetting benchmark ({QUICK_NOTE if quick else 'full grid' if full else 'default grid'}): "
+              f"{len({k[1] for k in keys if k[0] != 'oracle'})} domain orders, seeds {seed_list[0]}-{seed_list[-1]} "
+              f"(fresh: settings were chosen on seeds 0-14), {len(keys)} runs, {cfg.task_steps} steps per domain, "
+              f"rank {cfg.rank} per adapter/block, ours = energy {cfg.energy}"
+              f"{' of the variation' if cfg.exclude_top else ''}, drift penalty {cfg.drift_penalty} (shrinkage "
+              f"{cfg.shrinkage}), {cfg.calib_batches} calibration and {cfg.warm_start_batches} warm-start batches; "
+              f"{cfg.n_layer} layers d={cfg.d_model}; {machine}; {elapsed:.0f} s with {jobs} worker "
+              f"process{'es' if jobs > 1 else ''}")
+    text = "\n\n".join([header, method_table(results), "Targets (ours):\n" + "\n".join(goal_lines(results)),
+                        "Per order (mean over its seeds):\n\n" + order_table(results),
+                        "Where ours' plasticity goes (per stage; means over layers, orders and seeds):\n\n" +
+                        layer_table(layer_rows)])
     write_csv(results, out / "forgetting.csv")
-    (out / "forgetting.md").write_text(header + "\n\n" + table + "\n")
-    plotted = plot(results, trajectories, seed_list, out / "forgetting.png", quick)
-    print(header)
-    print(table)
-    print(f"wrote {out / 'forgetting.csv'}, {out / 'forgetting.md'}" +
+    write_layers_csv(layer_rows, out / "forgetting_layers.csv")
+    (out / "forgetting.md").write_text(text + "\n")
+    plotted = plot(results, out / "forgetting.png", quick)
+    print(text)
+    print(f"wrote {out / 'forgetting.csv'}, {out / 'forgetting_layers.csv'}, {out / 'forgetting.md'}" +
           (f", {out / 'forgetting.png'}" if plotted else " (matplotlib missing: no plot)"))
     return results

@@ -199,6 +199,15 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             penalty = penalty + shrinkage * mu * (scale * (b @ self.constrained(a))).square().sum()
         return penalty
 
+    def free_fraction(self, moment: torch.Tensor) -> float:
+        """``tr(P C P) / tr(C)`` for a float64 ``[K, K]`` second moment ``C``, ``P = I - U U^T``: the
+        fraction of ``C``'s energy outside the protected basis (1.0 for ``tr(C) = 0``)."""
+        total = float(torch.trace(moment))
+        if total <= 0:
+            return 1.0
+        u = self.basis.to(torch.float64)
+        return max(0.0, 1.0 - float(torch.trace(u.T @ moment @ u)) / total)
+
     def mean_residual_eigenvalue(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``mu = ||F||_F^2 / free_dim``: the mean eigenvalue of the earlier tasks' residual second
         moment over the free subspace (0-dim, computed in ``dtype``; 0 without a residual)."""
@@ -378,6 +387,22 @@ class ContinualLoRA:
             warnings.warn(f"task {name!r}: {len(full)} layer(s) are FULL (no free input dimension; their new block "
                           f"cannot change the output): {full}", stacklevel=2)
         return self.trainable_parameters()
+
+    def free_energy(self, batches: Iterable) -> dict[str, dict[str, float]]:
+        """Where a new task can still learn, per layer: with ``C`` the task's input second moment on
+        ``batches`` and ``P = I - U U^T``, ``free_energy = tr(P C P) / tr(C)`` and ``free_variation``
+        the same for ``C`` less its top eigen-direction (for uncentered inputs ~ the mean). 1 = all
+        free, 0 = the basis holds all of it. Layers that saw no input are left out."""
+        grams, counts = self._input_grams(batches)
+        out = {}
+        for name, layer in self.layers.items():
+            if counts.get(name, 0) == 0:
+                continue
+            c = grams[name].to(layer.basis.device)
+            values, vectors = torch.linalg.eigh(c)
+            variation = c - values[-1] * torch.outer(vectors[:, -1], vectors[:, -1])
+            out[name] = {key: layer.free_fraction(m) for key, m in (("free_energy", c), ("free_variation", variation))}
+        return out
 
     def penalty(self) -> torch.Tensor:
         """``drift_penalty * sum_layers ||s B A_eff F||_F^2``: add it to the task loss. Soft
