@@ -523,7 +523,7 @@ def lora_forward_triton(
         TypeError / ValueError for bad inputs; RuntimeError when Triton cannot run on x's
         device (CPU without ``TRITON_INTERPRET=1``) and the reference cannot stand in (dropout).
     """
-    _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
+    validate_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
     n, r = weight.shape[0], lora_a.shape[0]
     if method not in METHODS + TORCH_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['torch']}")
@@ -545,7 +545,7 @@ def lora_forward_triton(
 
 
 # ====================================================================== helpers
-def _validate(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
+def validate_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
     """Raise TypeError/ValueError with a clear message unless the operands form a valid problem."""
     if not isinstance(x2d, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x2d).__name__}")

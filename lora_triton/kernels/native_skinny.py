@@ -27,7 +27,7 @@ from ..format.nf4 import num_blocks
 from . import native_lib
 from .checks import check_tensor
 from .runtime import multiprocessors, tile_counters
-from .lora_forward import _validate as validate_operands
+from .lora_forward import validate_operands
 
 NATIVE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_M = 16
