@@ -40,3 +40,15 @@ def device(request) -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def poisoned_kernel_outputs(monkeypatch):
+    """Every output buffer a forward launcher allocates starts as NaN (a kernel that skips an
+    element fails the comparison instead of passing on stale memory). Kernel modules are
+    imported here, not at the top: ``pytest_configure`` must set the interpreter first."""
+    from lora_triton.kernels import lora_forward as lf
+    from lora_triton.testing import poison_
+
+    original = lf._new_output
+    monkeypatch.setattr(lf, "_new_output", lambda *args: poison_(original(*args)))

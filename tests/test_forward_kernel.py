@@ -20,7 +20,7 @@ from lora_triton.kernels.nf4_dequant import dequantize_nf4
 from lora_triton.kernels.runtime import kernel_dtype
 from lora_triton.ops import dispatch
 from lora_triton.reference import lora_forward
-from lora_triton.testing import assert_rel_close, poison_, random_lora_problem
+from lora_triton.testing import assert_rel_close, random_lora_problem
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHODS = list(lf.METHODS) + [None]  # None: whatever the dispatcher picks
@@ -36,11 +36,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every output buffer a launcher allocates starts as NaN."""
-    original = lf._new_output
-    monkeypatch.setattr(lf, "_new_output", lambda *args: poison_(original(*args)))
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")  # outputs start as NaN (conftest)
 
 
 def reference(problem: dict, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
