@@ -3,12 +3,13 @@
 #
 # 1. the tests that run kernels on the GPU (the same tests CI runs through the interpreter), one
 #    fixed kernel config (LORA_TRITON_AUTOTUNE=0) so it compiles each kernel variant once;
-# 2. the forward and layer benchmark tables (autotuned), one shared time budget; the forward table
+# 2. the forward, layer and adapters (mixed-adapter batches, issue 16) benchmark tables
+#    (autotuned), one shared time budget; the forward table
 #    has every candidate (skinny included, M = 1, 2, 4, 8, 16 ...), the dequant kernel alone per
 #    code-table variant, and the skinny kernel over a CUDA graph of many layers (> the 60 MB L2);
 #    with GPU_WRITE_DISPATCH=1 (default) it rewrites lora_triton/ops/dispatch_table.json from the
 #    fastest candidates (copied to "$OUT/dispatch_table.json": commit it with the CSVs).
-# Everything lands in "$OUT": pytest.log, bench/{forward,layer}.{csv,png}, bench.log, summary.txt.
+# Everything lands in "$OUT": pytest.log, bench/{forward,layer,adapters}.{csv,png}, bench.log, summary.txt.
 # Budget by default: at most 150 s of tests + 300 s of benchmark (240 s of points, then it stops
 # starting new ones), about 7.5 minutes in the worst case. The GPU image has pytest-xdist and
 # pytest-timeout.
@@ -47,7 +48,8 @@ unset TRITON_INTERPRET
 # a run stopped by its timeout still names every test that failed before the stop.
 # PYTHONSAFEPATH (not -P) so the workers, too, keep the repository root off sys.path.
 DEVICE_TESTS="tests/test_forward_kernel.py tests/test_skinny_kernel.py tests/test_nf4_decode.py tests/test_dx_kernel.py
-  tests/test_ops.py tests/test_module.py tests/test_memory.py tests/test_format_container.py tests/test_bench_quick.py"
+  tests/test_ops.py tests/test_module.py tests/test_memory.py tests/test_format_container.py tests/test_bench_quick.py
+  tests/test_mixed_batch.py"
 LORA_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 "${GPU_TEST_TIMEOUT_S:-150}" \
   python3 -m pytest -p no:cacheprovider --import-mode=importlib ${GPU_TESTS:-$DEVICE_TESTS} --device cuda -v -n 14 \
   --timeout 120 -rfE --durations=15 > "$OUT/pytest.log" 2>&1
@@ -79,7 +81,7 @@ echo "native tests exit code: $native_rc" | tee -a "$OUT/summary.txt"
 budget="${GPU_BENCH_BUDGET_S:-240}"
 dispatch_flag=""
 [ "${GPU_WRITE_DISPATCH:-1}" = "1" ] && dispatch_flag="--write-dispatch"
-PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what "${GPU_BENCH_TABLES:-forward,layer}" \
+PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what "${GPU_BENCH_TABLES:-forward,layer,adapters}" \
   --out "$OUT/bench" --budget-s "$budget" $dispatch_flag > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp lora_triton/ops/dispatch_table.json "$OUT/dispatch_table.json" 2>/dev/null || true

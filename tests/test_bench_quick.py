@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from lora_triton.bench import add_bench_parser
+from lora_triton.bench import adapters as adapters_table
 from lora_triton.bench import cpu as cpu_table
 from lora_triton.bench import forward as forward_table
 from lora_triton.bench import layer as layer_table
@@ -47,14 +48,14 @@ def _read(path) -> tuple[list[str], list[dict]]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, request):
-    """Run all three quick tables once; yield (output folder, stdout, stderr)."""
+    """Run the quick forward, layer, cpu and adapters tables once; yield (output folder, stdout, stderr)."""
     device = request.config.getoption("--device")
     out = tmp_path_factory.mktemp("bench") / "nested"
     env = dict(os.environ)
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     # cwd outside the repository keeps its top-level kernels/ folder off sys.path.
-    done = subprocess.run([sys.executable, "-m", "lora_triton.bench", "--quick", "--what", "forward,layer,cpu",
+    done = subprocess.run([sys.executable, "-m", "lora_triton.bench", "--quick", "--what", "forward,layer,cpu,adapters",
                            "--out", str(out)], cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert ": failed (" not in done.stderr, done.stderr[-3000:]
@@ -162,3 +163,23 @@ def test_cpu_table_point_times_contenders_interleaved():
     for row in rows:
         assert _timing_number(row["ms"]) and float(row["rel_err"]) < 1e-5
         assert _timing_number(row["x_vs_dequant_linear"])
+
+
+def test_adapters_table(quick_run):
+    out, stdout, _ = quick_run
+    fields, rows = _read(out / "adapters.csv")
+    assert fields == adapters_table.FIELDS
+    impls = {"ours_mixed", "ours_single", "ours_subbatches"} | ({"peft_mixed", "peft_single"} if _bnb_and_peft()
+                                                                else set())
+    points = {(r["pass"], r["B"], r["T"], r["distinct"]) for r in rows}
+    assert {p[0] for p in points} == set(adapters_table.PASSES) and {p[3] for p in points} == {"1", "4"}
+    assert len(rows) == len(points) * len(impls) and {row["impl"] for row in rows} == impls
+    for row in rows:
+        _check_meta(row)
+        assert _timing_number(row["ms"]) and _timing_number(row["tokens_per_s"]), row
+        if row["impl"] == "ours_mixed":
+            assert _timing_number(row["x_vs_ours_single"]), row
+            if _bnb_and_peft():  # the same NF4 bytes and adapters as PEFT's mixed batch: the same outputs
+                assert float(row["rel_err_vs_peft"]) < 1e-5 and _timing_number(row["x_vs_peft_mixed"]), row
+    assert f"adapters: wrote {len(rows)} rows" in stdout
+    assert (out / "adapters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

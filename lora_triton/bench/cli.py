@@ -6,11 +6,13 @@
                                               # run through Triton's interpreter
     lora-triton bench --what static           # kernel-efficiency report: sm_90 compiles on CPU
     lora-triton bench --what model            # training steps of a whole Llama: ours vs PEFT (Q)LoRA
+    lora-triton bench --what adapters         # mixed-adapter batches vs the number of adapters in them
     lora-triton bench --what forward --write-dispatch   # GPU: measure, then dispatch from it
     python -m lora_triton.bench ...           # the same, without the lora-triton command
 
 Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``model``
-(``model.py``: whole training steps, on the GPU when there is one, else the CPU), ``static``
+(``model.py``: whole training steps, on the GPU when there is one, else the CPU), ``adapters``
+(``adapters.py``: mixed-adapter batches, GPU when there is one, else CPU), ``static``
 (``static.py``: no device needed, writes ``DIR/static.csv``, exits 1 when a dispatched kernel
 misses its budget). Each of the others writes
 ``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape). ``--budget-s`` is the
@@ -27,13 +29,13 @@ import time
 
 import torch
 
-from . import cpu, forward, layer, model
+from . import adapters, cpu, forward, layer, model
 from ..kernels.runtime import interpreting
 from ..outputs import QUICK_NOTE, default_dir
 from .environment import environment
 from .report import plot_speedups, print_table, write_csv
 
-TABLES = ("forward", "layer", "cpu", "model", "static")
+TABLES = ("forward", "layer", "cpu", "model", "adapters", "static")
 GPU_TABLES = ("forward", "layer")
 DEFAULT_BUDGET_S = 420.0
 
@@ -49,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="time budget of the whole run in seconds; points past it are skipped "
                              "(default: %(default)s)")
     parser.add_argument("--what", default=None, metavar="TABLES",
-                        help="comma-separated tables out of forward,layer,cpu,model,static (default: forward,layer "
-                             "on a CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency report (sm_90 "
-                             "compiles); model times whole training steps of a Llama")
+                        help="comma-separated tables out of forward,layer,cpu,model,adapters,static (default: "
+                             "forward,layer on a CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency "
+                             "report (sm_90 compiles); model times whole training steps of a Llama; adapters times "
+                             "mixed-adapter batches (1 to 64 distinct adapters) against PEFT's")
     parser.add_argument("--write-dispatch", action="store_true",
                         help="after the forward table, write its fastest candidates per (GPU, M bucket, N, K, r) "
                              "into the package's dispatch table (lora_triton/ops/dispatch_table.json)")
@@ -111,8 +114,8 @@ def run_bench(args: argparse.Namespace) -> int:
         tables = [t for t in tables if t != "static"]
     for i, table in enumerate(tables):
         budget = max(0.0, args.budget_s - (time.monotonic() - start)) / (len(tables) - i)
-        if table == "model":
-            ok = _run_model_table(args, budget) and ok
+        if table in ("model", "adapters"):
+            ok = _run_device_table(args, budget, table) and ok
             continue
         device = torch.device("cpu") if table == "cpu" else _kernel_device(args.quick)
         if device is None:
@@ -145,19 +148,21 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _run_model_table(args: argparse.Namespace, budget_s: float) -> bool:
-    """The model table on the GPU when there is one, else on the CPU (our layers' torch path, never
-    the interpreter); True when it wrote rows."""
+def _run_device_table(args: argparse.Namespace, budget_s: float, table: str) -> bool:
+    """A table that runs on the GPU when there is one, else on the CPU (our layers' torch path,
+    never the interpreter): ``model`` or ``adapters``. Writes ``DIR/<table>.csv`` and ``.png``;
+    True when it wrote rows."""
+    module = {"model": model, "adapters": adapters}[table]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = environment(device, args.quick)
-    rows = model.run(device, meta, args.quick, budget_s)
-    csv_path = os.path.join(args.out, "model.csv")
-    write_csv(csv_path, rows, model.FIELDS)
-    model.print_summary(rows)
+    rows = module.run(device, meta, args.quick, budget_s)
+    csv_path = os.path.join(args.out, f"{table}.csv")
+    write_csv(csv_path, rows, module.FIELDS)
+    module.print_summary(rows)
     smoke = f"\n{QUICK_NOTE}" if args.quick else ""
-    png = model.plot(rows, os.path.join(args.out, "model.png"),
-                     f"lora-triton model: training steps ({meta['device']}){smoke}")
-    print(f"model: wrote {len(rows)} rows to {csv_path}" + (f" and {png}" if png else ""))
+    png = module.plot(rows, os.path.join(args.out, f"{table}.png"), f"lora-triton {table}: {module.PLOT_TITLE} "
+                      f"({meta['device']}){smoke}")
+    print(f"{table}: wrote {len(rows)} rows to {csv_path}" + (f" and {png}" if png else ""))
     return bool(rows)
 
 

@@ -69,6 +69,7 @@ FIELDS = META_FIELDS + ["model", "params_m", "dtype", "batch", "seq", "r", "impl
                         "tokens_per_s", "step_ms", "steps", "x_vs_peft_lora", "x_vs_bnb_peft", "peak_alloc_mib",
                         "peak_reserved_mib", "peak_what", "mem_vs_bnb_peft", "loss", "share_ours_pct",
                         "share_matmul_pct", "share_other_pct", "profile_top", "note"]
+PLOT_TITLE = "training steps"
 
 _OURS_CPU = ("_EagerLoRANF4", "lora_triton::")
 _OURS_KERNELS = re.compile(r"_(fused_forward|lora_s|decode_partial|decode_epilogue|lora_dx|dequant|skinny|"

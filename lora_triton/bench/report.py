@@ -48,7 +48,7 @@ def print_table(rows: list[dict], point_fields: list[str], column_field: str, va
               + " ".join(f"{values.get(c, '-'):>{width}}" for c in columns))
 
 
-def plot_speedups(points: list[Speedup], path: str, title: str) -> str | None:
+def plot_speedups(points: list[Speedup], path: str, title: str, xlabel: str = "M (tokens)") -> str | None:
     """Plot speed-up vs M (log x), one titled panel per shape, one line per comparison (the same
     colour for the same comparison in every panel); a dashed line marks 1x, one legend sits
     outside the panels. Returns the PNG's path, or None when matplotlib is missing or there is
@@ -79,7 +79,7 @@ def plot_speedups(points: list[Speedup], path: str, title: str) -> str | None:
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_title(panel, fontsize=10)
-        ax.set_xlabel("M (tokens)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("speed-up (baseline ms / ours ms)")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)

@@ -13,6 +13,8 @@ from ..modules.lora_linear4bit import check_adapter_hyperparameters
 from ..modules.nf4_linear import check_standard_bnb_layout
 from .peft_config import (check_peft_only_fields, default_target_modules, fields_from_peft_config, is_peft_config,
                           pattern_value, record_task_type)
+from .adapters import lora_layers, set_adapter
+from .mixed_batch import enable_adapter_names, set_trainable_adapters
 from .report import InjectionReport, memory_bytes, parameter_counts
 from .targets import TargetSpec, find_targets
 
@@ -87,7 +89,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-linear", r: int = 8,
                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
-                exclude_modules: TargetSpec | None = None, adapter_name: str = "default",
+                exclude_modules: TargetSpec | None = None, adapter_name: str | list[str] = "default",
                 init_lora_weights: str | bool = True, blocksize: int = 64, double_quant: bool = True,
                 include_lm_head: bool = False, backend: str | None = None, *, bias: str = "none",
                 task_type: str | None = None, modules_to_save: list[str] | None = None,
@@ -104,7 +106,10 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
     ``B [out, r]``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha per layer). Targets that
     already are ``LoRALinear4bit`` get the new adapter ``adapter_name`` added and made active.
     The output head is skipped unless ``include_lm_head``. All other parameters (embeddings,
-    norms, head, inactive adapters) get ``requires_grad=False``. ``bias`` must be ``"none"`` and
+    norms, head, inactive adapters) get ``requires_grad=False``. ``adapter_name`` may be a list:
+    each gets its own adapter of these settings, all of them trainable (for training them in one
+    pass on mixed batches, ``model(..., adapter_names=[...])``), the first one active.
+    Afterwards the model takes PEFT's ``adapter_names`` (``mixed_batch.enable_adapter_names``). ``bias`` must be ``"none"`` and
     ``modules_to_save`` None (not supported); ``task_type`` is recorded for ``save_adapter``.
 
     Atomic: every check (hyper-parameters, targets, adapter-name clashes, quantization of every
@@ -113,6 +118,12 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
     Returns an ``InjectionReport`` (``print`` it): converted layer names, trainable count and
     percentage, bytes of parameters + buffers before and after.
     """
+    if not isinstance(adapter_name, str):
+        return _inject_several(model, list(adapter_name), target_modules=target_modules, r=r, lora_alpha=lora_alpha,
+                               lora_dropout=lora_dropout, use_rslora=use_rslora, exclude_modules=exclude_modules,
+                               init_lora_weights=init_lora_weights, blocksize=blocksize, double_quant=double_quant,
+                               include_lm_head=include_lm_head, backend=backend, bias=bias, task_type=task_type,
+                               modules_to_save=modules_to_save, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     fields = dict(target_modules=target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                   use_rslora=use_rslora, exclude_modules=exclude_modules, init_lora_weights=init_lora_weights,
                   bias=bias, task_type=task_type, modules_to_save=modules_to_save, rank_pattern=rank_pattern,
@@ -151,8 +162,27 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
             module.set_adapter(module.active_adapter)  # re-enable grads of the active adapters only
     if fields["task_type"] is not None:
         record_task_type(model, adapter_name, fields["task_type"])
+    enable_adapter_names(model)
     trainable, total = parameter_counts(model)
     return InjectionReport(tuple(names), trainable, total, before, memory_bytes(model))
+
+
+def _inject_several(model: nn.Module, adapter_names: list[str], **fields) -> InjectionReport:
+    """``inject_lora`` with a list of adapter names: one adapter each, all trainable, the first active."""
+    if not adapter_names or any(not isinstance(name, str) for name in adapter_names):
+        raise ValueError(f"adapter_name must be a str or a non-empty list of str, got {adapter_names!r}")
+    if len(set(adapter_names)) != len(adapter_names):
+        raise ValueError(f"adapter_name lists a name twice: {adapter_names!r}")
+    for layer_name, layer in lora_layers(model).items():  # fail before changing anything
+        for name in adapter_names:
+            check_can_add_adapter(layer, layer_name, name)
+    first = inject_lora(model, adapter_name=adapter_names[0], **fields)
+    for name in adapter_names[1:]:
+        inject_lora(model, adapter_name=name, **fields)
+    set_adapter(model, adapter_names[0])
+    set_trainable_adapters(model, adapter_names)
+    trainable, total = parameter_counts(model)
+    return InjectionReport(first.converted, trainable, total, first.memory_before, memory_bytes(model))
 
 
 def check_can_add_adapter(layer: LoRALinear4bit, name: str, adapter_name: str) -> None:

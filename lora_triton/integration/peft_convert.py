@@ -12,6 +12,7 @@ from torch import nn
 from ..modules import LoRALinear4bit
 from ..modules.nf4_linear import check_standard_bnb_layout
 from .inject import is_bnb_linear4bit, replace_module
+from .mixed_batch import enable_adapter_names
 
 
 def _dropout_p(dropout: nn.Module) -> float:
@@ -85,4 +86,5 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
         replace_module(inner, name, converted)
         if converted.active_adapter is not None:
             converted.set_adapter(converted.active_adapter)
+    enable_adapter_names(inner)
     return inner

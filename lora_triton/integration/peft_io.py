@@ -20,6 +20,7 @@ from torch import nn
 
 from ..modules import LoRALinear4bit
 from .adapters import lora_layers
+from .mixed_batch import enable_adapter_names
 from ..format.nf4 import check_blocksize
 from .inject import AdapterSpec, check_can_add_adapter, check_convertible, replace_module, to_lora_layer
 from .peft_config import model_name_or_path, model_task_type, pattern_value
@@ -104,6 +105,23 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     save_file(adapter_state_dict(model, adapter_name), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def save_adapters(model: nn.Module, directory: str | Path, adapter_names: list[str] | None = None,
+                  base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict[str, Path]:
+    """Write several adapters (default: every adapter of the model) in PEFT's layout of
+    ``PeftModel.save_pretrained``: ``"default"`` in ``directory`` itself, every other one in
+    ``directory/<name>``; each folder loads with ``PeftModel.from_pretrained`` or ``load_adapter``.
+    All configs are built (and checked) before anything is written. Returns ``{name: folder}``."""
+    if adapter_names is None:
+        adapter_names = list(dict.fromkeys(name for layer in lora_layers(model).values() for name in layer.lora_A))
+    if not adapter_names:
+        raise ValueError("the model has no adapters to save")
+    for name in adapter_names:
+        adapter_config(model, name, base_model_name_or_path, task_type)  # raises before any file is written
+    directory = Path(directory)
+    return {name: save_adapter(model, directory if name == "default" else directory / name, name,
+                               base_model_name_or_path, task_type) for name in adapter_names}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -212,6 +230,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     for layer in lora_layers(model).values():
         if layer.active_adapter is not None and layer.merged_adapter is None:
             layer.set_adapter(layer.active_adapter)
+    enable_adapter_names(model)
     return sorted(pairs)
 
 

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..format import NF4Weight
-from ..ops import lora_nf4_linear
+from ..ops import lora_nf4_linear, nf4_linear, resolve_backend
+from ..ops.multi_lora import multi_lora_add
+from .adapter_bank import AdapterBank, MixedBatch, per_token_ids
 from .nf4_linear import NF4Linear
 
 def _is_real(value) -> bool:
@@ -52,7 +54,9 @@ class LoRALinear4bit(nn.Module):
 
     Build it with ``from_linear`` (quantizes an ``nn.Linear``), ``from_bnb`` (shares a
     bitsandbytes ``Linear4bit``'s bytes) or from an ``NF4Linear``. Several named adapters may
-    exist; exactly one is active and only it trains. ``backend`` (``"auto"``, ``"triton"``,
+    exist; one is active (it trains, unless ``set_trainable_adapters`` names several).
+    ``layer(x, adapter_names=[...])`` runs a mixed batch: each row of ``x [B, ..., in]`` with the
+    adapter named for it (``"__base__"``: none), PEFT's interface (``adapter_bank.py``). ``backend`` (``"auto"``, ``"triton"``,
     ``"torch"``, alias ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels:
     Triton on CUDA, plain torch on CPU unless forced.
     """
@@ -77,6 +81,8 @@ class LoRALinear4bit(nn.Module):
         self.merged_adapter: str | None = None  # set while an adapter is merged into the NF4 base
         self._unmerged_nf4: NF4Weight | None = None
         self.backend = backend
+        self._bank = AdapterBank()
+        self.router = None  # set by integration.enable_adapter_names: the model's mixed-batch routing
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
@@ -139,9 +145,19 @@ class LoRALinear4bit(nn.Module):
         if name not in self.lora_A:
             raise KeyError(f"no adapter named {name!r}; have {list(self.lora_A)}")
         self.active_adapter = name
+        self.set_trainable_adapters([name])
+
+    def set_trainable_adapters(self, names) -> None:
+        """Let exactly the adapters ``names`` (those this layer has) require grad, for training
+        several at once on a mixed batch (``adapter_names``); the active adapter is unchanged.
+        Raises ``ValueError`` for a name no adapter of this layer has, before changing anything."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = sorted(set(names) - set(self.lora_A))
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; have {list(self.lora_A)}")
         for other in self.lora_A:
             for module in (self.lora_A[other], self.lora_B[other]):
-                module.weight.requires_grad_(other == name)
+                module.weight.requires_grad_(other in names)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; if it was active, no adapter is active afterwards."""
@@ -213,13 +229,66 @@ class LoRALinear4bit(nn.Module):
             raise RuntimeError(f"cannot {action} while adapter {self.merged_adapter!r} is merged; unmerge() first")
 
     # ---------------------------------------------------------------- compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_names=None) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` with the active adapter; with ``adapter_names`` (a list of
+        adapter names, ``"__base__"`` for none, one per row of ``x``'s first dim; or an int64
+        tensor of indices into ``list(self.lora_A)``, -1 for none) each row uses its own adapter.
+        A model set up by ``integration.enable_adapter_names`` passes the names down itself."""
+        mixed = self._mixed_batch(x, adapter_names)
+        if mixed is not None:
+            return self._mixed_forward(x, mixed)
         name = self.active_adapter
         if self.disabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
+        return self._single_forward(x, name)
+
+    def _single_forward(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        """Every row with adapter ``name`` (None: the base product alone, through the same op)."""
+        if name is None:
+            return nf4_linear(x, self.base_layer.nf4, self.base_layer.bias, self.backend)
         return lora_nf4_linear(x, self.base_layer.nf4, self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], self.base_layer.bias, self.lora_dropout[name],
                                self.training, self.backend)
+
+    def _mixed_batch(self, x: torch.Tensor, adapter_names) -> MixedBatch | None:
+        """The mixed batch of this call: the one given, the model's (``router``), or None."""
+        if adapter_names is None:
+            mixed = None if self.router is None else self.router.current
+        else:
+            mixed = MixedBatch.from_names(adapter_names, tuple(self.lora_A), x.device, "this layer")
+        if mixed is None:
+            return None
+        if self.merged_adapter is not None:
+            raise ValueError(f"cannot pass adapter_names while adapter {self.merged_adapter!r} is merged into the NF4 "
+                             "base; unmerge() first")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("adapter_names needs x with a batch dimension [B, ..., in_features], got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        return mixed.for_batch(x.shape[0])
+
+    def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+        """Base product once for the whole batch, then each row's LoRA term from its adapter."""
+        if self.disabled:
+            return self.base_layer(x)
+        if mixed.uniform is not None:  # one adapter (or none) for every row: the single-adapter path
+            return self._single_forward(x, mixed.uniform if mixed.uniform in self.lora_A else None)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x2d = x.reshape(-1, self.in_features)
+        base = nf4_linear(x2d, self.base_layer.nf4, self.base_layer.bias, self.backend)
+        ids = per_token_ids(mixed.ids, x2d.shape[0])
+        bank = self._bank.stacked(self, mixed.slots, ids, x.dtype)
+        if bank is None:  # none of the batch's adapters lives in this layer
+            return base.reshape(*x.shape[:-1], self.out_features)
+        x_lora = x2d
+        if self.training and any(bank.dropout):
+            p_rows = torch.tensor((0.0, *bank.dropout), device=x.device, dtype=torch.float32)[bank.ids + 1]
+            keep = torch.rand(x2d.shape, device=x.device) >= p_rows[:, None]
+            x_lora = x2d * (keep / (1.0 - p_rows[:, None])).to(x2d.dtype)
+        backend = "torch" if x.dtype == torch.float64 else resolve_backend(x.device, self.backend)
+        # bank.ids come from the bank's lookup table: in range by construction, no need to read them
+        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_ids=False)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         name = self.active_adapter

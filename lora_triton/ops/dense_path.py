@@ -17,9 +17,12 @@ from ..reference import LoRAGrads
 
 def dense_forward(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Tensor | None,
                   mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(y [M, N], S [M, r])``: ``S = drop(x) A^T``, ``y = x W^T + scale S B^T + bias``, all in x's dtype."""
-    s = (x if mask is None else x * mask) @ a.t()
+    """``(y [M, N], S [M, r])``: ``S = drop(x) A^T``, ``y = x W^T + scale S B^T + bias``, all in x's dtype.
+    ``scale == 0`` (``ops.nf4_linear``: the base alone) skips the LoRA products (S is zeros)."""
     y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    if scale == 0:
+        return y, x.new_zeros(x.shape[0], a.shape[0])
+    s = (x if mask is None else x * mask) @ a.t()
     return y.addmm_(s, b.t(), alpha=scale), s
 
 
@@ -28,16 +31,17 @@ def dense_backward(dy: Tensor, x: Tensor, w: Tensor | None, a: Tensor, b: Tensor
     """``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``, each only where ``needs`` asks (``w`` may
     be None unless dx is needed)."""
     need_dx, need_da, need_db, need_dbias = needs
-    g = dy @ b if (need_dx or need_da) else None  # [M, r]
+    lora = scale != 0  # scale 0 (``ops.nf4_linear``): the LoRA term and its gradients are zero
+    g = dy @ b if (need_dx or need_da) and lora else None  # [M, r]
     dx = da = db = dbias = None
     if need_dx:
         dx = torch.mm(dy, w)
-        if mask is None:
+        if lora and mask is None:
             dx.addmm_(g, a, alpha=scale)
-        else:
+        elif lora:
             dx.addcmul_(g @ a, mask, value=scale)
     if need_da:
-        da = torch.mm(g.t(), x if mask is None else x * mask).mul_(scale)
+        da = torch.mm(g.t(), x if mask is None else x * mask).mul_(scale) if lora else torch.zeros_like(a)
     if need_db:
         db = torch.mm(dy.t(), saved_s).mul_(scale)
     if need_dbias:

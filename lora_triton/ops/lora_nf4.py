@@ -264,6 +264,21 @@ def lora_nf4_linear(
     return y.reshape(*x.shape[:-1], n)
 
 
+def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """The base product alone, ``x @ dequant(W)^T + bias`` (``[..., K] -> [..., N]``, x's dtype),
+    through the same op and dispatch as ``lora_nf4_linear``: ``W`` is decoded inside the kernel
+    or transiently and never saved for backward (``dx`` decodes it again), unlike
+    ``F.linear(x, W.dequantize())``, which keeps a dense ``[N, K]`` copy alive until backward.
+    The op runs with a rank-1 zero adapter and scale 0, which adds exact zeros."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    n, k = weight.shape
+    like = x if isinstance(x, Tensor) else torch.empty(0)
+    zero_a = like.new_zeros(1, k, dtype=torch.float32)
+    zero_b = like.new_zeros(n, 1, dtype=torch.float32)
+    return lora_nf4_linear(x, weight, zero_a, zero_b, 0.0, bias, backend=backend)
+
+
 def _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     """Raise a clear TypeError/ValueError unless the arguments of ``lora_nf4_linear`` fit together."""
     if not isinstance(weight, NF4Weight):

@@ -1,0 +1,149 @@
+"""Mixed batches: which adapter each row uses, and a layer's adapters stacked into one bank.
+
+PEFT's interface (``peft.tuners.lora``): ``adapter_names`` is a list with one adapter name per
+row of the batch (the first dim of the layer's input), ``"__base__"`` for a row that runs the
+base model only. Here it becomes a ``MixedBatch``: ``slots`` (the adapter names the ids index)
+and ``ids`` int64 ``[B]`` (``-1``: base). Ids are tensor data, so a new mix of adapters is no
+new compile under ``torch.compile``.
+
+``AdapterBank.stacked`` builds the operands of ``ops.multi_lora_add`` from a layer's per-adapter
+``lora_A`` / ``lora_B`` (PEFT's layout stays the storage): ``a [n, R, K]``, ``b [n, N, R]``
+(ranks zero-padded to the largest, cast to the activation dtype), ``scales`` float32 ``[n]``,
+per-adapter dropout, and the rows' ids remapped onto the bank (``-1`` for rows whose adapter this
+layer lacks: PEFT's rule, they get the base output). Without gradients the bank is cached until
+an adapter's weights, scale, dtype or device change (serving: no copy per call). With gradients
+it is stacked afresh (differentiable), from the adapters the batch uses only, so an adapter
+absent from the batch gets no gradient (``None``) and its optimizer leaves it alone: training
+several adapters in one pass equals training each on its own rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+#: The adapter name PEFT uses for "no adapter" in ``adapter_names``.
+BASE_ADAPTER = "__base__"
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """``ids [B]`` int64 indices into ``slots`` (-1: base); ``expandable``: the batch a layer sees
+    may be ``B * k`` rows, each row repeated ``k`` times in a row (``generate`` with beams or
+    several return sequences repeats the batch so); ``uniform``: the one name of every row when
+    the names say so (known without reading ``ids``: such a batch takes the single-adapter path)."""
+
+    slots: tuple[str, ...]
+    ids: Tensor
+    expandable: bool = False
+    uniform: str | None = None
+
+    @classmethod
+    def from_names(cls, adapter_names, slots: tuple[str, ...], device: torch.device, where: str,
+                   expandable: bool = False) -> "MixedBatch":
+        """From a list of names (``"__base__"`` allowed) or an int tensor of slot indices.
+
+        Raises ``TypeError`` for another type, ``ValueError`` naming the adapters ``where`` (a
+        layer or a model) lacks, or ids outside ``[-1, len(slots))``."""
+        if isinstance(adapter_names, Tensor):
+            if adapter_names.dim() != 1 or adapter_names.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter_names as a tensor must be 1-D int32/int64 adapter indices (-1: base), got "
+                                f"{adapter_names.dtype} of shape {list(adapter_names.shape)}")
+            ids = adapter_names.to(device=device, dtype=torch.int64)
+            if ids.numel() and not torch.compiler.is_compiling():
+                low, high = int(ids.min()), int(ids.max())
+                if low < -1 or high >= len(slots):
+                    raise ValueError(f"adapter indices must be in [-1, {len(slots)}) for the adapters {list(slots)} "
+                                     f"of {where}, got values in [{low}, {high}]")
+            return cls(slots, ids, expandable)
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of adapter names (one per row, {BASE_ADAPTER!r} for none), "
+                            f"got {type(adapter_names).__name__}")
+        bad = [name for name in adapter_names if not isinstance(name, str)]
+        if bad:
+            raise TypeError(f"adapter_names must hold str names, got {bad[:3]!r}")
+        unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER} - set(slots))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} ({where} has "
+                             f"{list(slots)}; {BASE_ADAPTER!r} means no adapter)")
+        index = {name: i for i, name in enumerate(slots)}
+        ids = [index.get(name, -1) for name in adapter_names]
+        uniform = adapter_names[0] if adapter_names and all(n == adapter_names[0] for n in adapter_names) else None
+        return cls(slots, torch.tensor(ids, dtype=torch.int64, device=device), expandable, uniform)
+
+    def for_batch(self, batch: int) -> "MixedBatch":
+        """This batch for an input of ``batch`` rows; ``ValueError`` (PEFT's message) if the
+        lengths do not match (and the batch is not a repeat of it, when ``expandable``)."""
+        n = self.ids.shape[0]
+        if n == batch:
+            return self
+        if self.expandable and n and batch % n == 0:
+            return MixedBatch(self.slots, self.ids.repeat_interleave(batch // n), self.expandable, self.uniform)
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got {n} and "
+                         f"{batch} respectively.")
+
+
+def per_token_ids(ids: Tensor, rows: int) -> Tensor:
+    """``[B]`` row ids -> ``[rows]`` ids of the flattened ``[B * T, ...]`` input (``rows = B * T``)."""
+    batch = ids.shape[0]
+    return ids if rows == batch else ids[:, None].expand(batch, rows // batch).reshape(rows)
+
+
+@dataclass(frozen=True)
+class StackedBank:
+    """Operands of ``multi_lora_add`` (module docstring); ``ids`` int64 ``[M]`` onto the bank."""
+
+    a: Tensor
+    b: Tensor
+    scales: Tensor
+    ids: Tensor
+    dropout: tuple[float, ...]
+
+
+class AdapterBank:
+    """A layer's adapters stacked for mixed batches (module docstring); holds one cached bank."""
+
+    def __init__(self):
+        self._key = None
+        self._cached: tuple | None = None
+
+    def stacked(self, layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype) -> StackedBank | None:
+        """The bank of ``layer``'s adapters among ``slots`` for the rows ``ids`` (indices into
+        ``slots``) in ``dtype``; None when no row uses an adapter this layer has."""
+        modules_a, modules_b = layer.lora_A._modules, layer.lora_B._modules  # plain dicts: cheap per call
+        names = [name for name in slots if name in modules_a]
+        params = [m._parameters["weight"] for name in names for m in (modules_a[name], modules_b[name])]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        compiling = torch.compiler.is_compiling()
+        if grad and not compiling:
+            used = set(ids.unique().tolist())
+            names = [name for name in names if slots.index(name) in used]
+        if not names:
+            return None
+        key = None
+        if not grad and not compiling:  # what a cached bank depends on: which tensors, their bytes and scales
+            key = (slots, dtype, names, [p.data_ptr() for p in params], [p._version for p in params],
+                   [layer.scaling[name] for name in names])
+        if key is None or key != self._key:
+            stacked = self._stack(layer, slots, names, dtype, ids.device)
+            if key is not None:
+                self._key, self._cached = key, stacked
+        else:
+            stacked = self._cached
+        a, b, scales, table = stacked
+        return StackedBank(a, b, scales, table[ids + 1], tuple(layer.lora_dropout[name] for name in names))
+
+    def _stack(self, layer, slots, names, dtype, device):
+        """``(a [n, R, K], b [n, N, R], scales [n], table [len(slots) + 1])``; ``table[i + 1]`` is
+        slot ``i``'s bank index (-1 where the layer lacks it), ``table[0] = -1`` for base rows."""
+        weights = [(layer.lora_A[name].weight, layer.lora_B[name].weight) for name in names]
+        rank = max(a.shape[0] for a, _ in weights)
+        a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
+        b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
+        scales = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
+        position = {name: j for j, name in enumerate(names)}
+        table = torch.tensor([-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=device)
+        return a, b, scales, table

@@ -1,0 +1,361 @@
+"""Mixed-adapter batches (PEFT's ``adapter_names``) and several adapters trained in one pass.
+
+Every row of a mixed batch must equal that row run alone with its adapter (to dtype rounding),
+``"__base__"`` rows must equal the base output of the same batch bit for bit, and gradients of a
+mixed batch must equal training each adapter on its own rows. Checked on the layer (both
+backends: plain torch, and Triton through the interpreter), on a tiny ``transformers`` Llama
+(forward, greedy and beam-search ``generate``, gradient checkpointing, ``torch.compile``), against
+PEFT's own mixed-batch forward on a bitsandbytes base, and for bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from lora_triton import LoRALinear4bit, disable_adapters, inject_lora, merge_into_nf4, set_adapter
+from lora_triton.integration import (adapter_ids, adapter_slots, load_adapter, lora_layers, save_adapters,
+                                     set_trainable_adapters)
+from lora_triton.ops import nf4_linear
+from lora_triton.testing import REL_TOL, relative_error, tiny_llama
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BASE = "__base__"
+
+
+def _layer(ranks=(4, 1, 16), k=40, n=24, seed=0, dtype=torch.float32, backend="torch") -> LoRALinear4bit:
+    """A layer with adapters ``a0, a1, ...`` of ``ranks`` (different alpha, rsLoRA on odd ones),
+    random non-zero B, in ``dtype``."""
+    torch.manual_seed(seed)
+    layer = LoRALinear4bit.from_linear(torch.nn.Linear(k, n), r=ranks[0], lora_alpha=3.0, init_lora_weights=False,
+                                       adapter_name="a0", backend=backend)
+    for i, r in enumerate(ranks[1:], start=1):
+        layer.add_adapter(f"a{i}", r=r, lora_alpha=2.0 + i, use_rslora=bool(i % 2), init_lora_weights=False)
+    return layer.to(dtype)
+
+
+def _row_alone(layer: LoRALinear4bit, row: torch.Tensor, name: str) -> torch.Tensor:
+    if name == BASE:
+        with layer.disable_adapter():
+            return layer(row)
+    active = layer.active_adapter
+    layer.set_adapter(name)
+    try:
+        return layer(row)
+    finally:
+        layer.set_adapter(active)
+
+
+def _check_rows(layer, x, names, dtype):
+    with torch.no_grad():
+        y = layer(x, adapter_names=names)
+        base = nf4_linear(x, layer.base_layer.nf4, layer.base_layer.bias, layer.backend)
+        assert relative_error(base, layer.base_layer(x)) <= REL_TOL[dtype]
+        for i, name in enumerate(names):
+            if name == BASE:
+                assert torch.equal(y[i], base[i]), "a __base__ row must be the base output of the batch, bit for bit"
+            else:
+                ref = _row_alone(layer, x[i:i + 1], name)[0]
+                assert relative_error(y[i], ref) <= 2 * REL_TOL[dtype], (name, relative_error(y[i], ref))
+
+
+COMPOSITIONS = {
+    "one row per adapter": ["a0", "a1", "a2"],
+    "all rows one adapter": ["a1"] * 4,
+    "unsorted with base": ["a2", BASE, "a0", "a2", "a1", BASE, "a0"],
+    "an adapter absent": ["a2", "a0", "a2"],
+    "all base": [BASE, BASE],
+    "single row": ["a1"],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("composition", list(COMPOSITIONS))
+def test_each_row_equals_running_it_alone_torch_backend(composition, dtype):
+    layer = _layer(dtype=dtype)
+    names = COMPOSITIONS[composition]
+    x = torch.randn(len(names), 3, layer.in_features, dtype=dtype)
+    _check_rows(layer, x, names, dtype)
+
+
+def test_sixty_four_resident_adapters():
+    layer = _layer(ranks=tuple(1 + (7 * i) % 64 for i in range(64)), k=64, n=32)
+    gen = torch.Generator().manual_seed(11)
+    names = [f"a{i}" for i in torch.randint(0, 64, (40,), generator=gen).tolist()] + [BASE, "a63", "a0"]
+    _check_rows(layer, torch.randn(len(names), 2, layer.in_features), names, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_row_equals_running_it_alone_triton(dtype, device):
+    """The Triton path (the interpreter on CPU, the GPU with ``--device cuda``)."""
+    layer = _layer(ranks=(64, 1, 7, 33), k=192, n=130, dtype=dtype, backend="triton").to(device)  # ragged N, K
+    names = ["a3", BASE, "a0", "a2", "a1", "a0"]
+    x = torch.randn(len(names), 2, layer.in_features, dtype=dtype, device=device)
+    _check_rows(layer, x, names, dtype)
+
+
+def test_two_dim_input_and_empty_batch():
+    layer = _layer()
+    x = torch.randn(5, layer.in_features)
+    names = ["a1", BASE, "a0", "a2", "a1"]
+    _check_rows(layer, x[:, None, :], names, torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(layer(x, adapter_names=names), layer(x[:, None], adapter_names=names)[:, 0])
+        assert layer(torch.randn(0, 4, layer.in_features), adapter_names=[]).shape == (0, 4, layer.out_features)
+
+
+def test_tensor_ids_equal_names():
+    layer = _layer()
+    x = torch.randn(4, 2, layer.in_features)
+    names = ["a2", BASE, "a0", "a2"]
+    ids = torch.tensor([list(layer.lora_A).index(n) if n != BASE else -1 for n in names])
+    with torch.no_grad():
+        assert torch.equal(layer(x, adapter_names=names), layer(x, adapter_names=ids))
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("trainable", [("a0", "a1", "a2"), ("a1",), ()])
+def test_mixed_gradients_equal_one_by_one(x_grad, trainable):
+    """Every requires_grad combination: the loss is the sum over adapters of each one's own rows'
+    loss, so the gradients must be those of running each sub-batch with its adapter alone."""
+    layer = _layer()
+    layer.set_trainable_adapters(list(trainable))
+    names = ["a2", "a0", BASE, "a2", "a0"]  # a1 absent from the batch
+    x = torch.randn(len(names), 3, layer.in_features, requires_grad=x_grad)
+    target = torch.randn(len(names), 3, layer.out_features)
+    y = layer(x, adapter_names=names)
+    assert y.requires_grad == (x_grad or any(name in names for name in trainable))
+    if not y.requires_grad:
+        return
+    ((y - target) ** 2).sum().backward()
+    mixed = {n: (layer.lora_A[n].weight.grad, layer.lora_B[n].weight.grad) for n in layer.lora_A}
+    dx_mixed = x.grad
+    layer.zero_grad(set_to_none=True)
+    x_ref = x.detach().clone().requires_grad_(x_grad)
+    for name in set(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        if name == BASE:
+            with layer.disable_adapter():
+                out = layer(x_ref[rows])
+        else:
+            layer.set_adapter(name)
+            layer.set_trainable_adapters(list(trainable))
+            out = layer(x_ref[rows])
+        if out.requires_grad:
+            ((out - target[rows]) ** 2).sum().backward()
+    for name in layer.lora_A:
+        for got, want in zip(mixed[name], (layer.lora_A[name].weight.grad, layer.lora_B[name].weight.grad)):
+            if name not in trainable or name not in names:
+                assert got is None, f"adapter {name} must get no gradient"
+            else:
+                assert relative_error(got, want) < 1e-5, name
+    if x_grad:
+        assert relative_error(dx_mixed, x_ref.grad) < 1e-5
+
+
+def test_dropout_per_adapter_in_training():
+    layer = _layer()
+    layer.lora_dropout["a2"] = 0.5
+    layer.train()
+    names = ["a2", "a0", "a2", BASE]
+    x = torch.randn(len(names), 8, layer.in_features)
+    with torch.no_grad():
+        y_train = layer(x, adapter_names=names)
+        layer.eval()
+        y_eval = layer(x, adapter_names=names)
+    assert torch.equal(y_train[1], y_eval[1]) and torch.equal(y_train[3], y_eval[3])  # no dropout on a0 / base
+    assert not torch.allclose(y_train[0], y_eval[0]) and torch.isfinite(y_train).all()
+
+
+def test_layer_bad_input():
+    layer = _layer()
+    x = torch.randn(3, 2, layer.in_features)
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, "
+                                         "but got 2 and 3"):
+        layer(x, adapter_names=["a0", "a1"])
+    with pytest.raises(ValueError, match="non-existing adapter.*nope"):
+        layer(x, adapter_names=["a0", "nope", BASE])
+    with pytest.raises(TypeError, match="list of adapter names"):
+        layer(x, adapter_names="a0")
+    with pytest.raises(TypeError, match="hold str names"):
+        layer(x, adapter_names=["a0", 1, BASE])
+    with pytest.raises(ValueError, match=r"adapter indices must be in \[-1, 3\)"):
+        layer(x, adapter_names=torch.tensor([0, 3, -1]))
+    with pytest.raises(TypeError, match="1-D int32/int64"):
+        layer(x, adapter_names=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="batch dimension"):
+        layer(torch.randn(layer.in_features), adapter_names=["a0"])
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        layer.set_trainable_adapters(["a0", "zz"])
+
+
+# ----------------------------------------------------------------------------- whole models
+IDS = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(5))
+NAMES = ["b", BASE, "a", "b"]
+
+
+def _model():
+    model = tiny_llama(seed=1)
+    inject_lora(model, r=4, init_lora_weights=False, adapter_name="a")
+    inject_lora(model, target_modules=["q_proj", "v_proj", "down_proj"], r=8, lora_alpha=4, use_rslora=True,
+                init_lora_weights=False, adapter_name="b")
+    return model.eval()
+
+
+def _alone(model, ids, name, fn):
+    """``fn(ids)`` with adapter ``name`` alone: active where a layer has it, base elsewhere (PEFT's rule)."""
+    if name == BASE:
+        with disable_adapters(model):
+            return fn(ids)
+    set_adapter(model, name)
+    with contextlib.ExitStack() as stack:
+        for layer in lora_layers(model).values():
+            if name not in layer.lora_A:
+                stack.enter_context(layer.disable_adapter())
+        return fn(ids)
+
+
+def test_model_forward_rows_equal_alone():
+    model = _model()
+    with torch.no_grad():
+        logits = model(input_ids=IDS, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            ref = _alone(model, IDS[i:i + 1], name, lambda ids: model(input_ids=ids).logits)
+            assert relative_error(logits[i], ref[0]) < 1e-5, name
+        # a call without adapter_names runs the active adapter again for every row
+        set_adapter(model, "a")
+        assert torch.equal(model(input_ids=IDS).logits, model(input_ids=IDS).logits)
+        assert relative_error(model(input_ids=IDS).logits[0], logits[2]) > 1e-3
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_adapter_names(beams):
+    model = _model()
+    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=beams, num_return_sequences=beams,
+                  attention_mask=torch.ones_like(IDS), pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(IDS, adapter_names=NAMES, **kwargs)
+        assert out.shape == (len(NAMES) * beams, IDS.shape[1] + 4)
+        for i, name in enumerate(NAMES):
+            one = dict(kwargs, attention_mask=kwargs["attention_mask"][i:i + 1])
+            ref = _alone(model, IDS[i:i + 1], name, lambda ids: model.generate(ids, **one))
+            assert torch.equal(out[i * beams:(i + 1) * beams], ref), name
+
+
+def test_model_bad_input_leaves_model_unchanged():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model(input_ids=IDS, adapter_names=["a", "typo", BASE, "b"])
+    with pytest.raises(ValueError, match="but got 3 and 4 respectively"):
+        model(input_ids=IDS, adapter_names=["a", "b", BASE])
+    with pytest.raises(ValueError, match="but got 3 and 4 respectively"):
+        model.generate(IDS, adapter_names=["a", "b", BASE], max_new_tokens=2)
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model.generate(IDS, adapter_names=["a", "typo", BASE, "b"], max_new_tokens=2)
+    set_adapter(model, "a")
+    merge_into_nf4(model)
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+        model(input_ids=IDS, adapter_names=NAMES)
+    from lora_triton import unmerge
+    unmerge(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert adapter_slots(model) == ("a", "b")
+    with pytest.raises(ValueError, match="no layer of the model has adapter"):
+        set_trainable_adapters(model, ["a", "c"])
+
+
+def test_compile_fullgraph_no_recompile_when_the_mix_changes():
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True)
+    mixes = (NAMES, ["a", "a", BASE, "a"], [BASE, "b", "b", "a"])
+    with torch.no_grad():
+        for i, names in enumerate(mixes):
+            got = compiled(input_ids=IDS, adapter_names=adapter_ids(model, names)).logits
+            want = model(input_ids=IDS, adapter_names=names).logits
+            assert relative_error(got, want) < 1e-5
+            if i == 0:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new adapter mix recompiled"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_several_adapters_trained_in_one_pass_equal_one_by_one(checkpointing, tmp_path):
+    """inject_lora with a list of names makes them all trainable; one AdamW step on a mixed batch
+    (loss: each adapter's own rows' mean) equals a step per adapter on its rows; an adapter absent
+    from the batch is not touched; each one saves in PEFT's format and reloads exactly."""
+    def build():
+        model = tiny_llama(seed=2)
+        torch.manual_seed(7)  # the adapters' initialisation
+        inject_lora(model, r=4, init_lora_weights=False, adapter_name=["x", "y", "z"])
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    names = ["y", "x", "y", BASE]
+    mixed, alone = build(), build()
+    assert {n.split(".")[-2] for n, p in mixed.named_parameters() if p.requires_grad} == {"x", "y", "z"}
+
+    def loss_of(model, rows, **kw):
+        return model(input_ids=IDS[rows], labels=IDS[rows], **kw).loss
+
+    groups = {n: [i for i, m in enumerate(names) if m == n] for n in ("x", "y")}
+    opt = torch.optim.AdamW([p for p in mixed.parameters() if p.requires_grad], lr=1e-2)
+    logits = mixed(input_ids=IDS, adapter_names=names).logits
+    loss = sum(torch.nn.functional.cross_entropy(logits[rows, :-1].flatten(0, 1), IDS[rows, 1:].flatten())
+               for rows in groups.values())
+    loss.backward()
+    opt.step()
+    for name, rows in groups.items():
+        set_adapter(alone, name)
+        opt_alone = torch.optim.AdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-2)
+        loss_of(alone, rows).backward()
+        opt_alone.step()
+    ours, theirs = mixed.state_dict(), alone.state_dict()
+    for key in ours:
+        assert relative_error(ours[key].float(), theirs[key].float()) < 1e-5, key
+    z_key = next(k for k in ours if ".z." in k)
+    assert torch.equal(ours[z_key], build().state_dict()[z_key]), "an absent adapter must not move"
+    folders = save_adapters(mixed, tmp_path)
+    assert folders == {name: tmp_path / name for name in ("x", "y", "z")}  # PEFT's save_pretrained layout
+    for name in ("x", "y"):
+        fresh = tiny_llama(seed=2)
+        load_adapter(fresh, folders[name], adapter_name=name)
+        with torch.no_grad():
+            set_adapter(mixed, name)
+            assert relative_error(fresh.eval()(input_ids=IDS).logits, mixed.eval()(input_ids=IDS).logits) < 1e-6
+        mixed.train()
+
+
+def test_deepcopy_keeps_mixed_batches():
+    model = _model()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=IDS, adapter_names=NAMES).logits,
+                           model(input_ids=IDS, adapter_names=NAMES).logits)
+
+
+def test_matches_peft_mixed_batch_on_a_bitsandbytes_base():
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from lora_triton.integration import from_peft, quantize_with_bnb
+    from lora_triton.testing import LLAMA_PROJECTIONS
+
+    model = tiny_llama(seed=3)
+    quantize_with_bnb(model, LLAMA_PROJECTIONS)
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                        init_lora_weights=False))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj"],
+                                                init_lora_weights=False))
+    theirs.eval()
+    names = ["other", BASE, "default", "other"]
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, adapter_names=names).logits
+        ours = from_peft(theirs).eval()
+        got = ours(input_ids=IDS, adapter_names=names).logits
+    assert relative_error(got, expected) < 1e-5
