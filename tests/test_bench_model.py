@@ -48,7 +48,7 @@ def _number(value: str) -> float:
 def test_model_table_schema(quick_model_run):
     out, stdout, fields, rows = quick_model_run
     assert fields == model_table.FIELDS
-    impls = {"ours", "peft_lora"} | ({"bnb_peft"} if _bnb_and_peft() else set())
+    impls = {"ours", "ours_chunked", "peft_lora"} | ({"bnb_peft"} if _bnb_and_peft() else set())
     assert {row["impl"] for row in rows} == impls
     settings = {(row["compile"], row["checkpointing"]) for row in rows}
     assert settings == {("0", "0"), ("0", "1")}  # --quick: eager only, checkpointing off and on
@@ -62,12 +62,15 @@ def test_model_table_schema(quick_model_run):
         assert math.isfinite(float(row["loss"])), row
         shares = [_number(row[f"share_{kind}_pct"]) for kind in ("ours", "matmul", "other")]
         assert abs(sum(shares) - 100) < 0.5, row
-        assert (shares[0] > 0) == (row["impl"] == "ours"), row  # only ours runs our ops
+        assert (shares[0] > 0) == row["impl"].startswith("ours"), row  # only ours runs our ops
         assert row["profile_top"].count("%") == 3, row
         assert _number(row["x_vs_peft_lora"]) > 0, row
         assert (row["x_vs_bnb_peft"] != "") == ("bnb_peft" in impls), row
         assert row["note"], row
     assert all(row["x_vs_peft_lora"] == "1.000" for row in rows if row["impl"] == "peft_lora")
+    for ckpt in ("0", "1"):  # the chunked loss is the model's loss: same weights, data and steps, same loss
+        loss = {row["impl"]: float(row["loss"]) for row in rows if row["checkpointing"] == ckpt}
+        assert abs(loss["ours_chunked"] - loss["ours"]) < 1e-4 * abs(loss["ours"]), loss
     assert f"model: wrote {len(rows)} rows" in stdout
     assert (out / "model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from lora_triton import inject_lora, load_adapter, save_adapter  # noqa: E402
 from lora_triton.integration.peft_io import adapter_state_dict  # noqa: E402
 from lora_triton.testing import LLAMA_PROJECTIONS, tiny_llama  # noqa: E402
+from lora_triton.training import causal_lm_loss  # noqa: E402
 
 STEPS = 6
 
@@ -41,14 +42,23 @@ class Batches(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def _train(tmp_path, **arguments):
+class ChunkedLossTrainer(transformers.Trainer):
+    """The README's recipe: the Trainer's loss from ``causal_lm_loss`` (no full logits)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), chunk_tokens=32,
+                              num_items_in_batch=num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
+
+def _train(tmp_path, trainer_cls=transformers.Trainer, **arguments):
     model = tiny_llama()
     inject_lora(model, LLAMA_PROJECTIONS, r=8, lora_alpha=16)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=2e-2,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=STEPS, report_to="none",
         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, **arguments)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Batches(model.config.vocab_size),
+    trainer = trainer_cls(model=model, args=args, train_dataset=Batches(model.config.vocab_size),
                                    callbacks=[SaveAdapterCallback()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -100,3 +110,13 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
 def test_trainer_with_torch_compile(tmp_path):
     model, losses, checkpoint = _train(tmp_path, torch_compile=True)
     _check_trained(model, losses, checkpoint)
+
+
+def test_trainer_with_the_chunked_loss_follows_the_same_losses(tmp_path):
+    """The same model, data and seed trained with causal_lm_loss: the same loss at every step."""
+    torch.manual_seed(1234)
+    _, plain, _ = _train(tmp_path / "plain")
+    torch.manual_seed(1234)
+    model, chunked, checkpoint = _train(tmp_path / "chunked", trainer_cls=ChunkedLossTrainer)
+    assert torch.allclose(torch.tensor(chunked), torch.tensor(plain), rtol=1e-4), (chunked, plain)
+    _check_trained(model, chunked, checkpoint)

@@ -8,6 +8,9 @@ Contenders (rank ``r`` adapters, ``alpha = 2 r``, on the seven projections of ev
                then ``peft.get_peft_model``: the usual QLoRA stack
 ``peft_lora``  ``peft.get_peft_model`` on the unquantized base: 16-bit LoRA (on a GPU a bf16
                base; on CPU the whole table runs in fp32, see ``PLANS``)
+``ours_chunked`` ours with the loss from ``training.causal_lm_loss`` (output head and cross-entropy
+               in 4 chunks of the batch's tokens, ``plan["chunk_tokens"]``: no ``[B, T, vocab]``
+               float32 logits)
 
 Each contender runs with gradient checkpointing off and on, in eager mode and (not ``--quick``)
 under ``torch.compile``. A training step is forward with labels (the model's own loss), backward
@@ -32,6 +35,7 @@ nothing is "reserved" there. Targets (issue 17, GPU): ours >= 1.0x peft_lora's t
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections import defaultdict
@@ -41,7 +45,7 @@ import torch
 from .environment import META_FIELDS, import_bitsandbytes
 from .timing import cpu_ms_interleaved, within_budget
 
-IMPLS = ("ours", "bnb_peft", "peft_lora")
+IMPLS = ("ours", "bnb_peft", "peft_lora", "ours_chunked")
 BASELINES = ("peft_lora", "bnb_peft")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: The issue's ~1B Llama (1.1B parameters, like TinyLlama's shapes).
@@ -53,17 +57,18 @@ LLAMA_CPU = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, n
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128)
 #: Per device kind and quick: model config, batch, sequence, dtype, rank, warm-up and timed steps,
-#: whether to run torch.compile. CPU runs fp32: bf16 matmuls on CPUs without AMX are slower than
-#: fp32, so a bf16 base would measure the CPU's bf16 emulation, not the layers.
+#: whether to run torch.compile, tokens per chunk of ``ours_chunked``'s loss (a quarter of the
+#: batch). CPU runs fp32: bf16 matmuls on CPUs without AMX are slower than fp32, so a bf16 base
+#: would measure the CPU's bf16 emulation, not the layers.
 PLANS = {
     ("cuda", False): dict(config=LLAMA_1B, batch=2, seq=2048, dtype=torch.bfloat16, r=16, warmup=3, steps=8,
-                          compile=True),
+                          compile=True, chunk_tokens=1024),
     ("cpu", False): dict(config=LLAMA_CPU, batch=2, seq=256, dtype=torch.float32, r=16, warmup=2, steps=5,
-                         compile=True),
+                         compile=True, chunk_tokens=128),
     ("cuda", True): dict(config=LLAMA_TINY, batch=2, seq=32, dtype=torch.bfloat16, r=8, warmup=1, steps=2,
-                         compile=False),
+                         compile=False, chunk_tokens=16),
     ("cpu", True): dict(config=LLAMA_TINY, batch=2, seq=32, dtype=torch.float32, r=8, warmup=1, steps=2,
-                        compile=False),
+                        compile=False, chunk_tokens=16),
 }
 FIELDS = META_FIELDS + ["model", "params_m", "dtype", "batch", "seq", "r", "impl", "compile", "checkpointing",
                         "tokens_per_s", "step_ms", "steps", "x_vs_peft_lora", "x_vs_bnb_peft", "peak_alloc_mib",
@@ -99,11 +104,14 @@ def build_model(impl: str, plan: dict, device: torch.device, checkpointing: bool
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     r = plan["r"]
-    if impl == "ours":
+    if impl in ("ours", "ours_chunked"):
         from ..integration import inject_lora
 
-        inject_lora(model, PROJECTIONS, r=r, lora_alpha=2 * r)
-        note = "inject_lora (LoRALinear4bit, fp32 adapters)"
+        with torch.random.fork_rng(devices=[]):  # the same adapter initialisation for both of ours
+            torch.manual_seed(1)
+            inject_lora(model, PROJECTIONS, r=r, lora_alpha=2 * r)
+        note = "inject_lora (LoRALinear4bit, fp32 adapters)" + (
+            f", causal_lm_loss in chunks of {plan['chunk_tokens']} tokens" if impl == "ours_chunked" else "")
     else:
         import peft
 
@@ -131,11 +139,17 @@ class Trainee:
         gen = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, plan["config"]["vocab_size"], (plan["batch"], plan["seq"]),
                                  generator=gen).to(device)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        if impl == "ours_chunked":
+            from ..training import causal_lm_loss
+
+            loss_fn = functools.partial(causal_lm_loss, self.model, chunk_tokens=plan["chunk_tokens"])
+        else:
+            loss_fn = lambda input_ids: self.model(input_ids=input_ids, labels=input_ids).loss  # noqa: E731
+        self.loss = torch.compile(loss_fn) if compiled else loss_fn
 
     def step(self) -> float:
         """One training step; returns the loss (synchronizes the device)."""
-        loss = self.forward(input_ids=self.ids, labels=self.ids).loss
+        loss = self.loss(self.ids)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,7 +270,7 @@ def _available(impl: str) -> str | None:
     """Why ``impl`` cannot run here, or None."""
     import importlib.util
 
-    if impl != "ours" and importlib.util.find_spec("peft") is None:
+    if not impl.startswith("ours") and importlib.util.find_spec("peft") is None:
         return "peft not installed"
     if impl == "bnb_peft" and import_bitsandbytes() is None:
         return "bitsandbytes not importable"
