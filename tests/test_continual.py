@@ -378,6 +378,20 @@ def test_warm_start_keeps_the_output_and_points_a_at_free_directions():
     want = free_directions(first.basis, xs.T @ xs / xs.shape[0], first.residual, floor, 3)
     cos = (a / a.norm(dim=1, keepdim=True)) @ want.T
     assert torch.allclose(cos.diag().abs(), torch.ones(3, dtype=torch.float64), atol=1e-5)
+    # the same from grams computed once (they serve free_energy too); not both at once
+    cl.end_task([])
+    grams = cl.input_grams([x_new[:2], x_new[2:]])
+    assert cl.free_energy(grams=grams) == cl.free_energy([x_new[:2], x_new[2:]])
+    with pytest.raises(ValueError, match="one of the two"):
+        cl.free_energy()
+    torch.manual_seed(9)
+    cl.begin_task("again", warm_grams=grams)
+    again = first.lora_A["again"].weight.detach().double()
+    assert torch.allclose((again / again.norm(dim=1, keepdim=True)).abs(), (a / a.norm(dim=1, keepdim=True)).abs(),
+                          atol=1e-5)
+    cl.end_task([])
+    with pytest.raises(ValueError, match="not both"):
+        cl.begin_task("both", warm_start=[x_new], warm_grams=grams)
 
 
 def test_warm_start_needs_an_open_task():
@@ -422,3 +436,177 @@ def test_free_energy_measures_the_new_inputs_outside_the_basis():
     assert got["free_energy"] == pytest.approx(float(torch.trace(p @ c @ p) / torch.trace(c)), rel=1e-6)
     assert got["free_variation"] == pytest.approx(float(torch.trace(p @ rest @ p) / torch.trace(rest)), rel=1e-6)
     assert 0.05 < got["free_energy"] < 0.95  # a real mix, so the comparison above can fail
+
+
+# ------------------------------------------------------------------ a kept adapter as the first block
+def test_a_kept_adapter_is_protected_under_its_task_name():
+    """A task trained as a plain adapter, converted with ``keep_adapters`` and then calibrated with
+    ``end_task(..., task=name)``, gets its stats and the exact guarantee like a block trained here."""
+    model = small_model()
+    gen = torch.Generator().manual_seed(5)
+    x0, y0 = torch.randn(2, 5, K, generator=gen), torch.randn(2, 5, OUT, generator=gen)
+    train_task(model, [p for p in model.parameters() if p.requires_grad], x0, y0)
+    cl = ContinualLoRA(model, energy=1.0, r=4, lora_alpha=8, keep_adapters=True)
+    with torch.no_grad():
+        before = cl.model(x0)
+    with pytest.raises(KeyError, match="no block named"):
+        cl.end_task([x0], task="missing")
+    cl.end_task([x0], task="default")
+    assert all("default" in layer.task_stats for layer in cl.layers.values())
+    params = cl.begin_task("next")
+    with pytest.raises(RuntimeError, match="is open"):
+        cl.end_task([x0], task="default")
+    train_task(model, params, torch.randn(2, 5, K, generator=gen), torch.randn(2, 5, OUT, generator=gen))
+    with torch.no_grad():
+        assert float((cl.model(x0) - before).abs().max() / before.abs().max()) < 1e-5
+    assert all(layer.drift_bound("default") >= 0 for layer in cl.layers.values())
+
+
+# ------------------------------------------------------------------ gradient weighting
+def test_gradient_moments_are_the_per_row_sums():
+    """``collect_gradient_moments`` gives, per layer, sum x x^T, sum ||g||^2 x x^T and sum g g^T with
+    ``g`` = M * (gradient of the mean loss at the layer's output rows), M rows: each row's own loss
+    gradient when the loss is a mean over rows."""
+    from lora_triton.training.continual import collect_gradient_moments
+
+    model = small_model()
+    x, y = torch.randn(7, K), torch.randn(7, OUT)
+    with torch.enable_grad(), collect_gradient_moments({"0": model[0], "2": model[2]}) as moments:
+        ((model(x) - y) ** 2).mean().backward()
+    # the same by hand
+    h0 = model[0](x.clone().requires_grad_())
+    x2 = model[1](h0)
+    h2 = model[2](x2)
+    g0, g2 = torch.autograd.grad(((model[4](model[3](h2)) - y) ** 2).mean(), [h0, h2])
+    for name, xin, g in (("0", x, g0), ("2", x2, g2)):
+        xin, g = xin.detach().double(), 7 * g.double()
+        m = moments[name]
+        assert m["rows"] == 7
+        assert torch.allclose(m["gram"], xin.T @ xin, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(m["weighted_gram"], (xin * g.square().sum(1, keepdim=True)).T @ xin, rtol=1e-5,
+                              atol=1e-12)
+        assert torch.allclose(m["output_moment"], g.T @ g, rtol=1e-5, atol=1e-12)
+        assert float(m["output_moment"].abs().max()) > 0
+
+
+def regression_tasks(n_tasks: int = 3):
+    """Batches ``(x, y)`` of ``n_tasks`` random regression tasks for ``small_model``."""
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 5, K, generator=gen), torch.randn(2, 5, OUT, generator=gen)) for _ in range(n_tasks)]
+
+
+def mse(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+@pytest.mark.parametrize("weighting", ["basis", "both"])
+def test_gradient_weighted_basis_keeps_the_guarantee(weighting):
+    """Basis chosen on gradient-weighted inputs: at energy 1 the earlier outputs are exact (every
+    row has a non-zero gradient, so the weighted inputs span the same space); below 1 the stats
+    measure the plain inputs and the per-layer bound ||dY|| <= sqrt(e) sum s ||B A_eff|| holds."""
+    tasks = regression_tasks()
+    for energy in (1.0, 0.8):
+        model = small_model()
+        cl = ContinualLoRA(model, energy=energy, r=4, lora_alpha=8, gradient_weighting=weighting, loss=mse,
+                           forward=lambda m, batch: m(batch[0]), drift_penalty=1.0 if weighting == "both" else 0.0)
+        after, inputs = [], []
+        for t, (x, y) in enumerate(tasks):
+            params = cl.begin_task(f"task{t}")
+            train_task(model, params, x, y)
+            for p in params:
+                p.grad = None
+            with torch.no_grad():
+                inputs.append(model[0](x).detach())  # layer 1's output on this task
+                cl.end_task([(x[:1], y[:1]), (x[1:], y[1:])])
+                after.append((model(x), model[2](model[1](inputs[-1]))))
+            assert all(p.grad is None for p in params)  # the calibration backward accumulates no gradient
+        with torch.no_grad():
+            for t in range(len(tasks) - 1):
+                err = float((model(tasks[t][0]) - after[t][0]).abs().max() / after[t][0].abs().max())
+                if energy == 1.0:
+                    assert err < 1e-5, f"task {t}: outputs moved by {err:.2e}"
+                else:
+                    assert err > 1e-3  # the cut is real below energy 1
+                    x_mid = model[1](inputs[t])  # layer 2 on its own task-t inputs as collected
+                    drift = float((model[2](x_mid) - after[t][1]).norm())
+                    stats = cl.layers["2"].task_stats[f"task{t}"]
+                    assert stats.total_energy == pytest.approx(float(x_mid.double().square().sum()), rel=1e-5)
+                    assert drift <= cl.layers["2"].drift_bound(f"task{t}") * (1 + 1e-5) + 1e-6
+
+
+@pytest.mark.parametrize("output_shrinkage", [0.0, 0.25])
+def test_output_weighted_penalty_is_the_kfac_fisher_form(output_shrinkage):
+    """With ``gradient_weighting="penalty"``: ``penalty / drift_penalty`` = tr(G~ dW (F F^T + rho mu P)
+    dW^T), dW = s B A_eff of the open block, G~ the mean over earlier tasks of each task's output-
+    gradient second moment scaled to mean eigenvalue 1 and shrunk to the identity by
+    ``output_shrinkage``; a model whose loss ignores some outputs puts only that floor on them."""
+    torch.manual_seed(4)
+    layer = ContinualLoRALinear4bit.from_lora_layer(LoRALinear4bit.from_linear(nn.Linear(K, OUT)))
+    used = OUT // 2  # the loss reads only the first half of the outputs
+
+    def loss(model, batch):
+        return ((model(batch[0])[..., :used] - batch[1][..., :used]) ** 2).mean()
+
+    cl = ContinualLoRA(layer, energy=0.9, r=4, lora_alpha=8, drift_penalty=2.0, residual_rank=K, shrinkage=0.3,
+                       gradient_weighting="penalty", loss=loss, forward=lambda m, batch: m(batch[0]),
+                       output_shrinkage=output_shrinkage)
+    olds = [(torch.randn(64, K) @ torch.diag(torch.logspace(0, -1.5, K)) + 0.5, torch.randn(64, OUT)),
+            (torch.randn(40, K) - 0.2, torch.randn(40, OUT))]
+    metrics = []
+    for t, (x, y) in enumerate(olds):
+        cl.begin_task(f"t{t}")
+        train_task(layer, cl.trainable_parameters(), x, y)
+        # each row's loss gradient at the output, by hand: d/dy of ||y - target||^2 / used on `used`
+        with torch.no_grad():
+            g = torch.zeros(x.shape[0], OUT, dtype=torch.float64)
+            g[:, :used] = 2 * (layer(x).double()[:, :used] - y.double()[:, :used]) / used
+        gg = g.T @ g
+        metrics.append((1 - output_shrinkage) * gg * OUT / torch.trace(gg) +
+                       output_shrinkage * torch.eye(OUT, dtype=torch.float64))
+        cl.end_task([(x[:20], y[:20]), (x[20:], y[20:])])
+    g_mean = sum(metrics) / len(metrics)
+    ignored = g_mean[used:, used:]
+    assert torch.allclose(ignored, output_shrinkage * torch.eye(OUT - used, dtype=torch.float64), atol=1e-12)
+    cl.begin_task("new")
+    train_task(layer, cl.trainable_parameters(), torch.randn(64, K), torch.randn(64, OUT), steps=30)
+    with torch.no_grad():
+        delta = layer.scaling["new"] * layer.lora_B["new"].weight.double() @ layer.constrained(
+            layer.lora_A["new"].weight.double())
+        f = layer.residual.double()
+        p_free = torch.eye(K, dtype=torch.float64) - layer.basis.double() @ layer.basis.double().T
+        mu = float(f.square().sum()) / layer.free_dim
+        metric_in = f @ f.T + 0.3 * mu * p_free
+        expected = float(torch.trace(g_mean @ delta @ metric_in @ delta.T))
+        got = float(cl.penalty()) / 2.0
+    assert expected > 1e-6
+    assert got == pytest.approx(expected, rel=1e-4)
+    # the unweighted penalty of the same block prices the ignored outputs too
+    unweighted = float(torch.trace(delta @ metric_in @ delta.T))
+    assert unweighted > 0 and abs(unweighted - expected) > 1e-3 * unweighted
+
+
+def test_gradient_weighting_settings_are_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="gradient_weighting must be"):
+        ContinualLoRA(small_model(), gradient_weighting="fisher")
+    with pytest.raises(ValueError, match="needs loss"):
+        ContinualLoRA(small_model(), gradient_weighting="basis")
+    with pytest.raises(ValueError, match="output_shrinkage"):
+        ContinualLoRA(small_model(), gradient_weighting="penalty", loss=mse, output_shrinkage=1.5)
+    tasks = regression_tasks(2)
+    cl = ContinualLoRA(small_model(), energy=0.9, r=2, drift_penalty=1.0, residual_rank=6,
+                       gradient_weighting="both", loss=mse, forward=lambda m, batch: m(batch[0]),
+                       output_shrinkage=0.4)
+    cl.begin_task("a")
+    cl.end_task([tasks[0]])
+    cl.begin_task("b")
+    assert all(layer.output_factor.shape == (layer.out_features, layer.out_features) for layer in cl.layers.values())
+    path = tmp_path / "cl.safetensors"
+    cl.save(str(path))
+    fresh = ContinualLoRA(small_model(), energy=0.5)
+    fresh.load(str(path))
+    assert fresh.gradient_weighting == "both" and fresh.output_shrinkage == 0.4
+    for name, layer in cl.layers.items():
+        assert torch.equal(fresh.layers[name].output_factor, layer.output_factor)
+    assert float(fresh.penalty()) == pytest.approx(float(cl.penalty()))
+    with pytest.raises(ValueError, match="needs loss"):
+        fresh.end_task([tasks[1]])  # the loss is code, not state: give it again after loading

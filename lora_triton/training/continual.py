@@ -51,7 +51,7 @@ from torch import nn
 
 from ..modules import LoRALinear4bit, NF4Linear
 from ..ops import lora_nf4_linear
-from .subspace import SubspaceStats, extend_basis, free_directions, residual_factor
+from .subspace import SubspaceStats, extend_basis, free_directions, output_factor, residual_factor
 
 _PLACEHOLDER = "_continual_placeholder"
 _BLOCK_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
@@ -63,8 +63,10 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
     Adapters live in ``lora_A`` / ``lora_B`` (keys = task names, PEFT shapes). Extra state:
     buffer ``basis`` float32 ``[K, d]`` (the protected subspace), buffer ``residual`` float32
     ``[K, m]`` (the ended tasks' input second moment outside the basis, for ``drift_penalty``;
-    ``m = 0`` unless the penalty is on), ``open_task`` (the block being trained, or None) and
-    ``task_stats`` (``SubspaceStats`` per ended task).
+    ``m = 0`` unless the penalty is on), buffer ``output_factor`` float32 ``[N, N]`` (``H``,
+    ``H H^T`` = the ended tasks' normalised output-gradient second moment, weighting the penalty's
+    output directions; ``[N, 0]`` = unweighted), ``open_task`` (the block being trained, or None)
+    and ``task_stats`` (``SubspaceStats`` per ended task).
     """
 
     def __init__(self, base_layer: NF4Linear, backend: str | None = None):
@@ -72,6 +74,7 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         self.delete_adapter(_PLACEHOLDER)
         self.register_buffer("basis", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
         self.register_buffer("residual", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
+        self.register_buffer("output_factor", torch.zeros(self.out_features, 0, device=base_layer.nf4.device))
         self.open_task: str | None = None
         self.task_stats: dict[str, SubspaceStats] = {}
 
@@ -127,12 +130,25 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         return rows.shape[0]
 
     def end_task(self, gram: torch.Tensor | None, energy: float, rel_threshold: float = 0.0,
-                 exclude_top: bool = False, tokens: int = 0, residual_rank: int = 0) -> SubspaceStats | None:
+                 exclude_top: bool = False, tokens: int = 0, residual_rank: int = 0,
+                 task: str | None = None, select_gram: torch.Tensor | None = None,
+                 output_moment: torch.Tensor | None = None, output_shrinkage: float = 0.0) -> SubspaceStats | None:
         """Bake and freeze the open block, then grow ``basis`` from ``gram`` (float64 ``[K, K]``,
         the task's ``X^T X`` over ``tokens`` inputs at this layer; None = no calibration data).
         With ``residual_rank > 0`` also refresh ``residual`` (``subspace.residual_factor``), the
         earlier tasks' input second moment left outside the basis, used by ``drift_penalty``.
+        The stats are recorded under the open task, or under ``task`` when no task is open (a
+        block kept from a plain adapter, ``keep_adapters``, whose task was trained elsewhere).
+        ``select_gram`` (float64 ``[K, K]``): choose the new directions on it instead of ``gram``
+        (gradient-weighted inputs); the stats still measure ``gram``, so the drift bound keeps its
+        meaning. ``output_moment`` (float64 ``[N, N]``, the task's summed output-gradient outer
+        products): fold it into ``output_factor`` (``subspace.output_factor``, shrunk towards the
+        identity by ``output_shrinkage``).
         Returns the stats."""
+        if task is not None and task not in self.lora_A:
+            raise KeyError(f"no block named {task!r}; have {list(self.lora_A)}")
+        if task is not None and self.open_task not in (None, task):
+            raise RuntimeError(f"task {self.open_task!r} is open; its data cannot be recorded as {task!r}")
         name = self.open_task
         if name is not None:
             with torch.no_grad():
@@ -142,13 +158,18 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
             self.open_task = None
         if gram is None:
             return None
-        self.basis, stats = extend_basis(self.basis, gram.to(self.basis.device), energy, rel_threshold,
-                                         exclude_top)
+        gram = gram.to(self.basis.device)
+        select = gram if select_gram is None else select_gram.to(self.basis.device)
+        tasks_before = len(self.task_stats)
+        self.basis, stats = extend_basis(self.basis, select, energy, rel_threshold, exclude_top, measure=gram)
+        if output_moment is not None:
+            self.output_factor = output_factor(output_moment.to(self.basis.device), self.output_factor,
+                                               tasks_before, output_shrinkage).to(self.basis.device)
         if residual_rank > 0 and tokens > 0:
-            self.residual = residual_factor(self.basis, gram.to(self.basis.device) / tokens, self.residual,
+            self.residual = residual_factor(self.basis, gram / tokens, self.residual,
                                             residual_rank).to(self.basis.device)
-        if name is not None:
-            self.task_stats[name] = stats
+        if (name or task) is not None:
+            self.task_stats[name or task] = stats
         return stats
 
     # ---------------------------------------------------------------- compute
@@ -179,7 +200,8 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
 
     def drift_penalty(self, shrinkage: float = 0.0) -> torch.Tensor:
         """``||s B A_eff F||_F^2 + shrinkage * mu * ||s B A_eff||_F^2`` for the open block (0
-        without one).
+        without one); with an ``output_factor`` ``H``, ``||H^T s B A_eff F||_F^2 + shrinkage * mu *
+        ||H^T s B A_eff||_F^2`` (output directions weighted by the earlier tasks' loss gradients).
 
         The first term is the mean squared change of this layer's output, per earlier-task
         calibration token, that the open block causes through the directions the basis left
@@ -192,6 +214,8 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         if name is None or self.residual.shape[1] == 0:
             return self.basis.new_zeros(())
         a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if self.output_factor.shape[1] > 0:
+            b = self.output_factor.to(b.dtype).T @ b
         f = self.residual.to(a.dtype)
         penalty = (scale * (b @ (a @ f))).square().sum()
         if shrinkage > 0:
@@ -256,7 +280,7 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
         meta_key = prefix + "_extra_state"
         if meta_key in state_dict:
             self._ensure_blocks(_decode_meta(state_dict[meta_key])["blocks"])
-        for buffer in ("basis", "residual"):
+        for buffer in ("basis", "residual", "output_factor"):
             if prefix + buffer in state_dict:
                 setattr(self, buffer, torch.zeros_like(state_dict[prefix + buffer], device=self.basis.device,
                                                        dtype=torch.float32))
@@ -305,6 +329,53 @@ def collect_input_grams(layers: dict[str, nn.Module], counts: dict[str, int] | N
             handle.remove()
 
 
+@contextlib.contextmanager
+def collect_gradient_moments(layers: dict[str, nn.Module], weighted_gram: bool = True, output_moment: bool = True):
+    """Within the block, every forward and backward of ``layers[name]`` adds, for its input rows
+    ``x_t`` (``[M, K]``) and the gradients ``g_t`` of the loss with respect to its output rows
+    (``[M, N]``, scaled by ``M``: per-row loss gradients when the loss is the mean over the
+    rows), to ``moments[name]``: ``"gram"`` ``sum x x^T``, ``"weighted_gram"`` ``sum ||g_t||^2
+    x_t x_t^T``, ``"output_moment"`` ``sum g g^T`` (all float64; the last two only when asked
+    for) and ``"rows"``. Inputs that do not require grad are made to, so every layer's output gets
+    a gradient. Yields ``moments``."""
+    moments: dict[str, dict] = {}
+
+    def hooks_for(name):
+        def pre_hook(module, args):
+            if not args[0].requires_grad:
+                return (args[0].detach().requires_grad_(),) + tuple(args[1:])
+            return None
+
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+
+            def on_grad(grad):
+                g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64) * x.shape[0]
+                entry = moments.setdefault(name, {"gram": 0, "rows": 0})
+                entry["gram"] = entry["gram"] + x.T @ x
+                if weighted_gram:
+                    entry["weighted_gram"] = entry.get("weighted_gram", 0) + (x * g.square().sum(1, keepdim=True)).T @ x
+                if output_moment:
+                    entry["output_moment"] = entry.get("output_moment", 0) + g.T @ g
+                entry["rows"] += x.shape[0]
+
+            output.register_hook(on_grad)
+        return pre_hook, hook
+
+    handles = []
+    for name, layer in layers.items():
+        pre_hook, hook = hooks_for(name)
+        handles += [layer.register_forward_pre_hook(pre_hook), layer.register_forward_hook(hook)]
+    try:
+        yield moments
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+GRADIENT_WEIGHTING = ("none", "penalty", "basis", "both")
+
+
 class ContinualLoRA:
     """Sequential-task training over the ``LoRALinear4bit`` layers of ``model``.
 
@@ -333,13 +404,32 @@ class ContinualLoRA:
     loss - is ``drift_penalty`` times the summed mean squared output change the open blocks
     cause on those inputs (``shrinkage`` blends in an isotropic floor on the free subspace, see
     ``ContinualLoRALinear4bit.drift_penalty``). The exact guarantee still comes from the basis.
+
+    Gradient weighting (off by default; needs ``loss(model, batch)`` -> the batch's mean loss):
+    ``end_task`` then runs forward AND backward on each calibration batch and also collects, per
+    layer, the loss gradients at the layer's output (``collect_gradient_moments``).
+    ``gradient_weighting="penalty"`` weights the penalty's output directions by the ended tasks'
+    output-gradient second moment (normalised; the penalty becomes a K-FAC Fisher form of the
+    earlier tasks' loss), ``"basis"`` chooses the basis on the gradient-weighted input Gram
+    ``sum ||g_t||^2 x_t x_t^T`` (directions whose output the earlier loss notices), ``"both"``
+    does both. The stats, and so the drift bound, still measure the plain inputs.
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.99, r: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, use_rslora: bool = False, keep_adapters: bool = False,
                  forward: Callable[[nn.Module, object], object] | None = None, rel_threshold: float = 0.0,
                  exclude_top: bool = False, drift_penalty: float = 0.0, residual_rank: int = 512,
-                 shrinkage: float = 0.35):
+                 shrinkage: float = 0.35, gradient_weighting: str = "none",
+                 loss: Callable[[nn.Module, object], torch.Tensor] | None = None, output_shrinkage: float = 0.0):
+        if gradient_weighting not in GRADIENT_WEIGHTING:
+            raise ValueError(f"gradient_weighting must be one of {GRADIENT_WEIGHTING}, got {gradient_weighting!r}")
+        if gradient_weighting != "none" and loss is None:
+            raise ValueError(f"gradient_weighting={gradient_weighting!r} needs loss(model, batch)")
+        if not 0.0 <= output_shrinkage <= 1.0:
+            raise ValueError(f"output_shrinkage must be in [0, 1], got {output_shrinkage}")
+        self.gradient_weighting = gradient_weighting
+        self.output_shrinkage = output_shrinkage
+        self.loss = loss
         if not 0.0 <= energy <= 1.0:
             raise ValueError(f"energy must be in [0, 1], got {energy}")
         if not 0.0 <= rel_threshold <= 1.0:
@@ -366,19 +456,22 @@ class ContinualLoRA:
         return [name for name in next(iter(self.layers.values())).lora_A]
 
     def begin_task(self, name: str, init: str | bool = True, warm_start: Iterable | None = None,
-                   **overrides) -> list[nn.Parameter]:
+                   warm_grams: tuple[dict, dict] | None = None, **overrides) -> list[nn.Parameter]:
         """Add block ``name`` to every layer (``overrides``: r, lora_alpha, lora_dropout,
         use_rslora). Warns for full layers. Returns the trainable parameters (the new blocks).
 
         ``warm_start``: batches of the NEW task (training data). Their inputs at each layer
         point the new block's ``A`` rows at the free directions this task uses most per unit of
         drift penalty (``ContinualLoRALinear4bit.warm_start``); ``B`` stays zero, so the model's
-        output is unchanged at step 0."""
+        output is unchanged at step 0. ``warm_grams``: ``input_grams(batches)`` of such batches,
+        computed already (one pass serves ``free_energy`` too); give one of the two."""
+        if warm_start is not None and warm_grams is not None:
+            raise ValueError("give warm_start batches or their warm_grams, not both")
         spec = {**self.defaults, **overrides}
         for layer in self.layers.values():
             layer.begin_task(name, init=init, **spec)
-        if warm_start is not None:
-            grams, counts = self._input_grams(warm_start)
+        if warm_start is not None or warm_grams is not None:
+            grams, counts = warm_grams if warm_grams is not None else self.input_grams(warm_start)
             for layer_name, layer in self.layers.items():
                 if counts.get(layer_name, 0) > 0:
                     layer.warm_start(grams[layer_name] / counts[layer_name], self.shrinkage)
@@ -388,12 +481,16 @@ class ContinualLoRA:
                           f"cannot change the output): {full}", stacklevel=2)
         return self.trainable_parameters()
 
-    def free_energy(self, batches: Iterable) -> dict[str, dict[str, float]]:
+    def free_energy(self, batches: Iterable | None = None,
+                    grams: tuple[dict, dict] | None = None) -> dict[str, dict[str, float]]:
         """Where a new task can still learn, per layer: with ``C`` the task's input second moment on
-        ``batches`` and ``P = I - U U^T``, ``free_energy = tr(P C P) / tr(C)`` and ``free_variation``
-        the same for ``C`` less its top eigen-direction (for uncentered inputs ~ the mean). 1 = all
-        free, 0 = the basis holds all of it. Layers that saw no input are left out."""
-        grams, counts = self._input_grams(batches)
+        ``batches`` (or on the batches of ``grams = input_grams(batches)``) and ``P = I - U U^T``,
+        ``free_energy = tr(P C P) / tr(C)`` and ``free_variation`` the same for ``C`` less its top
+        eigen-direction (for uncentered inputs ~ the mean). 1 = all free, 0 = the basis holds all
+        of it. Layers that saw no input are left out."""
+        if (batches is None) == (grams is None):
+            raise ValueError("give batches or their grams (input_grams(batches)), one of the two")
+        grams, counts = grams if grams is not None else self.input_grams(batches)
         out = {}
         for name, layer in self.layers.items():
             if counts.get(name, 0) == 0:
@@ -418,18 +515,53 @@ class ContinualLoRA:
 
     @torch.no_grad()
     def end_task(self, calibration_batches: Iterable, energy: float | None = None,
-                 rel_threshold: float | None = None) -> dict[str, SubspaceStats]:
+                 rel_threshold: float | None = None, task: str | None = None) -> dict[str, SubspaceStats]:
         """Run ``calibration_batches`` through the model (eval mode), then per layer freeze the
-        open block and protect ``energy`` (default ``self.energy``) of its inputs' energy."""
-        grams, counts = self._input_grams(calibration_batches)
+        open block and protect ``energy`` (default ``self.energy``) of its inputs' energy.
+        ``task``: with no task open, the kept block (``keep_adapters``) whose task's data these
+        are - protects a task trained as a plain adapter before the conversion."""
         energy = self.energy if energy is None else energy
         rel_threshold = self.rel_threshold if rel_threshold is None else rel_threshold
-        return {name: layer.end_task(grams.get(name), energy, rel_threshold, self.exclude_top,
-                                     counts.get(name, 0), self.residual_rank)
-                for name, layer in self.layers.items()}
+        if self.gradient_weighting == "none":
+            grams, counts = self.input_grams(calibration_batches)
+            return {name: layer.end_task(grams.get(name), energy, rel_threshold, self.exclude_top,
+                                         counts.get(name, 0), self.residual_rank, task)
+                    for name, layer in self.layers.items()}
+        if self.loss is None:
+            raise ValueError(f"gradient_weighting={self.gradient_weighting!r} needs loss(model, batch): set .loss")
+        weight_basis = self.gradient_weighting in ("basis", "both")
+        weight_penalty = self.gradient_weighting in ("penalty", "both") and self.residual_rank > 0
+        moments = self._gradient_moments(calibration_batches, weight_basis, weight_penalty)
+        out = {}
+        for name, layer in self.layers.items():
+            m = moments.get(name)
+            out[name] = layer.end_task(
+                m["gram"] if m else None, energy, rel_threshold, self.exclude_top, m["rows"] if m else 0,
+                self.residual_rank, task, select_gram=m["weighted_gram"] if m and weight_basis else None,
+                output_moment=m["output_moment"] if m and weight_penalty else None,
+                output_shrinkage=self.output_shrinkage)
+        return out
+
+    def _gradient_moments(self, batches: Iterable, weighted_gram: bool, output_moment: bool) -> dict[str, dict]:
+        """Per layer, ``collect_gradient_moments`` over ``batches`` (model in eval mode, forward and
+        backward of ``self.loss``; no parameter gradient is accumulated)."""
+        was_training = self.model.training
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.eval()
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad(), collect_gradient_moments(self.layers, weighted_gram, output_moment) as moments:
+                for batch in batches:
+                    self.loss(self.model, batch).backward()
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+            self.model.train(was_training)
+        return moments
 
     @torch.no_grad()
-    def _input_grams(self, batches: Iterable) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def input_grams(self, batches: Iterable) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Each layer's float64 ``X^T X`` over ``batches`` (model in eval mode) and its row count."""
         was_training = self.model.training
         self.model.eval()
@@ -485,7 +617,9 @@ class ContinualLoRA:
                                            "exclude_top": json.dumps(self.exclude_top), "tasks": json.dumps(self.tasks),
                                            "drift_penalty": repr(self.drift_penalty),
                                            "residual_rank": repr(self.residual_rank),
-                                           "shrinkage": repr(self.shrinkage)})
+                                           "shrinkage": repr(self.shrinkage),
+                                           "gradient_weighting": self.gradient_weighting,
+                                           "output_shrinkage": repr(self.output_shrinkage)})
 
     def load(self, path: str) -> None:
         """Read a file written by ``save`` into this (same-architecture) model."""
@@ -502,3 +636,5 @@ class ContinualLoRA:
         self.drift_penalty = float(meta.get("drift_penalty", 0.0))
         self.residual_rank = int(meta.get("residual_rank", 0))
         self.shrinkage = float(meta.get("shrinkage", 0.0))
+        self.gradient_weighting = meta.get("gradient_weighting", "none")
+        self.output_shrinkage = float(meta.get("output_shrinkage", 0.0))

@@ -67,7 +67,7 @@ def _directions_to_keep(eigenvalues: torch.Tensor, needed: float, total: float, 
 
 
 def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float, rel_threshold: float = 0.0,
-                 exclude_top: bool = False) -> tuple[torch.Tensor, SubspaceStats]:
+                 exclude_top: bool = False, measure: torch.Tensor | None = None) -> tuple[torch.Tensor, SubspaceStats]:
     """Grow ``basis`` until it holds ``energy`` of the energy in ``gram``.
 
     Args:
@@ -80,6 +80,9 @@ def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float, rel_thr
             ``gram`` (for uncentered activations, ~the mean input) is protected outright and
             ``span(U)`` must hold ``lambda_max + energy * (trace(G) - lambda_max)``, so the
             discarded energy is at most ``(1 - energy) * (trace(G) - lambda_max)``.
+        measure: ``[K, K]`` float64 Gram matrix whose total and discarded energy the stats report
+            (default ``gram``): the directions are chosen on ``gram`` (e.g. gradient-weighted
+            inputs), the drift bound needs the plain ``X^T X``.
     Returns:
         ``(new_basis [K, d + k] in basis.dtype, stats)``; the first ``d`` columns are ``basis``.
     """
@@ -103,7 +106,9 @@ def extend_basis(basis: torch.Tensor, gram: torch.Tensor, energy: float, rel_thr
     new = eigenvectors[:, :k] - u @ (u.T @ eigenvectors[:, :k])
     new = torch.linalg.qr(new).Q if k else new
     grown = torch.cat([u, new], dim=1)
-    discarded = max(total - float(torch.trace(grown.T @ gram @ grown)), 0.0)
+    measure = gram if measure is None else measure
+    total = float(torch.trace(measure))
+    discarded = max(total - float(torch.trace(grown.T @ measure @ grown)), 0.0)
     return grown.to(basis.dtype), SubspaceStats(total, discarded, k, energy)
 
 
@@ -129,6 +134,34 @@ def residual_factor(basis: torch.Tensor, second_moment: torch.Tensor, previous: 
     keep = min(max_rank, int((eigenvalues > ZERO_ENERGY_RTOL * float(eigenvalues.sum().clamp(min=1e-300))).sum()))
     vectors = eigenvectors[:, :keep] - u @ (u.T @ eigenvectors[:, :keep])
     return (vectors * eigenvalues[:keep].sqrt()).to(torch.float32)
+
+
+def output_factor(moment: torch.Tensor, previous: torch.Tensor, tasks_before: int,
+                  shrinkage: float = 0.0) -> torch.Tensor:
+    """``H [N, N]`` with ``H H^T`` = the mean over ended tasks of each task's output-gradient second
+    moment normalised to mean eigenvalue 1 (``G N / trace(G)``), shrunk towards the identity:
+    ``(1 - shrinkage) G N / trace(G) + shrinkage I`` (``shrinkage = 1``: unweighted).
+
+    Args:
+        moment: float64 ``[N, N]``, the ended task's ``sum_t g_t g_t^T`` (``g_t`` = gradient of the
+            loss of calibration token ``t`` with respect to the layer's output).
+        previous: ``[N, N]`` factor kept after the ``tasks_before`` earlier tasks (``[N, 0]``: none).
+        tasks_before: how many tasks ``previous`` averages (each task weighs the same).
+        shrinkage: in ``[0, 1]``; every output direction keeps at least this weight.
+    Returns:
+        float32 ``[N, N]``; ``||H^T dW F||_F^2`` is the Kronecker-factored (K-FAC) Fisher quadratic
+        form ``tr(G dW C dW^T)`` of a weight change ``dW`` for ``C = F F^T``, with ``G`` normalised.
+        A zero moment (no gradient reached the layer) counts as isotropic.
+    """
+    n = moment.shape[0]
+    trace = float(torch.trace(moment))
+    eye = torch.eye(n, dtype=torch.float64, device=moment.device)
+    metric = (1 - shrinkage) * moment * (n / trace) + shrinkage * eye if trace > 0 else eye
+    if previous.shape[1] > 0 and tasks_before > 0:
+        prev = previous.to(torch.float64)
+        metric = (tasks_before * (prev @ prev.T) + metric) / (tasks_before + 1)
+    values, vectors = torch.linalg.eigh((metric + metric.T) / 2)
+    return (vectors * values.clamp(min=0.0).sqrt()).to(torch.float32)
 
 
 def free_directions(basis: torch.Tensor, new_moment: torch.Tensor, residual: torch.Tensor, floor: float,
