@@ -14,6 +14,13 @@
 # starting new ones), about 7.5 minutes in the worst case. The GPU image has pytest-xdist and
 # pytest-timeout.
 # bitsandbytes is optional: without it the tables leave out its baselines.
+#
+# GPU_SWEEP=crossover (issue 14, item 4): a measurement run instead - no tests, no native build;
+# the forward table alone (LORA_TRITON_FORWARD_SWEEP=crossover): M = 16, 32, 64, 128, 256, 512,
+# 1024, 2048 on the three Llama-7B shapes at r = 16 and 64, forward and dx rows, and the dispatch
+# table rewritten for both operations. One budget as well: GPU_BENCH_BUDGET_S defaults to 450 s
+# there (at most 8.5 minutes with the 60 s grace); points past it are skipped and named in
+# bench.log (r = 16 runs first).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,8 +40,16 @@ ln -s "$ROOT/lora_triton" "$SITE/lora_triton"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 
+sweep="${GPU_SWEEP:-}"
+case "$sweep" in
+  "") ;;
+  crossover) export LORA_TRITON_FORWARD_SWEEP=crossover ;;
+  *) echo "GPU_SWEEP must be unset or 'crossover', got '$sweep'" >&2; exit 2 ;;
+esac
+
 {
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
+  [ -n "$sweep" ] && echo "sweep: $sweep (no tests, forward table with dx rows)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$OUT/summary.txt"
@@ -50,6 +65,9 @@ unset TRITON_INTERPRET
 DEVICE_TESTS="tests/test_forward_kernel.py tests/test_skinny_kernel.py tests/test_nf4_decode.py tests/test_dx_kernel.py
   tests/test_ops.py tests/test_module.py tests/test_memory.py tests/test_format_container.py tests/test_bench_quick.py
   tests/test_mixed_batch.py"
+tests_rc=0
+native_rc=0
+if [ -z "$sweep" ]; then
 LORA_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 "${GPU_TEST_TIMEOUT_S:-150}" \
   python3 -m pytest -p no:cacheprovider --import-mode=importlib ${GPU_TESTS:-$DEVICE_TESTS} --device cuda -v -n 14 \
   --timeout 120 -rfE --durations=15 > "$OUT/pytest.log" 2>&1
@@ -77,11 +95,18 @@ native_rc=$?
 tail -n 20 "$OUT/native_pytest.log"
 echo "native tests exit code: $native_rc" | tee -a "$OUT/summary.txt"
 # ==== end of the native section ===================================================================
+fi
 
-budget="${GPU_BENCH_BUDGET_S:-240}"
+if [ -n "$sweep" ]; then
+  budget="${GPU_BENCH_BUDGET_S:-450}"
+  tables="${GPU_BENCH_TABLES:-forward}"
+else
+  budget="${GPU_BENCH_BUDGET_S:-240}"
+  tables="${GPU_BENCH_TABLES:-forward,layer,adapters}"
+fi
 dispatch_flag=""
 [ "${GPU_WRITE_DISPATCH:-1}" = "1" ] && dispatch_flag="--write-dispatch"
-PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what "${GPU_BENCH_TABLES:-forward,layer,adapters}" \
+PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 timeout -k 5 $((budget + 60)) python3 -m lora_triton.bench --what "$tables" \
   --out "$OUT/bench" --budget-s "$budget" $dispatch_flag > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp lora_triton/ops/dispatch_table.json "$OUT/dispatch_table.json" 2>/dev/null || true

@@ -183,3 +183,23 @@ def test_adapters_table(quick_run):
                 assert float(row["rel_err_vs_peft"]) < 1e-5 and _timing_number(row["x_vs_peft_mixed"]), row
     assert f"adapters: wrote {len(rows)} rows" in stdout
     assert (out / "adapters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_crossover_sweep_has_dx_rows_and_a_dispatch_table_for_both(tmp_path, request):
+    """The GPU script's GPU_SWEEP=crossover plan (issue 14), here its quick twin through the
+    interpreter: forward and dx rows, and a dispatch table with points for both operations."""
+    from lora_triton.ops import dispatch
+
+    env = dict(os.environ, LORA_TRITON_FORWARD_SWEEP="crossover")
+    if request.config.getoption("--device") == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-m", "lora_triton.bench", "--quick", "--what", "forward",
+                           "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _, rows = _read(tmp_path / "forward.csv")
+    assert {row["op"] for row in rows} == {"forward", "dx"}
+    assert all(row["method"].startswith("dx:") for row in rows if row["op"] == "dx")
+    table = dispatch.table_from_rows(rows)
+    ops = {op for gpu in table["gpus"].values() for op in gpu}
+    assert ops == {"forward", "dx"}, table

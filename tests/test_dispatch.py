@@ -112,3 +112,53 @@ def test_the_fastest_skinny_config_is_kept_and_chosen(tmp_path):
     point = dispatch.measured_choice(table, "G", "forward", dispatch.Problem(torch.device("cpu"), 1, 4096, 4096, 16))
     assert point["candidate"] == "skinny" and point["config"] == lf.SKINNY_CONFIGS[1]
     nf4_skinny.check_config({**point["config"], "split_k": 1, "table": "gather"})  # a config the kernel takes
+
+
+def test_dx_rows_become_dx_points_and_forward_rows_forward_points():
+    row = lambda op, method, ms, m=16: dict(device="G", K="4096", N="11008", r="64", M=str(m), op=op,  # noqa: E731
+                                            method=method, ms=str(ms), config="", note="")
+    rows = [row("forward", "dequant", 0.05), row("forward", "skinny", 0.03),
+            row("dx", "dx:fused", 0.02), row("dx", "dx:dequant", 0.04),
+            row("dx", "dx:fused", 0.5, m=2048), row("dx", "dx:dequant", 0.3, m=2048),
+            row("dx", "dx:skinny", 0.001)]  # not a dx candidate: ignored
+    both = dispatch.table_from_rows(rows)["gpus"]["G"]
+    assert {(p["m_bucket"], p["candidate"]) for p in both["forward"]} == {(16, "skinny")}
+    assert {(p["m_bucket"], p["candidate"]) for p in both["dx"]} == {(16, "fused"), (2048, "dequant")}
+    assert set(dispatch.table_from_rows(rows, "dx")["gpus"]["G"]) == {"dx"}
+    assert set(dispatch.table_from_rows([r for r in rows if r["op"] == "forward"])["gpus"]["G"]) == {"forward"}
+    legacy = [{k: v for k, v in r.items() if k != "op"} for r in rows[:2]]  # rows written before the op column
+    assert dispatch.table_from_rows(legacy)["gpus"]["G"]["forward"][0]["candidate"] == "skinny"
+    with pytest.raises(ValueError, match="operation must be one of"):
+        dispatch.table_from_rows(rows, "backward")
+    table = dispatch.parse_table(json.dumps(dispatch.table_from_rows(rows)))
+    problem = dispatch.Problem(torch.device("cpu"), 20, 11008, 4096, 64)
+    assert dispatch.measured_choice(table, "G", "dx", problem)["candidate"] == "fused"
+
+
+def test_the_crossover_sweep_is_opted_into_by_its_environment_variable(monkeypatch):
+    from lora_triton.bench import forward
+
+    monkeypatch.delenv(forward.SWEEP_ENV, raising=False)
+    assert forward.plan_for(quick=False) is forward.FULL and not forward.FULL.get("dx")
+    monkeypatch.setenv(forward.SWEEP_ENV, "crossover")
+    plan = forward.plan_for(quick=False)
+    assert plan["ms"] == [16, 32, 64, 128, 256, 512, 1024, 2048] and plan["ranks"] == [16, 64]
+    assert plan["shapes"] == forward.LLAMA7B_SHAPES and plan["dx"] is True
+    assert forward.plan_for(quick=True)["dx"] is True
+    monkeypatch.setenv(forward.SWEEP_ENV, "everything")
+    with pytest.raises(ValueError, match=forward.SWEEP_ENV):
+        forward.plan_for(quick=False)
+
+
+def test_dx_rows_of_the_sweep_are_correct_and_name_one_fastest(device):
+    from lora_triton.bench import forward
+
+    problem = forward.make_problem(17, 40, 128, 4, torch.float16, device)
+    meta = dict(device="test", peak_matmul_tflops="1", peak_copy_gbps="1")
+    rows = forward.bench_dx(problem, meta, device, quick=True)
+    assert {r["method"] for r in rows} == {f"dx:{name}" for name in dispatch.DX_CANDIDATES}
+    assert all(r["op"] == "dx" and float(r["rel_err"]) < 1e-2 and float(r["ms"]) > 0 for r in rows), rows
+    assert sum(r["fastest_candidate"] for r in rows) == 1
+    assert all(r["dispatch"] == "dx:dequant" for r in rows)  # no table point for this shape: the rule
+    points = dispatch.table_from_rows(rows)["gpus"]["test"]["dx"]
+    assert len(points) == 1 and points[0]["candidate"] in dispatch.DX_CANDIDATES

@@ -108,6 +108,59 @@ def test_even_and_ragged_tiles(case, dtype, device):
     _check(problem, config, dropout_p=0.2, seed=3)
 
 
+# S first (the S kernel, then only the LoRA expand and bias in the skinny epilogue): split 1 and the
+# last-program reduction, medium token tiles, ragged M / N / K, ranks 1..128, dropout through the S kernel.
+S_FIRST_CASES = [
+    (3, 70, 96, 5, 32, True, True, dict(block_n=32, block_k=64, split_k=1)),
+    (40, 66, 192, 64, 64, False, True, dict(block_m=32, block_n=32, block_k=64, split_k=3)),
+    (17, 64, 128, 128, 128, True, False, dict(block_m=64, block_n=64, block_k=32, split_k=2)),
+    (33, 40, 128, 1, 64, True, True, dict(block_m=32, block_n=16, block_k=128, split_k=1)),
+]
+
+
+@pytest.mark.parametrize("case", S_FIRST_CASES, ids=lambda c: "M{}-N{}-K{}-r{}-bs{}".format(*c[:5]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_s_first_matches_reference(case, dtype, device):
+    m, n, k, r, blocksize, double_quant, bias, config = case
+    problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device)
+    _check(problem, dict(config, s_first=True), dropout_p=0.2, seed=11)
+
+
+def test_s_first_agrees_with_the_in_loop_shrink(device):
+    problem = random_lora_problem(20, 72, 256, 16, torch.float32, 64, True, True, device)
+    config = dict(block_m=32, block_n=32, block_k=64, split_k=2)
+    y_loop, s_loop = _run(problem, dict(config, s_first=False), dropout_p=0.1, seed=5)
+    y_first, s_first = _run(problem, dict(config, s_first=True), dropout_p=0.1, seed=5)
+    assert_rel_close(y_first, y_loop, torch.float32, what="y, S first vs in the loop")
+    assert_rel_close(s_first, s_loop, torch.float32, what="S, S kernel vs in the loop")
+
+
+def test_s_first_must_be_a_bool(device):
+    problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="s_first must be a bool"):
+            _run(problem, dict(s_first=bad))
+
+
+def test_configs_without_s_first_still_load():
+    """Dispatch tables written before ``s_first`` existed name configs without it (False)."""
+    nf4_skinny.check_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
+                                 maxnreg=None, table="gather"))
+    with pytest.raises(ValueError, match="missing keys \\['table'\\]"):
+        nf4_skinny.check_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
+                                     maxnreg=None))
+
+
+def test_medium_m_default_is_the_32_token_tile_with_s_first_above_rank_16():
+    assert lf.skinny_default(16, 1) == lf.SKINNY_DEFAULT
+    assert lf.skinny_default(64, 16)["maxnreg"] is None and lf.skinny_default(64, 16)["block_m"] == 16
+    medium = lf.skinny_default(16, 17)
+    assert medium["block_m"] == 32 and medium["maxnreg"] == 168 and medium["s_first"] is False
+    assert lf.skinny_default(64, 128)["s_first"] is True and lf.skinny_default(128, 200)["block_m"] == 32
+    for config in (lf.SKINNY_DEFAULT, lf.SKINNY_MEDIUM_DEFAULT, lf.SKINNY_INTERPRETER, *lf.SKINNY_CONFIGS):
+        nf4_skinny.check_config(dict(config, split_k=1, table="shfl"))
+
+
 @pytest.mark.parametrize("k_steps", range(1, 40))
 def test_nonempty_split_k_leaves_no_split_empty(k_steps):
     for wanted in range(1, 45):

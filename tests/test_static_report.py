@@ -94,6 +94,10 @@ def test_quick_report_compiles_the_dispatched_kernels_for_sm90(tmp_path, capsys)
     # the default skinny config's register, spill and serialization budgets (its ptx/elem budget is not met)
     assert kernels["skinny"]["wgmma_serialized"] == "False" and kernels["skinny"]["spills"] == "0"
     assert int(kernels["skinny"]["regs"]) <= 128
+    # the medium-M default (issue 14): registers, spills and C7515 within budget; ptx/elem (<= 5) is not met
+    medium = kernels["skinny_m"]
+    assert medium["config"].startswith("BLOCK_M32 ") and medium["weight_operand_from_registers"] == "True"
+    assert medium["wgmma_serialized"] == "False" and medium["spills"] == "0" and int(medium["regs"]) <= 168
     assert all(r["lut_global_gathers"] == "0" for r in rows)  # the table lives in registers
     failed = [r for r in rows if r["dispatched"] == "True" and r["within_budget"] != "True"]
     assert code == (1 if failed else 0)

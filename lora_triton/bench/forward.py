@@ -8,7 +8,14 @@ For each projection shape (K, N), rank r and token count M it times the candidat
                     ``F.linear`` + PEFT-style LoRA: what bitsandbytes + PEFT does
 ``bnb_matmul_4bit`` ``bitsandbytes.matmul_4bit`` + LoRA, only when bitsandbytes imports
 
-One row per (shape, method, config): relative error of ``y`` against an fp32 product on the same
+With ``LORA_TRITON_FORWARD_SWEEP=crossover`` (issue 14: crossovers measured, not guessed) the table
+sweeps M in ``CROSSOVER_MS`` over the three Llama-7B shapes at r in {16, 64} and adds rows of
+``op = dx`` for every way of computing ``dx`` (``ops.dispatch.DX_CANDIDATES``: the fused kernel and
+dequantize + cuBLAS); ``--write-dispatch`` then writes the ``dx`` points of the dispatch table as
+well. It takes far longer than the default plan: give it its own budget (``bench/gpu_check.sh``
+with ``GPU_SWEEP=crossover``).
+
+One row per (shape, op, method, config): relative error of ``y`` against an fp32 product on the same
 dequantized weight (a fast but wrong kernel shows), median time, TFLOP/s, GB/s, both as % of
 the device peaks measured in the same run, speed-up over each baseline, the dispatcher's
 choice and whether this method was the fastest candidate (``--write-dispatch`` turns the
@@ -20,14 +27,15 @@ from CUDA graphs (launch overhead would dominate), the rest with do_bench; L2 fl
 
 from __future__ import annotations
 
-import sys
 import itertools
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..ops.dispatch import choose_method
+from ..ops.dispatch import DX_CANDIDATES, SKINNY_MAX_M, choose_dx, choose_method
 from .environment import META_FIELDS, import_bitsandbytes
 from .report import Speedup
 from .timing import time_ms, within_budget
@@ -35,6 +43,13 @@ from .timing import time_ms, within_budget
 LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/k/v/o, gate/up, down
 FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 2, 4, 8, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
 QUICK = dict(shapes=[(128, 96)], ranks=[8], ms=[1, 17], dtype=torch.bfloat16)
+#: The crossover sweep (issue 14, item 4): forward and dx on the Llama-7B shapes, M from 16 to 2048.
+CROSSOVER_MS = [16, 32, 64, 128, 256, 512, 1024, 2048]
+CROSSOVER = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=CROSSOVER_MS, dtype=torch.bfloat16, dx=True)
+QUICK_CROSSOVER = dict(shapes=[(128, 96)], ranks=[8], ms=[16, 33], dtype=torch.bfloat16, dx=True)
+#: Environment variable that selects the plan: unset or ``default`` (``FULL``), ``crossover``.
+SWEEP_ENV = "LORA_TRITON_FORWARD_SWEEP"
+PLANS = {"default": (FULL, QUICK), "crossover": (CROSSOVER, QUICK_CROSSOVER)}
 DECODE_BENCH_MAX_M = 128  # the decode kernel is timed up to here; beyond it is off its design point
 CUDA_GRAPH_MAX_M = 128  # launch-bound below this: time from CUDA graphs
 BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
@@ -43,9 +58,10 @@ BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
 #: decode step sees; a single 8 MB GEMV is near launch overhead). ``gbps`` there counts bytes read.
 KERNEL_ONLY = ("dequant_only_shfl", "dequant_only_gather", "skinny_many_layers")
 MANY_LAYERS_BYTES = 256 * 2**20  # > the H200's 60 MB L2 several times over
-SKINNY_BENCH_MAX_M = 128  # its 32- and 64-token tiles are medium-M candidates
+SKINNY_BENCH_MAX_M = SKINNY_MAX_M  # its 32- and 64-token tiles are medium-M candidates (issue 14: M = 16..256)
 KERNEL_ONLY_MAX_M = 16  # the kernel-only rows: decode-size points only
-FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "method", "config", "rel_err", "ms", "timer", "tflops", "gbps",
+FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "op", "method", "config",
+                        "rel_err", "ms", "timer", "tflops", "gbps",
                         "pct_peak_tflops", "pct_peak_gbps", "x_vs_dense", "x_vs_dequant_linear",
                         "x_vs_bnb_matmul_4bit", "dispatch", "fastest_candidate", "note"]
 
@@ -77,15 +93,25 @@ class Problem:
         return weight + acts + itemsize * self.r * (self.k + self.n)
 
 
+def plan_for(quick: bool) -> dict:
+    """The plan ``SWEEP_ENV`` names (read at run time; ``quick``: its tiny smoke-run twin)."""
+    name = os.environ.get(SWEEP_ENV, "") or "default"
+    if name not in PLANS:
+        raise ValueError(f"{SWEEP_ENV} must be one of {sorted(PLANS)} (or unset), got {name!r}")
+    return PLANS[name][1 if quick else 0]
+
+
 def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[dict]:
     """All rows of the forward table (points past ``budget_s`` seconds are skipped and named)."""
-    plan = QUICK if quick else FULL
+    plan = plan_for(quick)
     # r=16 over every shape first: a spent budget cuts r=64 rows
     points = itertools.product(plan["ranks"], plan["shapes"], plan["ms"])
     rows = []
     for r, (k, n), m in within_budget(points, budget_s, "forward"):
         problem = make_problem(m, n, k, r, plan["dtype"], device)
         rows.extend(bench_problem(problem, meta, device, quick))
+        if plan.get("dx"):
+            rows.extend(bench_dx(problem, meta, device, quick))
         del problem
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -236,15 +262,8 @@ def output_error(out, expected: torch.Tensor) -> float:
 def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[dict]:
     from ..kernels import lora_forward as lf
 
-    timings, timers, errors = {}, {}, {}
     expected = reference_output(p)
-    for name, fn in methods_for(p).items():
-        try:
-            out = fn()
-            errors[name] = float("nan") if name.startswith("dequant_only") else output_error(out, expected)
-            timings[name], timers[name] = time_ms(fn, device, use_cuda_graph=p.m <= CUDA_GRAPH_MAX_M, quick=quick)
-        except Exception as err:  # one broken candidate must not hide the others' numbers
-            print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+    timings, timers, errors = _time_methods(p, methods_for(p), expected, device, quick)
     candidates = {name: t for name, t in timings.items() if method_and_config(name, device)[0] in lf.METHODS}
     fastest = min(candidates, key=candidates.get) if candidates else ""
     print_native_ratios(p, timings)
@@ -262,7 +281,8 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
                 gbps = (weight_bytes + p.n * p.k * p.x.element_size()) / ms / 1e6  # reads W, writes dense W
         method, config = method_and_config(name, device)
         rows.append({**meta, "dtype": str(p.x.dtype).removeprefix("torch."), "K": p.k, "N": p.n, "r": p.r,
-                     "M": p.m, "method": method, "config": config, "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.4g}",
+                     "M": p.m, "op": "forward", "method": method, "config": config,
+                     "rel_err": f"{errors[name]:.2e}", "ms": f"{ms:.4g}",
                      "timer": timers[name], "tflops": f"{tflops:.4g}", "gbps": f"{gbps:.4g}",
                      "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
                      "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": ratio("dense"),
@@ -272,12 +292,63 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
     return rows
 
 
+def _time_methods(p: Problem, fns: dict[str, Callable[[], object]], expected: torch.Tensor, device: torch.device,
+                  quick: bool) -> tuple[dict, dict, dict]:
+    """``(ms, timer, relative error)`` by method name; a method that raises is named on stderr and left out."""
+    timings, timers, errors = {}, {}, {}
+    for name, fn in fns.items():
+        try:
+            out = fn()
+            errors[name] = float("nan") if name.startswith("dequant_only") else output_error(out, expected)
+            timings[name], timers[name] = time_ms(fn, device, use_cuda_graph=p.m <= CUDA_GRAPH_MAX_M, quick=quick)
+        except Exception as err:  # one broken candidate must not hide the others' numbers
+            print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+    return timings, timers, errors
+
+
+# ---------------------------------------------------------------------- dx (the crossover sweep)
+def dx_methods(p: Problem, dy: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every ``ops.dispatch.DX_CANDIDATES`` entry, by name: ``dx = dy @ dequant(W) + s * (dy @ B) @ A``
+    through the backward the layer runs (``G = dy @ B`` included, no other gradient)."""
+    from ..kernels.lora_dx import lora_backward_triton
+
+    return {name: (lambda name=name: lora_backward_triton(dy, p.x, p.weight, p.lora_a, p.lora_b, p.scale, None,
+                                                          needs=(True, False, False, False), dx_method=name).dx)
+            for name in DX_CANDIDATES}
+
+
+def bench_dx(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[dict]:
+    """Rows of ``op = dx`` for ``p``, method ``dx:<candidate>`` (its own column in the printed table):
+    each dx candidate's error against an fp32 ``dx`` on the same dequantized weight, its median time
+    and, in ``x_vs_dequant_linear``, its speed-up over the ``dequant`` dx (dequantize + cuBLAS)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    dy = torch.randn(p.m, p.n, generator=gen, device=device, dtype=torch.float32).to(p.x.dtype)
+    expected = dy.float() @ p.dense.float() + p.scale * ((dy.float() @ p.lora_b.float()) @ p.lora_a.float())
+    timings, timers, errors = _time_methods(p, dx_methods(p, dy), expected, device, quick)
+    fastest = min(timings, key=timings.get) if timings else ""
+    dispatch = f"dx:{choose_dx(device, p.m, p.n, p.k, p.r)}"
+    peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
+    rows = []
+    for name, ms in timings.items():
+        tflops, gbps = 2.0 * p.m * (p.n * p.k + p.r * p.k) / ms / 1e9, p.min_bytes() / ms / 1e6
+        rows.append({**meta, "dtype": str(p.x.dtype).removeprefix("torch."), "K": p.k, "N": p.n, "r": p.r,
+                     "M": p.m, "op": "dx", "method": f"dx:{name}", "config": "", "rel_err": f"{errors[name]:.2e}",
+                     "ms": f"{ms:.4g}", "timer": timers[name], "tflops": f"{tflops:.4g}", "gbps": f"{gbps:.4g}",
+                     "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
+                     "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": "",
+                     "x_vs_dequant_linear": f"{timings['dequant'] / ms:.4g}" if "dequant" in timings else "",
+                     "x_vs_bnb_matmul_4bit": "", "dispatch": dispatch, "fastest_candidate": int(name == fastest),
+                     "note": ""})
+    return rows
+
+
 def speedups(rows: list[dict]) -> list[Speedup]:
     """Plot points: the dispatched method's speed-up over each baseline, per shape and rank."""
     points, seen = [], set()
     for row in rows:
         key = (row["K"], row["N"], row["r"], row["M"])
-        if row["method"] != row["dispatch"] or key in seen:  # the first (default-config) row of the candidate
+        # forward rows only; the first (default-config) row of the dispatched candidate
+        if row.get("op", "forward") != "forward" or row["method"] != row["dispatch"] or key in seen:
             continue
         seen.add(key)
         for base in BASELINES:

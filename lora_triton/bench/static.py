@@ -15,8 +15,8 @@ rule) can choose the kernel with that code table (a GPU runs ``shfl``; ``gather`
 interpreter's variant, for comparison); a dispatched kernel that misses its ``BUDGETS`` fails the report
 (exit 1). Versions other than the installed triton compile in a subprocess whose path starts
 with that version's wheel, installed once (``pip --target``) under ``--triton-cache``.
-``--quick`` (CI): the dispatched kernels plus the skinny candidate, each on its default
-config, bf16, the installed triton only.
+``--quick`` (CI): the dispatched kernels plus the skinny candidate (its decode-size and medium-M
+defaults), each on its default config, bf16, the installed triton only.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class Budget:
 #: (shared/KERNELS.md), the budget of the dequant kernel and the fused tile kernels.
 BUDGETS = {
     "skinny": Budget(loop_ptx_per_weight_elem=3.0, spills=0, regs=128),
+    # the skinny kernel's medium-M default (M > 16 tokens; issue 14's budget for the medium-M forward)
+    "skinny_m": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "dequant": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
     "fused": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "decode": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
@@ -102,13 +104,18 @@ class Build:
 
 # ----------------------------------------------------------------------------- what to compile
 def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
-    """The skinny configs the GPU benchmark times: the default for the variant's rank, then
-    (unless ``quick``) the others."""
-    from ..kernels.lora_forward import SKINNY_CONFIGS, padded_rank, skinny_default
+    """The skinny configs the GPU benchmark times: the decode-size default for the variant's rank, the
+    medium-M default (kernel ``skinny_m``, its own budget), then (unless ``quick``) the others."""
+    from ..kernels.lora_forward import SKINNY_CONFIGS, SKINNY_DECODE_MAX_M, padded_rank, skinny_default
 
-    configs = [skinny_default(padded_rank(variant["r"]))] + ([] if quick else list(SKINNY_CONFIGS))
-    return [Build("skinny", dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"]), c["num_warps"],
-                  c["num_stages"], variant, c["maxnreg"]) for c in configs]
+    r_pad = padded_rank(variant["r"])
+    defaults = [("skinny", skinny_default(r_pad)), ("skinny_m", skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1))]
+    # a config equal to a default is compiled once (a second compile of it hits the cache: no ptxas log)
+    others = [("skinny", c) for c in SKINNY_CONFIGS if all(c != d for _, d in defaults)]
+    configs = defaults + ([] if quick else others)
+    return [Build(kernel, dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+                               **({"S_FIRST": True} if c.get("s_first") else {})),
+                  c["num_warps"], c["num_stages"], variant, c["maxnreg"]) for kernel, c in configs]
 
 
 def _autotune_configs(kernel: str, quick: bool) -> list[tuple[dict, int, int]]:
@@ -132,9 +139,13 @@ def dispatched_kernels() -> set[str]:
     from ..ops import dispatch
 
     dx_kernel = {"fused": "dx", "dequant": "dequant"}  # dx candidates -> the kernel they run
+    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
+
     names = {dispatch.RULE["forward"], dx_kernel[dispatch.RULE["dx"]]}
     for ops in dispatch.load_table()["gpus"].values():
-        names.update(p["candidate"] for p in ops.get("forward", []))
+        for p in ops.get("forward", []):  # skinny beyond 16 tokens runs the medium-M tile
+            names.add("skinny_m" if p["candidate"] == "skinny" and p["m_bucket"] > SKINNY_DECODE_MAX_M
+                      else p["candidate"])
         names.update(dx_kernel[p["candidate"]] for p in ops.get("dx", []))
     return names
 
@@ -151,7 +162,7 @@ def is_dispatched(build: Build, dispatched: set[str]) -> bool:
 def builds(quick: bool) -> list[Build]:
     """Every compile of the report (``quick``: dispatched kernels and skinny, default configs, bf16)."""
     dispatched = dispatched_kernels()
-    kernels = ["skinny", "dequant", "fused", "decode", "dx"]
+    kernels = ["skinny", "dequant", "fused", "decode", "dx"]  # "skinny" builds the skinny_m rows too
     if quick:
         kernels = [k for k in kernels if k in dispatched or k == "skinny"]
     variants = [dict(dtype="bf16", r=16)] if quick else [dict(dtype="bf16", r=16), dict(dtype="fp16", r=64)]
@@ -185,12 +196,13 @@ def _kernel_args(build: Build) -> tuple:
     sizes = dict(M=7, N=4096, K=4096, R=v["r"] - 3)
     cfg = build.config
     options = {"enable_fp_fusion": False, **({"maxnreg": build.maxnreg} if build.maxnreg else {})}
-    if build.kernel == "skinny":
+    if build.kernel in ("skinny", "skinny_m"):
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
                     **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
-                    DOT_PRECISION=precision, SPLIT_K=4,
-                    LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True, **cfg)
+                    DOT_PRECISION=precision, SPLIT_K=4, S_FIRST=False,
+                    LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True)
+        args.update(cfg)
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dequant":
         per_program = nf4_dequant.blocks_per_program(64)

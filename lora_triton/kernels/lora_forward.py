@@ -439,21 +439,32 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
 #: register, spill and C7515 budgets on triton 3.6 and 3.9 at rank 16 (bench/RESULTS.md); the
 #: register cap only up to ``SKINNY_CAPPED_MAX_RANK`` (above it the cap spills). Under the
 #: interpreter, a small tile.
-SKINNY_DEFAULT = dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128)
+SKINNY_DEFAULT = dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128, s_first=False)
 SKINNY_CAPPED_MAX_RANK = 16
-SKINNY_INTERPRETER = dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None)
+#: The default above ``SKINNY_DECODE_MAX_M`` tokens (medium M, issue 14): 32-token tiles (each weight
+#: tile decoded once per 32 tokens), the register cap of issue 14's budget (168: no spill on 3.6 or 3.9
+#: at rank 16), and above rank 16 ``S`` first (the S kernel, then only the expand in the epilogue): the
+#: in-loop shrink of rank 64 needs 255 registers (bench/RESULTS.md, 2026-12-01 third pass).
+SKINNY_MEDIUM_DEFAULT = dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168,
+                             s_first=False)
+SKINNY_DECODE_MAX_M = 16
+SKINNY_INTERPRETER = dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None,
+                          s_first=False)
 #: The configs the GPU benchmark times besides the default (the dispatch table keeps the fastest per
 #: shape) and the static report compiles: the fewest instructions per element (4 warps, ~254
 #: registers), no load pipelining (1 stage, ~113-128 registers), a 256-row tile, a 64-row tile,
 #: and token tiles of 32 and 64 for medium M (16 < M <= 128: each weight tile decoded once per 32
 #: or 64 tokens instead of 16).
 SKINNY_CONFIGS = (
-    dict(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None),
-    dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None),
-    dict(block_m=16, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
-    dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, maxnreg=None),
-    dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
-    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None),
+    dict(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None, s_first=False),
+    dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None, s_first=False),
+    dict(block_m=16, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
+    dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, maxnreg=None, s_first=False),
+    dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
+    dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=True),
+    dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=True),
+    dict(block_m=32, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
 )
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
@@ -466,21 +477,27 @@ def skinny_split_k(op: Operands, block_m: int, block_n: int, block_k: int) -> in
                        SKINNY_PROGRAMS_PER_SM * sms)
 
 
-def skinny_default(r_pad: int) -> dict:
-    """The skinny kernel's default GPU config for a padded rank (``SKINNY_DEFAULT``, uncapped
-    above ``SKINNY_CAPPED_MAX_RANK``)."""
+def skinny_default(r_pad: int, m: int = 1) -> dict:
+    """The skinny kernel's default GPU config for a padded rank and ``m`` tokens: up to
+    ``SKINNY_DECODE_MAX_M`` tokens ``SKINNY_DEFAULT`` (uncapped above ``SKINNY_CAPPED_MAX_RANK``),
+    beyond it ``SKINNY_MEDIUM_DEFAULT`` (``S`` first above ``SKINNY_CAPPED_MAX_RANK``)."""
+    if m > SKINNY_DECODE_MAX_M:
+        return dict(SKINNY_MEDIUM_DEFAULT, s_first=r_pad > SKINNY_CAPPED_MAX_RANK)
     return dict(SKINNY_DEFAULT, maxnreg=SKINNY_DEFAULT["maxnreg"] if r_pad <= SKINNY_CAPPED_MAX_RANK else None)
 
 
 def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    default = SKINNY_INTERPRETER if interpreting() else skinny_default(padded_rank(op.r))
+    default = SKINNY_INTERPRETER if interpreting() else skinny_default(padded_rank(op.r), op.m)
     cfg = dict(default, table=default_table(op.x.device))
     cfg.update(config or {})
     if interpreting() and cfg["table"] == "shfl":
         raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
     if cfg.get("split_k") is None:
         cfg["split_k"] = skinny_split_k(op, cfg["block_m"], cfg["block_n"], cfg["block_k"])
-    y, s = op.new_outputs()
+    if cfg.get("s_first"):  # S by the S kernel; the launch only reads it
+        y, s = _new_output((op.m, op.n), op.x.dtype, op.x.device), _launch_s(op)
+    else:
+        y, s = op.new_outputs()
     launch_skinny(op.x, op.weight_args(), op.lora_a, op.lora_b, op.bias, y, s, op.scale, op.dropout_p, op.seed,
                   blocksize=op.weight.blocksize, double_quant=op.weight.double_quant, r_pad=padded_rank(op.r),
                   dot_precision=op.meta()["DOT_PRECISION"], **cfg)
@@ -515,8 +532,8 @@ def lora_forward_triton(
         seed: dropout seed (ignored when ``dropout_p == 0``).
         method: one of ``METHODS`` or ``"torch"`` (plain torch; alias ``"reference"``).
         config: the candidate's launch config (only ``"skinny"`` takes one: ``block_m``, ``block_n``, ``block_k``,
-            ``split_k``, ``num_warps``, ``num_stages``, ``maxnreg``, ``table``, any subset); None: its
-            default.
+            ``split_k``, ``num_warps``, ``num_stages``, ``maxnreg``, ``table``, ``s_first`` (``S`` by the
+            S kernel first, the launch adds only the expand), any subset); None: its default.
     Returns:
         ``(y [M, N], S [M, r])`` in x's dtype, ``S = drop(x) @ A^T`` (saved for the backward).
     Raises:

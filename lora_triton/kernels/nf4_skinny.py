@@ -2,7 +2,8 @@
 
 Shapes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' bytes), ``A [r, K]``,
 ``B [N, r]``, ``b [N]``; ``y [M, N]`` and ``S [M, r]`` in x's dtype (fp16 / bf16 / fp32),
-fp32 accumulation. Built for ``M <= 16`` (any M works: more M tiles).
+fp32 accumulation. Built for ``M <= 16`` and, with 32- or 64-token tiles, medium M (any M works:
+more M tiles).
 
 Design (memory-bound: the packed weight is read once, at full width):
 
@@ -22,6 +23,9 @@ Design (memory-bound: the packed weight is read once, at full width):
   partials in split order (the same order whichever program is last), adds the bias, stores
   ``y`` and resets the counter to 0 for the next launch. No fp32 atomics on data.
   ``S`` is reduced the same way by the programs of the first N tile.
+* **S first** (``S_FIRST``, config ``s_first``): ``S`` comes from the S kernel, launched before;
+  the K loop is the base product alone and the last program of each output tile adds the LoRA
+  expand and the bias (fewer registers at ranks above 16, where the in-loop shrink needs 255).
 
 Counters live in a per-device int32 buffer that stays zero between launches (each launch
 leaves it as it found it); two launches must not run concurrently on different streams.
@@ -86,15 +90,17 @@ def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absm
             a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LORA_CHUNKS: tl.constexpr,
-            EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """One ``BLOCK_K`` step at ``k0``: ``acc += W_tile @ x^T`` and the LoRA shrink chunks."""
+            EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr):
+    """One ``BLOCK_K`` step at ``k0``: ``acc += W_tile @ x^T`` and (unless ``S_FIRST``: ``S`` was
+    computed before the launch) the LoRA shrink chunks."""
     BLOCK_N: tl.constexpr = acc.shape[0]
     offs_k = k0 + tl.arange(0, BLOCK_K)
     x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K, EVEN_K)
-    x_drop = x_t
-    if HAS_DROPOUT:
-        x_drop = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
-    s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, k0, R, K, LORA_CHUNKS, EVEN_K, DOT_PRECISION)
+    if not S_FIRST:
+        x_drop = x_t
+        if HAS_DROPOUT:
+            x_drop = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
+        s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, k0, R, K, LORA_CHUNKS, EVEN_K, DOT_PRECISION)
     w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                       offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE, EVEN_N, EVEN_K)
     acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
@@ -109,8 +115,13 @@ def _skinny_kernel(
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``."""
+        LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr):
+    """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``.
+
+    ``S_FIRST``: ``s_ptr`` holds ``S = drop(x) @ A^T`` already (the S kernel ran first); the K loop
+    is the base product alone and the LoRA expand ``s * B_n @ S^T`` and the bias are added once
+    per output tile, in the epilogue (by the last split's program when ``SPLIT_K > 1``).
+    Otherwise ``S`` is accumulated in the K loop and stored."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,25 +135,22 @@ def _skinny_kernel(
     acc, s_chunks = _k_step(acc, s_chunks, k_begin, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
                             nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
                             BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
-                            EVEN_N, EVEN_K)
+                            EVEN_N, EVEN_K, S_FIRST)
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         acc, s_chunks = _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
                                 nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
                                 BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
-                                EVEN_N, EVEN_K)
+                                EVEN_N, EVEN_K, S_FIRST)
     s_acc = tl.sum(s_chunks, axis=0)
-    # LoRA expand of this K range: acc += s * B[offs_n] @ S^T (S rounded to x's dtype, as the reference)
-    b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-    b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], mask=b_mask, other=0.0)
-    acc += scale * tl.dot(b, s_acc.to(b.dtype), input_precision=DOT_PRECISION)
-
+    if not S_FIRST:  # LoRA expand of this K range (S rounded to x's dtype, as the reference)
+        acc = _lora_expand(acc, s_acc, b_ptr, offs_n, offs_r, N, R, scale, DOT_PRECISION)
     y_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # y^T tile -> y [M, N]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     s_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]  # S^T tile -> S [M, r]
     s_mask = (offs_r[:, None] < R) & (offs_m[None, :] < M)
     if SPLIT_K > 1:
         tl.store(partial_y_ptr + pid_k * M * N + y_offs, acc, mask=y_mask)
-        if pid_n == 0:
+        if pid_n == 0 and not S_FIRST:
             tl.store(partial_s_ptr + pid_k * M * R + s_offs, s_acc, mask=s_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         tile = pid_m * tl.num_programs(0) + pid_n
@@ -152,26 +160,47 @@ def _skinny_kernel(
             s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
             for split in range(0, SPLIT_K):
                 acc += tl.load(partial_y_ptr + split * M * N + y_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
-                if pid_n == 0:
+                if pid_n == 0 and not S_FIRST:
                     s_acc += tl.load(partial_s_ptr + split * M * R + s_offs, mask=s_mask, other=0.0,
                                      cache_modifier=".cg")
-            _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, pid_n == 0,
-                           HAS_BIAS)
+            if S_FIRST:
+                acc = _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION)
+            _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask,
+                           pid_n == 0, HAS_BIAS, not S_FIRST)
             tl.atomic_xchg(counter_ptr + tile, 0)  # the buffer is zero again for the next launch
     else:
-        _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, pid_n == 0,
-                       HAS_BIAS)
+        if S_FIRST:
+            acc = _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION)
+        _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask,
+                       pid_n == 0, HAS_BIAS, not S_FIRST)
+
+
+@triton.jit
+def _lora_expand(acc, s_t, b_ptr, offs_n, offs_r, N, R, scale, DOT_PRECISION: tl.constexpr):
+    """``acc [BLOCK_N, BLOCK_M] + scale * B[offs_n] @ S^T``; ``s_t [R_PAD, BLOCK_M]`` (fp32 or x's dtype) is
+    rounded to B's dtype first, as the reference rounds ``S``."""
+    b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], mask=b_mask, other=0.0)
+    return acc + scale * tl.dot(b, s_t.to(b.dtype), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION: tl.constexpr):
+    """``_lora_expand`` with ``S^T [R_PAD, BLOCK_M]`` read from ``S [M, r]`` (written before the launch)."""
+    s_t = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+    return _lora_expand(acc, s_t, b_ptr, offs_n, offs_r, N, R, scale, DOT_PRECISION)
 
 
 @triton.jit
 def _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask, STORE_S,
-                   HAS_BIAS: tl.constexpr):
-    """``y = acc + bias`` and (when ``STORE_S``) ``S``, both in their tensors' dtype."""
+                   HAS_BIAS: tl.constexpr, WRITES_S: tl.constexpr):
+    """``y = acc + bias`` and (when ``WRITES_S`` and ``STORE_S``) ``S``, both in their tensors' dtype."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    if STORE_S:
-        tl.store(s_ptr + s_offs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
+    if WRITES_S:
+        if STORE_S:
+            tl.store(s_ptr + s_offs, s_acc.to(s_ptr.dtype.element_ty), mask=s_mask)
 
 
 # ====================================================================== launcher
@@ -196,7 +225,9 @@ def lora_chunks(block_k: int, r_pad: int) -> int:
     return max(1, min(4, block_k // 16, 64 // r_pad))
 
 
-CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table")
+CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first")
+#: Keys a config may leave out (older dispatch tables), with the value they mean.
+CONFIG_DEFAULTS = {"s_first": False}
 
 
 def check_config(config: dict) -> None:
@@ -204,7 +235,7 @@ def check_config(config: dict) -> None:
     from .nf4_decode import TABLES
 
     unknown = sorted(set(config) - set(CONFIG_KEYS))
-    missing = sorted(set(CONFIG_KEYS) - set(config))
+    missing = sorted(set(CONFIG_KEYS) - set(config) - set(CONFIG_DEFAULTS))
     if unknown or missing:
         raise ValueError(f"skinny config: unknown keys {unknown}, missing keys {missing}; expected {list(CONFIG_KEYS)}")
     if config["block_m"] not in BLOCK_MS or isinstance(config["block_m"], bool):
@@ -221,6 +252,8 @@ def check_config(config: dict) -> None:
     if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
         raise ValueError(f"skinny config: maxnreg must be None or an int in [24, 255] (ptxas' register cap), "
                          f"got {maxnreg!r}")
+    if not isinstance(config.get("s_first", False), bool):
+        raise ValueError(f"skinny config: s_first must be a bool, got {config['s_first']!r}")
     if config["table"] not in TABLES:
         raise ValueError(f"skinny config: table must be one of {TABLES}, got {config['table']!r}")
 
@@ -228,21 +261,23 @@ def check_config(config: dict) -> None:
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
                   block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
-                  num_stages: int = 3, maxnreg: int | None = None) -> None:
+                  num_stages: int = 3, maxnreg: int | None = None, s_first: bool = False) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
 
+    ``s_first``: ``s`` already holds ``S = drop(x) @ A^T`` (the caller ran the S kernel); the launch
+    only reads it, for the LoRA expand in the epilogue (``dropout_p`` and ``seed`` are then unused).
     ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
     device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
     """
     check_config(dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                      num_stages=num_stages, maxnreg=maxnreg, table=table))
+                      num_stages=num_stages, maxnreg=maxnreg, table=table, s_first=s_first))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
     if split_k > 1:
         partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
-        partial_s = torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
+        partial_s = y if s_first else torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, n_tiles * m_tiles)
     else:
         partial_y = partial_s = counters = y  # never read
@@ -250,7 +285,8 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
         m, n, k, r, float(scale), int(seed), float(dropout_p),
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
-        HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
+        HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad),
-        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, num_warps=num_warps,
+        num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

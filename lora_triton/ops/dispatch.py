@@ -67,14 +67,19 @@ def _always(problem: Problem) -> bool:
     return True
 
 
+#: Largest M the skinny kernel is timed and dispatched at (its 32- and 64-token tiles serve medium M;
+#: beyond, every further M tile decodes the weight again).
+SKINNY_MAX_M = 256
+
+
 def _skinny_supports(problem: Problem) -> bool:
-    # token tiles of 16-64 per program; more M tiles work but re-decode the weight per tile
-    return problem.m <= 128
+    return problem.m <= SKINNY_MAX_M
 
 
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("dequant", "forward", _always, "Triton dequantize + cuBLAS (F.linear, addmm)"),
-    Candidate("skinny", "forward", _skinny_supports, "swap-AB split-K kernel, LoRA and bias fused (M <= 16)"),
+    Candidate("skinny", "forward", _skinny_supports,
+              "swap-AB split-K kernel, LoRA and bias fused (decode and medium M)"),
     Candidate("fused", "forward", _always, "tile GEMM with in-loop NF4 decode, S in the same loop"),
     Candidate("split", "forward", _always, "S kernel, then the tile GEMM reading S in its epilogue"),
     Candidate("decode", "forward", _always, "split-K tile kernel with fp32 atomics (superseded by skinny)"),
@@ -183,23 +188,30 @@ def choose_dx(device: torch.device, m: int, n: int, k: int, r: int) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
-def table_from_rows(rows: list[dict], operation: str = "forward") -> dict:
+def table_from_rows(rows: list[dict], operation: str | None = None) -> dict:
     """``{"gpus": {gpu: {operation: [points]}}}`` from benchmark rows (``bench/forward.py``'s
-    schema: ``device``, ``K``, ``N``, ``r``, ``M``, ``method``, ``ms``, ``note``): per point the
-    candidate with the lowest median time among those that ran correctly."""
-    registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
-    best: dict[tuple, dict] = {}
+    schema: ``device``, ``K``, ``N``, ``r``, ``M``, ``op``, ``method``, ``ms``, ``note``): per point the
+    candidate with the lowest median time among those that ran correctly. ``operation``: only that
+    one's rows; None: every operation the rows measured (a row without ``op`` is a forward row; a
+    ``dx`` row's method may carry the prefix ``dx:``)."""
+    registries = {"forward": CANDIDATES, "dx": DX_CANDIDATES}
+    if operation is not None and operation not in registries:
+        raise ValueError(f"operation must be one of {OPERATIONS} or None, got {operation!r}")
+    best: dict[tuple, tuple[str, dict]] = {}
     for row in rows:
-        if row.get("method") not in registry or row.get("ms") in (None, "") or row.get("note"):
+        op = row.get("op") or "forward"
+        candidate = str(row.get("method", "")).removeprefix(f"{op}:")
+        if (operation not in (None, op) or op not in registries or candidate not in registries[op]
+                or row.get("ms") in (None, "") or row.get("note")):
             continue
-        key = (row["device"], m_bucket(int(row["M"])), int(row["N"]), int(row["K"]), int(row["r"]))
-        if key not in best or float(row["ms"]) < float(best[key]["ms"]):
-            best[key] = row
+        key = (row["device"], op, m_bucket(int(row["M"])), int(row["N"]), int(row["K"]), int(row["r"]))
+        if key not in best or float(row["ms"]) < float(best[key][1]["ms"]):
+            best[key] = candidate, row
     gpus: dict[str, dict] = {}
-    for (gpu, bucket, n, k, r), row in sorted(best.items()):
+    for (gpu, op, bucket, n, k, r), (candidate, row) in sorted(best.items()):
         config = json.loads(row["config"]) if row.get("config") else None
-        gpus.setdefault(gpu, {}).setdefault(operation, []).append(
-            {"m_bucket": bucket, "n": n, "k": k, "r": r, "candidate": row["method"], "config": config,
+        gpus.setdefault(gpu, {}).setdefault(op, []).append(
+            {"m_bucket": bucket, "n": n, "k": k, "r": r, "candidate": candidate, "config": config,
              "ms": round(float(row["ms"]), 5)})
     return {"format": TABLE_FORMAT, "gpus": gpus}
 
