@@ -107,6 +107,25 @@ def test_two_dim_input_and_empty_batch():
         assert layer(torch.randn(0, 4, layer.in_features), adapter_names=[]).shape == (0, 4, layer.out_features)
 
 
+def test_cached_bank_follows_adapter_changes():
+    """The serving bank is cached; an in-place update, a replaced weight, a new scale, a new
+    adapter or a dtype change must all show in the next mixed batch."""
+    layer = _layer()
+    names = ["a1", "a0", BASE, "a2"]
+    x = torch.randn(len(names), 2, layer.in_features)
+    _check_rows(layer, x, names, torch.float32)
+    with torch.no_grad():
+        layer.lora_B["a1"].weight.mul_(3.0)  # what an optimizer step does: in place
+    _check_rows(layer, x, names, torch.float32)
+    layer.lora_A["a0"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["a0"].weight))
+    _check_rows(layer, x, names, torch.float32)
+    layer.scaling["a2"] *= -2.0
+    _check_rows(layer, x, names, torch.float32)
+    layer.add_adapter("a3", r=5, init_lora_weights=False)
+    _check_rows(layer, torch.randn(5, 2, layer.in_features), names + ["a3"], torch.float32)
+    _check_rows(layer.to(torch.bfloat16), x.to(torch.bfloat16), names, torch.bfloat16)
+
+
 def test_tensor_ids_equal_names():
     layer = _layer()
     x = torch.randn(4, 2, layer.in_features)

@@ -11,7 +11,8 @@ new compile under ``torch.compile``.
 (ranks zero-padded to the largest, cast to the activation dtype), ``scales`` float32 ``[n]``,
 per-adapter dropout, and the rows' ids remapped onto the bank (``-1`` for rows whose adapter this
 layer lacks: PEFT's rule, they get the base output). Without gradients the bank is cached until
-an adapter's weights, scale, dtype or device change (serving: no copy per call). With gradients
+an adapter's weights (their storage or version counter), scale or the dtype change (serving: no
+copy per call; a batch checks the adapters it uses). With gradients
 it is stacked afresh (differentiable), from the adapters the batch uses only, so an adapter
 absent from the batch gets no gradient (``None``) and its optimizer leaves it alone: training
 several adapters in one pass equals training each on its own rows.
@@ -40,6 +41,7 @@ class MixedBatch:
     ids: Tensor
     expandable: bool = False
     uniform: str | None = None
+    used: tuple[int, ...] | None = None  # the slots some row uses, when the names say so
 
     @classmethod
     def from_names(cls, adapter_names, slots: tuple[str, ...], device: torch.device, where: str,
@@ -72,7 +74,8 @@ class MixedBatch:
         index = {name: i for i, name in enumerate(slots)}
         ids = [index.get(name, -1) for name in adapter_names]
         uniform = adapter_names[0] if adapter_names and all(n == adapter_names[0] for n in adapter_names) else None
-        return cls(slots, torch.tensor(ids, dtype=torch.int64, device=device), expandable, uniform)
+        used = tuple(sorted({i for i in ids if i >= 0}))
+        return cls(slots, torch.tensor(ids, dtype=torch.int64, device=device), expandable, uniform, used)
 
     def for_batch(self, batch: int) -> "MixedBatch":
         """This batch for an input of ``batch`` rows; ``ValueError`` (PEFT's message) if the
@@ -81,7 +84,8 @@ class MixedBatch:
         if n == batch:
             return self
         if self.expandable and n and batch % n == 0:
-            return MixedBatch(self.slots, self.ids.repeat_interleave(batch // n), self.expandable, self.uniform)
+            return MixedBatch(self.slots, self.ids.repeat_interleave(batch // n), self.expandable, self.uniform,
+                              self.used)
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got {n} and "
                          f"{batch} respectively.")
 
@@ -107,43 +111,54 @@ class AdapterBank:
     """A layer's adapters stacked for mixed batches (module docstring); holds one cached bank."""
 
     def __init__(self):
-        self._key = None
+        self._layout = None  # (slots, names, dtype) of the cached bank
+        self._state: dict[str, tuple] = {}  # per adapter: what its slice of the bank was built from
         self._cached: tuple | None = None
 
-    def stacked(self, layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype) -> StackedBank | None:
+    @staticmethod
+    def _adapter_state(layer, name: str) -> tuple:
+        a, b = layer.lora_A._modules[name].weight, layer.lora_B._modules[name].weight
+        return a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[name]
+
+    def stacked(self, layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype,
+                used: tuple[int, ...] | None = None) -> StackedBank | None:
         """The bank of ``layer``'s adapters among ``slots`` for the rows ``ids`` (indices into
-        ``slots``) in ``dtype``; None when no row uses an adapter this layer has."""
-        modules_a, modules_b = layer.lora_A._modules, layer.lora_B._modules  # plain dicts: cheap per call
+        ``slots``) in ``dtype``; None when no row uses an adapter this layer has. ``used``: the
+        slots the rows use, when known without reading ``ids``; only their part of a cached bank
+        is checked for changes (the rest is checked when a batch uses it)."""
+        modules_a = layer.lora_A._modules  # a plain dict: cheap per call
         names = [name for name in slots if name in modules_a]
-        params = [m._parameters["weight"] for name in names for m in (modules_a[name], modules_b[name])]
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         compiling = torch.compiler.is_compiling()
+        grad = torch.is_grad_enabled() and any(
+            p.requires_grad for name in names for p in (modules_a[name].weight, layer.lora_B._modules[name].weight))
         if grad and not compiling:
-            used = set(ids.unique().tolist())
-            names = [name for name in names if slots.index(name) in used]
+            present = set(ids.unique().tolist())
+            names = [name for name in names if slots.index(name) in present]
         if not names:
             return None
-        key = None
-        if not grad and not compiling:  # what a cached bank depends on: which tensors, their bytes and scales
-            key = (slots, dtype, names, [p.data_ptr() for p in params], [p._version for p in params],
-                   [layer.scaling[name] for name in names])
-        if key is None or key != self._key:
-            stacked = self._stack(layer, slots, names, dtype, ids.device)
-            if key is not None:
-                self._key, self._cached = key, stacked
+        if grad or compiling:
+            a, b, scales, table = self._stack(layer, slots, names, dtype, ids.device)
         else:
-            stacked = self._cached
-        a, b, scales, table = stacked
-        return StackedBank(a, b, scales, table[ids + 1], tuple(layer.lora_dropout[name] for name in names))
+            checked = names if used is None else [slots[i] for i in used if slots[i] in modules_a]
+            if self._layout != (slots, tuple(names), dtype) or any(
+                    self._state.get(name) != self._adapter_state(layer, name) for name in checked):
+                self._cached = self._stack(layer, slots, names, dtype, ids.device)
+                self._layout = (slots, tuple(names), dtype)
+                self._state = {name: self._adapter_state(layer, name) for name in names}
+            a, b, scales, table = self._cached
+        return StackedBank(a, b, scales, ids if table is None else table[ids + 1],
+                           tuple(layer.lora_dropout[name] for name in names))
 
     def _stack(self, layer, slots, names, dtype, device):
         """``(a [n, R, K], b [n, N, R], scales [n], table [len(slots) + 1])``; ``table[i + 1]`` is
-        slot ``i``'s bank index (-1 where the layer lacks it), ``table[0] = -1`` for base rows."""
+        slot ``i``'s bank index (-1 where the layer lacks it), ``table[0] = -1`` for base rows;
+        ``table`` is None when the bank holds every slot in order (the ids index it as they are)."""
         weights = [(layer.lora_A[name].weight, layer.lora_B[name].weight) for name in names]
         rank = max(a.shape[0] for a, _ in weights)
         a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
         b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
         scales = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
         position = {name: j for j, name in enumerate(names)}
-        table = torch.tensor([-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=device)
+        table = None if tuple(names) == tuple(slots) else torch.tensor(
+            [-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=device)
         return a, b, scales, table

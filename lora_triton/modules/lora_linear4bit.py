@@ -277,7 +277,7 @@ class LoRALinear4bit(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         base = nf4_linear(x2d, self.base_layer.nf4, self.base_layer.bias, self.backend)
         ids = per_token_ids(mixed.ids, x2d.shape[0])
-        bank = self._bank.stacked(self, mixed.slots, ids, x.dtype)
+        bank = self._bank.stacked(self, mixed.slots, ids, x.dtype, mixed.used)
         if bank is None:  # none of the batch's adapters lives in this layer
             return base.reshape(*x.shape[:-1], self.out_features)
         x_lora = x2d
@@ -287,7 +287,8 @@ class LoRALinear4bit(nn.Module):
             x_lora = x2d * (keep / (1.0 - p_rows[:, None])).to(x2d.dtype)
         backend = "torch" if x.dtype == torch.float64 else resolve_backend(x.device, self.backend)
         # bank.ids come from the bank's lookup table: in range by construction, no need to read them
-        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_ids=False)
+        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_ids=False,
+                           base_is_scratch=True)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

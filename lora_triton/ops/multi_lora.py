@@ -46,15 +46,16 @@ def adapter_groups(ids: Tensor, n_adapters: int) -> list[tuple[int, Tensor]]:
 
 
 def _forward_torch(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                   keep_s: bool = True) -> tuple[Tensor, Tensor | None]:
-    """``(y, S)``; ``S`` (for the backward's ``dB``) only with ``keep_s``."""
+                   keep_s: bool = True, in_place: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(y, S)``; ``S`` (for the backward's ``dB``) only with ``keep_s``; ``in_place``: ``y`` is
+    ``base`` itself, updated."""
     groups, scale_of = adapter_groups(ids, bank_a.shape[0]), scales.tolist()
     bank_b = bank_b.to(base.dtype)
     if len(groups) == 1 and groups[0][1].shape[0] == x.shape[0]:  # every row one adapter: no gathers
         adapter = groups[0][0]
         s = x @ bank_a[adapter].t()
         return torch.addmm(base, s.to(base.dtype), bank_b[adapter].t(), alpha=scale_of[adapter]), s
-    y = base.clone()
+    y = base if in_place else base.clone()
     s = x.new_zeros(x.shape[0], bank_a.shape[1]) if keep_s else None
     for adapter, rows in groups:
         s_rows = x[rows] @ bank_a[adapter].t()
@@ -65,10 +66,10 @@ def _forward_torch(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scal
 
 
 def _forward_triton(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor,
-                    ids: Tensor) -> tuple[Tensor, Tensor]:
+                    ids: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
     from ..kernels.lora_multi import multi_lora_add_
 
-    y = base.clone()
+    y = base if in_place else base.clone()
     s = multi_lora_add_(x, y, bank_a, bank_b, scales, ids)
     return y, s
 
@@ -172,10 +173,12 @@ def check_mixed_operands(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor
 
 
 def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                   backend: str = "torch", check_ids: bool = True) -> Tensor:
+                   backend: str = "torch", check_ids: bool = True, base_is_scratch: bool = False) -> Tensor:
     """``base + each row's own LoRA term`` (module docstring), differentiable in ``base``, ``x``
     and both banks; ``backend`` is ``"triton"`` or ``"torch"`` (resolved by the caller);
-    ``check_ids=False`` skips reading the ids (for callers whose ids are in range by construction)."""
+    ``check_ids=False`` skips reading the ids (for callers whose ids are in range by construction);
+    ``base_is_scratch``: ``base`` is the caller's own temporary, which, when there is nothing to
+    differentiate (eager), is updated in place and returned instead of copied."""
     check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_ids)
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
@@ -183,6 +186,8 @@ def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scal
         return _multi_lora_op(base, x, bank_a, bank_b, scales, ids, backend)[0]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, bank_a, bank_b))):
         if backend == "torch":  # nothing to differentiate: no autograd node, no S kept
-            return _forward_torch(base, x.contiguous(), bank_a, bank_b, scales, ids, keep_s=False)[0]
-        return _forward_triton(base, x.contiguous(), bank_a.contiguous(), bank_b.contiguous(), scales, ids)[0]
+            return _forward_torch(base, x.contiguous(), bank_a, bank_b, scales, ids, keep_s=False,
+                                  in_place=base_is_scratch)[0]
+        return _forward_triton(base, x.contiguous(), bank_a.contiguous(), bank_b.contiguous(), scales, ids,
+                               in_place=base_is_scratch)[0]
     return _EagerMultiLoRA.apply(base, x, bank_a, bank_b, scales, ids, backend)
