@@ -65,9 +65,10 @@ def _expand_kernel(s_ptr, b_ptr, ids_ptr, scale_ptr, y_ptr, N, R, R_PAD: tl.cons
         tl.store(y_ptrs, (y + lora).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids) -> None:
+def check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids, check_values: bool = True) -> None:
     """Raise TypeError / ValueError naming the operand unless they form a valid mixed batch
-    (shapes, dtypes, devices, contiguity, adapter ids in ``[-1, n_adapters)``)."""
+    (shapes, dtypes, devices, contiguity; with ``check_values`` also finite scales and adapter ids
+    in ``[-1, n_adapters)``, which reads them: a device sync)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {type(x).__name__}"
                          f"{'' if not isinstance(x, torch.Tensor) else f' of shape {list(x.shape)}'}")
@@ -86,6 +87,8 @@ def check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids) -> None:
         check_tensor(name, t, shape, x.device, (x.dtype,))
     check_tensor("scales", scales, (n_adapters,), x.device, (torch.float32,))
     check_tensor("adapter_ids", adapter_ids, (m,), x.device, ID_DTYPES)
+    if not check_values:
+        return
     if m and not bool(torch.isfinite(scales).all()):
         raise ValueError(f"scales must be finite, got {scales.tolist()}")
     if m:
@@ -96,12 +99,14 @@ def check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids) -> None:
 
 
 def multi_lora_add_(x: torch.Tensor, y: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor,
-                    scales: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+                    scales: torch.Tensor, adapter_ids: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """Add each row's LoRA term to ``y`` in place (module docstring for shapes); returns ``S [M, R]``.
 
     Raises TypeError / ValueError for bad operands, RuntimeError where Triton cannot run.
+    ``check_values=False`` skips the checks that read the scales and ids (a device sync per call)
+    for callers whose values are valid by construction (``ops.multi_lora``).
     """
-    check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids)
+    check_multi_lora(x, y, bank_a, bank_b, scales, adapter_ids, check_values)
     require_launchable(x.device)
     m, k = x.shape
     n_adapters, r, _ = bank_a.shape

@@ -15,7 +15,10 @@ an adapter's weights (their storage or version counter), scale or the dtype chan
 copy per call; a batch checks the adapters it uses). With gradients
 it is stacked afresh (differentiable), from the adapters the batch uses only, so an adapter
 absent from the batch gets no gradient (``None``) and its optimizer leaves it alone: training
-several adapters in one pass equals training each on its own rows.
+several adapters in one pass equals training each on its own rows. Under ``torch.compile`` the
+bank is stacked inside the graph from every adapter (choosing the used ones would read the ids):
+an absent adapter then gets a zero gradient, which optimizers with momentum or weight decay
+still step.
 """
 
 from __future__ import annotations

@@ -287,7 +287,7 @@ class LoRALinear4bit(nn.Module):
             x_lora = x2d * (keep / (1.0 - p_rows[:, None])).to(x2d.dtype)
         backend = "torch" if x.dtype == torch.float64 else resolve_backend(x.device, self.backend)
         # bank.ids come from the bank's lookup table: in range by construction, no need to read them
-        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_ids=False,
+        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_values=False,
                            base_is_scratch=True)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -70,7 +70,8 @@ def _forward_triton(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, sca
     from ..kernels.lora_multi import multi_lora_add_
 
     y = base if in_place else base.clone()
-    s = multi_lora_add_(x, y, bank_a, bank_b, scales, ids)
+    # the values were checked by multi_lora_add (or are in range by construction): no sync here
+    s = multi_lora_add_(x, y, bank_a, bank_b, scales, ids, check_values=False)
     return y, s
 
 
@@ -113,8 +114,25 @@ def _grads(dy, x, bank_a, bank_b, scales, ids, saved_s, needs) -> tuple:
     return dy if need_base else None, dx, da, db
 
 
+@torch.library.custom_op("lora_triton::multi_lora_backward", mutates_args=())
+def _multi_lora_backward_op(dy: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
+                            saved_s: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dbank_a, dbank_b)`` (empty where ``needs`` does not ask): the grouped backward as an
+    op of its own, so that a compiled graph's backward calls it instead of tracing its
+    data-dependent grouping."""
+    _, *grads = _grads(dy, x, bank_a, bank_b, scales, ids, saved_s, (False, *needs))
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_multi_lora_backward_op.register_fake
+def _(dy, x, bank_a, bank_b, scales, ids, saved_s, needs):
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip((x, bank_a, bank_b), needs))
+
+
 def _backward(ctx, dy, _ds):
-    return (*_grads(dy, *ctx.saved_tensors, ctx.needs_input_grad[:4]), None, None, None)
+    need_base, *needs = ctx.needs_input_grad[:4]
+    grads = _multi_lora_backward_op(dy, *ctx.saved_tensors, needs) if any(needs) else (None,) * 3
+    return (dy if need_base else None, *(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
 torch.library.register_autograd("lora_triton::multi_lora_add", _backward, setup_context=_setup_context)
@@ -138,11 +156,11 @@ class _EagerMultiLoRA(torch.autograd.Function):
 
 
 def check_mixed_operands(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                         check_ids: bool = True) -> None:
+                         check_values: bool = True) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the operand unless the operands of
-    ``multi_lora_add`` fit together (module docstring). With ``check_ids`` the ids are
-    range-checked by value, in eager mode only (reading them is a device sync, and a graph break
-    under ``torch.compile``)."""
+    ``multi_lora_add`` fit together (module docstring). With ``check_values`` the ids are
+    range-checked by value and the scales checked finite, in eager mode only (reading them is a
+    device sync, and a graph break under ``torch.compile``)."""
     for name, t in (("base", base), ("x", x), ("bank_a", bank_a), ("bank_b", bank_b), ("scales", scales),
                     ("ids", ids)):
         if not isinstance(t, Tensor):
@@ -166,20 +184,23 @@ def check_mixed_operands(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor
     devices = {t.device for t in (base, x, bank_a, bank_b, scales, ids)}
     if len(devices) != 1:
         raise ValueError(f"all operands must be on one device, got {sorted(map(str, devices))}")
-    if check_ids and m and not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling() and not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"scales must be finite, got {scales.tolist()}")
+    if check_values and m and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < -1 or high >= n_adapters:
             raise ValueError(f"ids must be in [-1, {n_adapters}) (-1: no adapter), got values in [{low}, {high}]")
 
 
 def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                   backend: str = "torch", check_ids: bool = True, base_is_scratch: bool = False) -> Tensor:
+                   backend: str = "torch", check_values: bool = True, base_is_scratch: bool = False) -> Tensor:
     """``base + each row's own LoRA term`` (module docstring), differentiable in ``base``, ``x``
     and both banks; ``backend`` is ``"triton"`` or ``"torch"`` (resolved by the caller);
-    ``check_ids=False`` skips reading the ids (for callers whose ids are in range by construction);
+    ``check_values=False`` skips reading the ids and scales (for callers whose values are valid by
+    construction);
     ``base_is_scratch``: ``base`` is the caller's own temporary, which, when there is nothing to
     differentiate (eager), is updated in place and returned instead of copied."""
-    check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_ids)
+    check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values)
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if torch.compiler.is_compiling():
