@@ -447,3 +447,29 @@ def test_compiled_mixed_training_step_equals_eager():
     assert compiled.keys() == eager.keys() and len(eager) == 2 * 2 * 7 * model.config.num_hidden_layers
     for name in eager:
         assert relative_error(compiled[name], eager[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("x_grad,bias_grad", [(True, True), (True, False), (False, True)])
+def test_nf4_linear_against_float64(x_grad, bias_grad):
+    """ops.nf4_linear (the mixed path's base product) vs float64 on the dequantized weight, odd shapes."""
+    from lora_triton.format import NF4Weight
+
+    weight = NF4Weight.quantize(torch.randn(17, 192), 64, True)
+    dense = weight.dequantize(torch.float64)
+    x = torch.randn(3, 5, 192, requires_grad=x_grad)
+    bias = torch.randn(17, requires_grad=bias_grad)
+    y = nf4_linear(x, weight, bias)
+    ref = x.double() @ dense.t() + bias.double()
+    assert relative_error(y, ref) < REL_TOL[torch.float32]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    if x_grad:
+        assert relative_error(x.grad, dy.double() @ dense) < REL_TOL[torch.float32]
+    if bias_grad:
+        assert relative_error(bias.grad, dy.double().sum((0, 1))) < REL_TOL[torch.float32]
+    with pytest.raises(TypeError, match="weight must be an NF4Weight"):
+        nf4_linear(x, dense)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        nf4_linear(x.tolist(), weight)
+    with pytest.raises(ValueError, match="in_features=192"):
+        nf4_linear(x[..., :100], weight)

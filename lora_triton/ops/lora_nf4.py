@@ -272,10 +272,11 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, backend
     The op runs with a rank-1 zero adapter and scale 0, which adds exact zeros."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     n, k = weight.shape
-    like = x if isinstance(x, Tensor) else torch.empty(0)
-    zero_a = like.new_zeros(1, k, dtype=torch.float32)
-    zero_b = like.new_zeros(n, 1, dtype=torch.float32)
+    zero_a = x.new_zeros(1, k, dtype=torch.float32)
+    zero_b = x.new_zeros(n, 1, dtype=torch.float32)
     return lora_nf4_linear(x, weight, zero_a, zero_b, 0.0, bias, backend=backend)
 
 

@@ -75,11 +75,19 @@ def _forward_triton(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, sca
     return y, s
 
 
+def _forward(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor, backend: str,
+             keep_s: bool = True, in_place: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(y, S)`` on ``backend``; every path (custom op, eager autograd, no-grad) calls it."""
+    x, bank_a, bank_b = x.contiguous(), bank_a.contiguous(), bank_b.contiguous()
+    if backend == "triton":
+        return _forward_triton(base, x, bank_a, bank_b, scales, ids, in_place)
+    return _forward_torch(base, x, bank_a, bank_b, scales, ids, keep_s, in_place)
+
+
 @torch.library.custom_op("lora_triton::multi_lora_add", mutates_args=())
 def _multi_lora_op(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
                    backend: str) -> tuple[Tensor, Tensor]:
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(base, x.contiguous(), bank_a.contiguous(), bank_b.contiguous(), scales, ids)
+    return _forward(base, x, bank_a, bank_b, scales, ids, backend)
 
 
 @_multi_lora_op.register_fake
@@ -144,8 +152,7 @@ class _EagerMultiLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, x, bank_a, bank_b, scales, ids, backend):
-        impl = _forward_triton if backend == "triton" else _forward_torch
-        y, saved_s = impl(base, x.contiguous(), bank_a.contiguous(), bank_b.contiguous(), scales, ids)
+        y, saved_s = _forward(base, x, bank_a, bank_b, scales, ids, backend)
         ctx.save_for_backward(x, bank_a, bank_b, scales, ids, saved_s)
         return y
 
@@ -206,9 +213,6 @@ def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scal
     if torch.compiler.is_compiling():
         return _multi_lora_op(base, x, bank_a, bank_b, scales, ids, backend)[0]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, bank_a, bank_b))):
-        if backend == "torch":  # nothing to differentiate: no autograd node, no S kept
-            return _forward_torch(base, x.contiguous(), bank_a, bank_b, scales, ids, keep_s=False,
-                                  in_place=base_is_scratch)[0]
-        return _forward_triton(base, x.contiguous(), bank_a.contiguous(), bank_b.contiguous(), scales, ids,
-                               in_place=base_is_scratch)[0]
+        # nothing to differentiate: no autograd node, no S kept
+        return _forward(base, x, bank_a, bank_b, scales, ids, backend, keep_s=False, in_place=base_is_scratch)[0]
     return _EagerMultiLoRA.apply(base, x, bank_a, bank_b, scales, ids, backend)
