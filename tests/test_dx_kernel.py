@@ -83,6 +83,16 @@ def test_dx_matches_reference_over_rank_and_format(device, r, blocksize, double_
     assert_rel_close(dx, _reference(prob).dx, dtype, what=f"dx r={r} bs={blocksize} dq={double_quant}")
 
 
+@pytest.mark.parametrize("m, n, k", [(32, 128, 128), (16, 64, 192), (48, 130, 128), (20, 64, 64)],
+                         ids=["all-even", "even-m-n", "even-m-ragged-n", "ragged-m-even-n"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dx_even_and_ragged_tiles(device, m, n, k, dtype):
+    """The ``EVEN_*`` specializations (no bound tests where M, N, K fill their tiles) beside the
+    masked ones, under the interpreter's 16x64x64 tile and a GPU's autotuned tiles alike."""
+    prob = _setup(device, m, n=n, k=k, r=8, dtype=dtype, dropout_p=0.2)
+    assert_rel_close(_dx_kernel(prob, out=_poisoned_out(prob)), _reference(prob).dx, dtype, what=f"dx {m}x{n}x{k}")
+
+
 @pytest.mark.parametrize("r", [33, 100, 128])
 def test_dx_large_unaligned_ranks(device, r):
     prob = _setup(device, 5, n=40, k=128, r=r, dtype=torch.float16, dropout_p=0.5)
@@ -155,13 +165,15 @@ def test_gpu_config_pruning(m, n, k, max_m, max_k):
 NEEDS = list(itertools.product([False, True], repeat=4))
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dx_method", lora_dx.DX_METHODS)
 @pytest.mark.parametrize("needs", NEEDS, ids=lambda t: "".join("1" if b else "0" for b in t))
-def test_backward_every_needs_combination(device, needs):
+def test_backward_every_needs_combination(device, needs, dx_method, dropout_p):
     """Each requires_grad combination (x, A, B, bias) asks for a subset; exactly that subset
-    comes back, and it matches the reference."""
-    prob = _setup(device, 3, n=70, k=128, r=4, dtype=torch.float32, dropout_p=0.3)
+    comes back, and it matches the reference, whichever way dx is computed."""
+    prob = _setup(device, 3, n=70, k=128, r=4, dtype=torch.float32, dropout_p=dropout_p)
     grads = lora_backward_triton(prob["dy"], prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"],
-                                 prob["scale"], prob["s"], prob["dropout_p"], SEED, needs=needs)
+                                 prob["scale"], prob["s"], prob["dropout_p"], SEED, needs=needs, dx_method=dx_method)
     ref = _reference(prob, needs)
     for name, needed in zip(FIELDS, needs):
         got = getattr(grads, name)
@@ -172,12 +184,13 @@ def test_backward_every_needs_combination(device, needs):
         assert_rel_close(got, getattr(ref, name), torch.float32, what=name)
 
 
+@pytest.mark.parametrize("dx_method", lora_dx.DX_METHODS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_all_grads_per_dtype(device, dtype, dropout_p):
+def test_backward_all_grads_per_dtype(device, dtype, dropout_p, dx_method):
     prob = _setup(device, 17, n=100, k=128, r=8, dtype=dtype, blocksize=128, dropout_p=dropout_p)
     grads = lora_backward_triton(prob["dy"], prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"],
-                                 prob["scale"], prob["s"], dropout_p, SEED)
+                                 prob["scale"], prob["s"], dropout_p, SEED, dx_method=dx_method)
     ref = _reference(prob)
     for name in FIELDS:
         got = getattr(grads, name)

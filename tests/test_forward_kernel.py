@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lora_triton.format import NF4Weight
 from lora_triton.kernels import lora_forward as lf
 from lora_triton.kernels.dropout import dropout_mask
-from lora_triton.kernels.nf4_dequant import dequantize_nf4
+from lora_triton.kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_merged
 from lora_triton.kernels.runtime import kernel_dtype
 from lora_triton.ops import dispatch
 from lora_triton.reference import lora_forward
@@ -134,6 +134,46 @@ def test_dequantize_kernel_is_bit_exact(dtype, double_quant, shape, blocksize, d
     out = dequantize_nf4(weight, dtype)
     assert out.dtype == dtype
     assert torch.equal(out, weight.dequantize(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape,blocksize,r", [((70, 192), 64, 8), ((33, 256), 128, 1), ((5, 96), 32, 64),
+                                               ((3, 4096), 4096, 17), ((130, 128), 64, 128), ((600, 64), 64, 4)],
+                         ids=["bs64-r8", "bs128-r1", "bs32-r64", "bs4096-r17", "bs64-r128", "two-row-programs"])
+def test_merged_weight_matches_float64(dtype, double_quant, shape, blocksize, r, device):
+    """``W + s * B @ A`` summed in fp32 and rounded once: within the dtype's bound of the float64 sum;
+    with ``s = 0`` it is the dequantized weight bit for bit."""
+    n, k = shape
+    weight = NF4Weight.quantize(torch.randn(*shape), blocksize, double_quant).to(device)
+    a = (torch.randn(r, k, device=device) / k**0.5).to(dtype)
+    b = torch.randn(n, r, device=device).to(dtype)
+    out = dequantize_nf4_merged(weight, a, b, 0.7, dtype)
+    assert out.dtype == dtype
+    assert_rel_close(out, weight.dequantize(torch.float64) + 0.7 * b.double() @ a.double(), dtype, what="W + sBA")
+    assert torch.equal(dequantize_nf4_merged(weight, a, b, 0.0, dtype), dequantize_nf4(weight, dtype))
+
+
+MERGED_BAD = [
+    ("a-wrong-K", lambda a, b: dict(lora_a=a[:, :64].contiguous()), ValueError, r"lora_a must have shape \[4, 128\]"),
+    ("b-wrong-N", lambda a, b: dict(lora_b=b[:30]), ValueError, r"lora_b must have shape \[40, 4\]"),
+    ("a-dtype", lambda a, b: dict(lora_a=a.half()), TypeError, r"lora_a must have dtype in \['torch.float32'\]"),
+    ("b-non-contiguous", lambda a, b: dict(lora_b=b.t().contiguous().t()), ValueError, r"lora_b must be contiguous"),
+    ("a-stride-0", lambda a, b: dict(lora_a=a[:1].expand(4, 128)), ValueError, r"lora_a has a zero stride"),
+    ("a-1d", lambda a, b: dict(lora_a=a[0]), ValueError, r"lora_a must be \[r, K=128\] with r >= 1"),
+    ("scale-tensor", lambda a, b: dict(scale=torch.tensor(0.5)), TypeError, r"scale must be a Python number"),
+    ("table", lambda a, b: dict(table="prmt"), ValueError, r"table must be one of"),
+    ("dtype", lambda a, b: dict(dtype=torch.float64), TypeError, r"float16, bfloat16 or float32 only"),
+]
+
+
+@pytest.mark.parametrize("label,change,error,message", MERGED_BAD, ids=[c[0] for c in MERGED_BAD])
+def test_merged_weight_bad_inputs_raise(label, change, error, message, device):
+    weight = NF4Weight.quantize(torch.randn(40, 128), 64, True).to(device)
+    a, b = torch.randn(4, 128, device=device), torch.randn(40, 4, device=device)
+    args = dict(weight=weight, lora_a=a, lora_b=b, scale=0.5, dtype=torch.float32)
+    with pytest.raises(error, match=message):
+        dequantize_nf4_merged(**{**args, **change(a, b)})
 
 
 def test_dequantize_refuses_an_unknown_table(device):

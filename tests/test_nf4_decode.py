@@ -139,3 +139,65 @@ def test_packed_words_view_the_bytes_without_a_copy():
     words = packed_words(weight)
     assert words.dtype == torch.int32 and words.data_ptr() == weight.packed.data_ptr()
     assert words.numel() * 4 == weight.packed.numel()
+
+
+@triton.jit
+def _codes_kernel(packed_ptr, code_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    table = nf4_decode.code_table(code_ptr, "gather")
+    for k0 in range(0, K, BLOCK_K):
+        codes = nf4_decode.load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, "gather")
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], codes, mask=offs_n[:, None] < N)
+
+
+def test_code_loader_returns_the_table_value_of_every_byte(device):
+    n, k = 12, 256  # 12 rows: a partial row tile of 16
+    packed = torch.from_numpy(np.resize(_all_byte_values(), n * k // 2)).to(device)
+    code = nf4_code().to(dtype=torch.float32, device=device)
+    out = torch.full((n, k), float("nan"), device=device)
+    _codes_kernel[(1,)](packed, code, out, n, k, BLOCK_N=16, BLOCK_K=64)
+    expected = code.cpu()[torch.from_numpy(nf4_decode.codes_of_packed(packed.cpu().numpy()).astype(np.int64))]
+    assert torch.equal(out.cpu().reshape(-1), expected)
+
+
+@triton.jit
+def _tile_absmax_kernel(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr, N, K,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        DOUBLE_QUANT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """Row tile 0, every K step; column c of step k0 lands at out[row, k0 // BLOCKSIZE + c] of an
+    ``[N, K // BLOCKSIZE + 4]`` buffer (the 4 extra columns catch blocks past K: finite stand-ins)."""
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
+    offs_n = tl.arange(0, BLOCK_N)
+    width = K // BLOCKSIZE + 4
+    for k0 in range(0, K, BLOCK_K):
+        absmax = nf4_decode.load_tile_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, k0,
+                                             N, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_N, EVEN_K)
+        col = k0 // BLOCKSIZE + tl.arange(0, NB)
+        tl.store(out_ptr + offs_n[:, None] * width + col[None, :], absmax, mask=offs_n[:, None] < N)
+
+
+# (N, K, BLOCK_K, blocksize): tiles inside one block, 2 and 4 blocks per tile, K past the last tile,
+# rows past N; K * N / blocksize > 256 blocks so the nested index (block >> 8) takes several values.
+TILE_ABSMAX_CASES = [(16, 2048, 32, 64), (12, 2048, 128, 64), (16, 1056, 128, 32), (16, 4096, 64, 64)]
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("case", TILE_ABSMAX_CASES, ids=lambda c: "N{}-K{}-BK{}-bs{}".format(*c))
+def test_tile_absmax_equals_nf4weight(case, double_quant, device):
+    n, k, block_k, blocksize = case
+    weight = NF4Weight.quantize(torch.randn(n, k) * torch.logspace(-3, 3, n)[:, None], blocksize, double_quant)
+    assert weight.absmax.numel() > 256
+    weight = weight.to(device)
+    width = k // blocksize + 4
+    out = torch.full((n, width), float("nan"), device=device)
+    nested = (weight.nested_absmax, weight.nested_code, float(weight.offset)) if double_quant else (
+        weight.absmax, weight.absmax, 0.0)
+    even_n, even_k = n % 16 == 0, k % block_k == 0
+    _tile_absmax_kernel[(1,)](weight.absmax, *nested, out, n, k, BLOCK_N=16, BLOCK_K=block_k, BLOCKSIZE=blocksize,
+                              DOUBLE_QUANT=double_quant, EVEN_N=even_n, EVEN_K=even_k)
+    expected = weight.absmax_float32().reshape(n, k // blocksize).cpu()
+    got = out.cpu()
+    assert torch.equal(got[:, : k // blocksize], expected)
+    written_past_k = got[:, k // blocksize:]
+    assert torch.all(torch.isnan(written_past_k) | torch.isfinite(written_past_k))

@@ -48,16 +48,19 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-skinny"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-skinny", "triton-merged"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("need_x, need_a, need_b, bias_mode", COMBOS)
 def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
                                          monkeypatch):
-    """``triton-skinny``: the Triton backend with every forward dispatched to the skinny kernel."""
-    if backend == "triton-skinny":
+    """``triton-skinny``: the Triton backend with every forward dispatched to the skinny kernel;
+    ``triton-merged``: forward and dx dispatched to the merged weight ``W + s * B @ A``."""
+    if backend in ("triton-skinny", "triton-merged"):
         from lora_triton.ops import dispatch
 
-        monkeypatch.setitem(dispatch.RULE, "forward", "skinny")
+        monkeypatch.setitem(dispatch.RULE, "forward", backend.removeprefix("triton-"))
+        if backend == "triton-merged":
+            monkeypatch.setitem(dispatch.RULE, "dx", "merged")
         backend = "triton"
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)
@@ -242,7 +245,8 @@ def test_reference_function_refuses_double_backward():
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
-@pytest.mark.parametrize("backend, dx_method", [("torch", None), ("triton", "dequant"), ("triton", "fused")])
+@pytest.mark.parametrize("backend, dx_method", [("torch", None), ("triton", "dequant"), ("triton", "fused"),
+                                                ("triton", "merged")])
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
 def test_empty_batch_forward_and_backward(backend, dx_method, lead, device, monkeypatch):
     """M = 0 on every backend and dx path: the gradient of .sum() of an empty output is an

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +17,9 @@ from lora_triton.kernels import lora_forward as lf
 from lora_triton.kernels import nf4_skinny, runtime
 from lora_triton.kernels.dropout import dropout_mask
 from lora_triton.reference import lora_forward
-from lora_triton.testing import assert_rel_close, random_lora_problem
+from lora_triton.format import NF4Weight
+from lora_triton.format.nf4 import unpack_nibbles
+from lora_triton.testing import REL_TOL, assert_rel_close, random_lora_problem, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, N, K, r, blocksize, double_quant, bias): M 1, 2, 3, 16, 17; N never a multiple of the tile;
@@ -96,6 +100,8 @@ TILE_CASES = [
     (16, 40, 256, 64, dict(block_n=64, block_k=32, split_k=4)),  # K even, N not; 2 LoRA chunks
     (40, 70, 192, 64, dict(block_m=32, block_n=32, block_k=128, split_k=2)),  # medium-M tile, 2 M tiles
     (17, 64, 128, 32, dict(block_m=64, block_n=64, block_k=64, split_k=1)),   # 64 tokens, 47 of them masked
+    (6, 50, 160, 32, dict(block_n=32, block_k=128, split_k=2)),  # 4 absmax sub-tiles per step, 3 past K
+    (40, 300, 192, 64, dict(block_m=32, block_n=256, block_k=64, split_k=2)),  # the medium-M default's tile
 ]
 
 
@@ -157,6 +163,7 @@ def test_medium_m_default_is_the_32_token_tile_with_s_first_above_rank_16():
     medium = lf.skinny_default(16, 17)
     assert medium["block_m"] == 32 and medium["maxnreg"] == 168 and medium["s_first"] is False
     assert lf.skinny_default(64, 128)["s_first"] is True and lf.skinny_default(128, 200)["block_m"] == 32
+    assert medium["block_k"] == 64  # one absmax per row and K step at bitsandbytes' blocksize 64
     for config in (lf.SKINNY_DEFAULT, lf.SKINNY_MEDIUM_DEFAULT, lf.SKINNY_INTERPRETER, *lf.SKINNY_CONFIGS):
         nf4_skinny.check_config(dict(config, split_k=1, table="shfl"))
 
@@ -219,3 +226,64 @@ def test_random_shapes(m, n, k_blocks, r, blocksize, double_quant, bias, dtype, 
     k = min(k_blocks * blocksize, 256 // blocksize * blocksize)
     problem = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=seed)
     _check(problem, dict(split_k=split_k, block_k=32), dropout_p=dropout, seed=seed % 1000)
+
+
+@pytest.mark.parametrize("block_k", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 4096])
+def test_lora_chunks_keep_16_columns_per_chunk_of_every_absmax_sub_tile(block_k, blocksize):
+    """The K step runs one shrink per sub-tile of min(block_k, blocksize) columns; a GPU dot needs K >= 16."""
+    for r_pad in (16, 32, 64, 128):
+        chunks = nf4_skinny.lora_chunks(block_k, r_pad, blocksize)
+        assert min(block_k, blocksize) // chunks >= 16
+        assert chunks == 1 or chunks * r_pad <= 64
+
+
+def test_output_tiles_too_large_for_int32_offsets_are_refused():
+    """Meta tensors: the check runs before any launch (and needs no memory)."""
+    meta = dict(device="meta", dtype=torch.float16)
+    x, y = torch.empty(64, 128, **meta), torch.empty(64, 2**26, **meta)
+    lora_a, lora_b, s = torch.empty(16, 128, **meta), torch.empty(2**26, 16, **meta), torch.empty(64, 16, **meta)
+    with pytest.raises(ValueError, match="int32 tile offsets"):
+        nf4_skinny.launch_skinny(x, (), lora_a, lora_b, None, y, s, 1.0, 0.0, 0, blocksize=64, double_quant=True,
+                                 r_pad=16, dot_precision="ieee", table="gather", block_m=64, block_n=128,
+                                 block_k=64, split_k=1)
+
+
+@triton.jit
+def _column_kernel(t_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    t = tl.load(t_ptr + rows[:, None] * COLS + tl.arange(0, COLS)[None, :])
+    for j in tl.static_range(COLS):
+        tl.store(out_ptr + j * ROWS + rows, nf4_skinny._column(t, j))
+
+
+@pytest.mark.parametrize("cols", [1, 2, 4, 8])
+def test_column_picks_each_column(cols, device):
+    t = torch.randn(16, cols, device=device)
+    out = torch.full((cols, 16), float("nan"), device=device)
+    _column_kernel[(1,)](t, out, ROWS=16, COLS=cols)
+    assert torch.equal(out.cpu(), t.cpu().t())
+
+
+@pytest.mark.parametrize("blocksize,double_quant", [(32, True), (64, True), (64, False), (256, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_codes_rounded_then_scaled_in_fp32_stay_within_the_dtype_bound(dtype, blocksize, double_quant):
+    """The GPU build's arithmetic for fp16 / bf16 activations, emulated in torch (the interpreter widens bf16
+    to fp32, so it cannot show it): each code rounded to x's dtype, each block's product accumulated in fp32
+    and scaled by the block's fp32 absmax. Its error against the float64 reference stays within the dtype's
+    bound, and within 5% of the error of the exactly dequantized weight (``code * absmax`` rounded once,
+    what the other candidates multiply)."""
+    n, k, m = 256, 1024, 48
+    weight = NF4Weight.quantize(torch.randn(n, k) * 0.02, blocksize, double_quant)
+    x = torch.randn(m, k).to(dtype)
+    ref = x.double() @ weight.dequantize(torch.float64).t()
+    exact = (x.float() @ weight.dequantize(dtype).float().t()).double()
+    codes = weight.code[unpack_nibbles(weight.packed, n * k).long()].reshape(n, k).to(dtype).float()
+    absmax = weight.absmax_float32().reshape(n, k // blocksize)
+    scaled = torch.zeros(n, m)
+    for b in range(k // blocksize):
+        cols = slice(b * blocksize, (b + 1) * blocksize)
+        scaled += absmax[:, b:b + 1] * (codes[:, cols] @ x[:, cols].float().t())
+    err_scaled, err_exact = relative_error(scaled.t(), ref), relative_error(exact, ref)
+    assert err_scaled <= REL_TOL[dtype]
+    assert err_scaled <= 1.05 * err_exact, (err_scaled, err_exact)

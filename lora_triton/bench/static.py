@@ -77,6 +77,9 @@ BUDGETS = {
     # the skinny kernel's medium-M default (M > 16 tokens; issue 14's budget for the medium-M forward)
     "skinny_m": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "dequant": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
+    # W + s * B @ A (the merged candidate): it writes the dense weight, 2 bytes per element in bf16 on
+    # top of the 0.5 it reads, so the 5.5 of a kernel that only reads the packed bytes scales by 5
+    "merged": Budget(loop_ptx_per_weight_elem=5.5 * (0.5 + 2) / 0.5, spills=0),
     "fused": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "decode": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
     "dx": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
@@ -138,7 +141,7 @@ def dispatched_kernels() -> set[str]:
     """Kernels the dispatcher can choose: the shipped table's winners and the rule's choice."""
     from ..ops import dispatch
 
-    dx_kernel = {"fused": "dx", "dequant": "dequant"}  # dx candidates -> the kernel they run
+    dx_kernel = {"fused": "dx", "dequant": "dequant", "merged": "merged"}  # dx candidates -> the kernel they run
     from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
 
     names = {dispatch.RULE["forward"], dx_kernel[dispatch.RULE["dx"]]}
@@ -162,7 +165,7 @@ def is_dispatched(build: Build, dispatched: set[str]) -> bool:
 def builds(quick: bool) -> list[Build]:
     """Every compile of the report (``quick``: dispatched kernels and skinny, default configs, bf16)."""
     dispatched = dispatched_kernels()
-    kernels = ["skinny", "dequant", "fused", "decode", "dx"]  # "skinny" builds the skinny_m rows too
+    kernels = ["skinny", "dequant", "merged", "fused", "decode", "dx"]  # "skinny" builds the skinny_m rows too
     if quick:
         kernels = [k for k in kernels if k in dispatched or k == "skinny"]
     variants = [dict(dtype="bf16", r=16)] if quick else [dict(dtype="bf16", r=16), dict(dtype="fp16", r=64)]
@@ -174,7 +177,7 @@ def builds(quick: bool) -> list[Build]:
                 if kernel == "skinny":
                     out.extend(_skinny_builds(quick, variant))
                     continue
-                configs = [({}, 4, 3)] if kernel == "dequant" else _autotune_configs(kernel, quick)
+                configs = [({}, 4, 3)] if kernel in ("dequant", "merged") else _autotune_configs(kernel, quick)
                 out.extend(Build(kernel, cfg, warps, stages, variant) for cfg, warps, stages in configs)
     return out
 
@@ -210,6 +213,14 @@ def _kernel_args(build: Build) -> tuple:
         del words["packed_ptr"]
         args = dict(**words, out_ptr=act(), n_blocks=4096 * 64, BLOCKS_PER_PROGRAM=per_program)
         return nf4_dequant._dequant_kernel, args, per_program * 64, options
+    if build.kernel == "merged":
+        words = dict(weight, words_ptr=torch.empty(16, dtype=torch.int32))
+        del words["packed_ptr"]
+        block_k = nf4_dequant.merged_block_k(64)
+        args = dict(**words, a_ptr=act(), b_ptr=act(), out_ptr=act(), N=4096, K=4096, R=v["r"] - 3, scale=2.0,
+                    BLOCK_N=nf4_dequant.MERGED_BLOCK_N, BLOCK_K=block_k,
+                    ROWS_PER_PROGRAM=nf4_dequant.MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad, DOT_PRECISION=precision)
+        return nf4_dequant._dequant_merged_kernel, args, nf4_dequant.MERGED_BLOCK_N * block_k, options
     if build.kernel == "fused":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, SINGLE_PASS=True, HAS_BIAS=False,
@@ -222,7 +233,8 @@ def _kernel_args(build: Build) -> tuple:
     if build.kernel == "dx":
         args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed=1234,
                     dropout_p=0.1, M=333, N=4096, K=4096, R=v["r"] - 3, M_BUCKET=512, R_PAD=r_pad,
-                    HAS_DROPOUT=False, **cfg)
+                    HAS_DROPOUT=False, EVEN_M=333 % cfg["BLOCK_M"] == 0, EVEN_N=4096 % cfg["BLOCK_N"] == 0,
+                    EVEN_K=4096 % cfg["BLOCK_K"] == 0, **cfg)
         return lora_dx._lora_dx_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     raise KeyError(build.kernel)
 

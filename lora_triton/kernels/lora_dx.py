@@ -11,9 +11,10 @@ and ``A`` in the same fp32 accumulator, with the dropout mask regenerated from t
 seed. ``G`` is an input because the caller needs it for ``dA`` as well.
 
 ``lora_backward_triton`` assembles every gradient of the layer: ``G`` once, ``dx`` through the
-fused kernel or through dequantize + cuBLAS (``ops.dispatch`` decides, from a measured
-table), ``dA``, ``dB`` and the bias gradient through torch matmuls/reductions (cuBLAS on a
-GPU), each only when asked for.
+fused kernel, through dequantize + cuBLAS, or (``merged``, without dropout) as one cuBLAS product
+with ``W + s * B @ A`` (``nf4_dequant.dequantize_nf4_merged``: no ``G @ A`` pass over ``[M, K]``);
+``ops.dispatch`` decides, from a measured table. ``dA``, ``dB`` and the bias gradient come from
+torch matmuls/reductions (cuBLAS on a GPU), each only when asked for.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from ..format import NF4Weight
 from ..reference import LoRAGrads
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_mask, dropout_scale
-from .nf4_decode import code_table, load_nf4_tile
-from .nf4_dequant import dequantize_nf4
+from .nf4_decode import code_table, in_bounds, load_nf4_tile
+from .nf4_dequant import dequantize_nf4, dequantize_nf4_merged
 from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket
 
 #: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
 MAX_RANK = 128
-#: How ``dx`` can be computed: the fused kernel, or dequantize + cuBLAS (``ops.dispatch`` chooses).
-DX_METHODS = ("fused", "dequant")
+#: How ``dx`` can be computed: the fused kernel, dequantize + cuBLAS, or one cuBLAS product with the
+#: merged weight ``W + s * B @ A`` (dequantize + cuBLAS where there is dropout); ``ops.dispatch`` chooses.
+DX_METHODS = ("fused", "dequant", "merged")
 
 
 @triton.jit
@@ -47,7 +49,11 @@ def _lora_dx_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
     R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_M: tl.constexpr = False, EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
+    """One ``[BLOCK_M, BLOCK_K]`` tile of ``dx``, reducing over ``N`` in ``BLOCK_N`` steps, each weight
+    ``code * absmax`` exactly (``load_nf4_tile``). ``EVEN_M`` / ``EVEN_N`` / ``EVEN_K``: M, N, K are
+    multiples of their tile, so the loop and the store test no bounds."""
     # Grouped ordering: GROUP_M row tiles sweep the K tiles together, so the W column panel a
     # group reads stays in L2 (Triton's matmul tutorial).
     pid = tl.program_id(0)
@@ -59,20 +65,24 @@ def _lora_dx_kernel(
     pid_m = first_m + (pid % group_size) % group_m
     pid_k = (pid % group_size) // group_m
 
+    k0 = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     rows = offs_m.to(tl.int64)
-    in_m = offs_m < M
-    in_k = offs_k < K
+    in_m = in_bounds(offs_m, M, EVEN_M)
+    in_k = in_bounds(offs_k, K, EVEN_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     table = code_table(code_ptr, TABLE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows[:, None] * N + offs_n[None, :],
-                     mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
+        dy_ptrs = dy_ptr + rows[:, None] * N + offs_n[None, :]
+        if EVEN_M and EVEN_N:
+            dy = tl.load(dy_ptrs)
+        else:
+            dy = tl.load(dy_ptrs, mask=in_m[:, None] & in_bounds(offs_n, N, EVEN_N)[None, :], other=0.0)
         w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE)
+                          offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE, EVEN_N, EVEN_K)
         # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
         # fp16/bf16 operands are unaffected.
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
@@ -86,8 +96,11 @@ def _lora_dx_kernel(
         lora = lora * dropout_scale(seed, offs_m, offs_k, K, dropout_p)
     acc += lora
 
-    tl.store(dx_ptr + rows[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=in_m[:, None] & in_k[None, :])
+    dx_ptrs = dx_ptr + rows[:, None] * K + offs_k[None, :]
+    if EVEN_M and EVEN_K:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty))
+    else:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
 
 def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
@@ -145,11 +158,18 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept
 
 
+#: The kernel with its ``EVEN_*`` constexprs derived from the sizes and the (autotuned) tile.
+_lora_dx_kernel_even = triton.heuristics({
+    "EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+    "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+})(_lora_dx_kernel)
+
 _lora_dx_kernel_autotuned = triton.autotune(
     configs=_gpu_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOUBLE_QUANT", "BLOCKSIZE"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_lora_dx_kernel)
+)(_lora_dx_kernel_even)
 
 
 def _check_matrix(name: str, t) -> None:
@@ -227,7 +247,7 @@ def lora_dx_triton(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g:
     if interpreting():
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
-        _lora_dx_kernel[grid](*args, **meta, **cfg)
+        _lora_dx_kernel_even[grid](*args, **meta, **cfg)
     else:
         grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)  # noqa: E731
         _lora_dx_kernel_autotuned[grid](*args, **meta, enable_fp_fusion=False)
@@ -261,22 +281,27 @@ def lora_backward_triton(
         saved_s: ``S [M, r]`` = ``drop(x) @ A^T`` saved by the forward.
         dropout_p, seed: the forward's LoRA dropout (mask regenerated, never saved).
         needs: which of ``(dx, dA, dB, dbias)`` to compute.
-        dx_method: ``"fused"`` (``lora_dx_triton``) or ``"dequant"`` (dequantize + cuBLAS), one of
-            ``DX_METHODS``; ``ops.dispatch.choose_dx`` picks it from measurements.
+        dx_method: ``"fused"`` (``lora_dx_triton``), ``"dequant"`` (dequantize + cuBLAS) or ``"merged"``
+            (``dy @ (W + s * B @ A)``; ``"dequant"`` when there is dropout), one of ``DX_METHODS``;
+            ``ops.dispatch.choose_dx`` picks it from measurements.
     Returns:
         ``LoRAGrads`` in x's dtype; fields not asked for are None. ``G = dy @ B`` is computed
-        once, and only when dx or dA is needed; ``drop(x)`` exists only transiently for dA.
+        once, and only when dA or a dx other than the merged one needs it; ``drop(x)`` exists only
+        transiently for dA.
     """
     need_dx, need_da, need_db, need_dbias = needs
     if dx_method not in DX_METHODS:
         raise ValueError(f"dx_method must be one of {DX_METHODS}, got {dx_method!r}")
     dtype = x.dtype
     dy = dy.to(dtype).contiguous()
-    g = dy @ lora_b.to(dtype) if (need_dx or need_da) else None
+    merged = dx_method == "merged" and dropout_p == 0
+    g = dy @ lora_b.to(dtype) if (need_dx and not merged) or need_da else None
     dx = da = db = dbias = None
     if need_dx:
         a = lora_a.to(dtype).contiguous()
-        if dx_method == "fused":
+        if merged:
+            dx = dy @ dequantize_nf4_merged(weight, a, lora_b.to(dtype).contiguous(), scale, dtype)
+        elif dx_method == "fused":
             dx = lora_dx_triton(dy, weight, a, g, scale, dropout_p, seed)
         else:
             dx = _dx_dequantized(dy, weight, a, g, scale, dropout_p, seed)
@@ -286,9 +311,9 @@ def lora_backward_triton(
             m, k = x.shape
             # fp32 mask times x, rounded once to the compute dtype
             x_drop = (x * dropout_mask(seed, dropout_p, m, k, x.device)).to(dtype)
-        da = scale * (g.t() @ x_drop)
+        da = torch.mm(g.t(), x_drop).mul_(scale)
     if need_db:
-        db = scale * (dy.t() @ saved_s.to(dtype))
+        db = torch.mm(dy.t(), saved_s.to(dtype)).mul_(scale)
     if need_dbias:
         dbias = dy.sum(0)
     return LoRAGrads(dx, da, db, dbias)
@@ -301,5 +326,5 @@ def _dx_dequantized(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g
     dx = dy @ dequantize_nf4(weight, dy.dtype)
     if dropout_p > 0:
         m, k = dx.shape
-        return dx + scale * (g @ lora_a) * dropout_mask(seed, dropout_p, m, k, dy.device).to(dy.dtype)
+        return dx.addcmul_(g @ lora_a, dropout_mask(seed, dropout_p, m, k, dy.device).to(dy.dtype), value=scale)
     return dx.addmm_(g, lora_a, alpha=scale)

@@ -7,7 +7,7 @@ back in ``x``'s dtype. Ranks 1..128 (padded inside to a power of two >= 16, mask
 be a multiple of the NF4 block size (kernels read whole blocks); other weights use the
 plain-torch path (``method="torch"``; ``"reference"`` is its old name, still accepted).
 
-Four candidates compute the same thing (shared/DESIGN.md asks to measure, not assume):
+The candidates compute the same thing (shared/DESIGN.md asks to measure, not assume):
 
 ``fused``    one kernel: NF4 tile decoded in registers inside the K loop, ``S`` accumulated in
              the same loop (``r / BLOCK_N`` extra MMA work per N tile), LoRA and bias added in
@@ -21,6 +21,10 @@ Four candidates compute the same thing (shared/DESIGN.md asks to measure, not as
              then cuBLAS: ``F.linear``, ``S = x @ A^T`` (the ``S`` kernel when there is
              dropout) and one ``addmm`` for LoRA (what bitsandbytes + PEFT do, minus their
              separate dropout and scaling passes).
+``merged``   large M (issue 14, item 3): one kernel writes ``W + s * B @ A`` (``nf4_dequant``), then
+             one cuBLAS ``F.linear`` with the bias gives ``y``: the LoRA term rides in the base GEMM
+             instead of an ``addmm`` pass over ``[M, N]``; ``S = x @ A^T`` for the backward. Without
+             dropout only (with it ``drop(x) @ A^T`` is not ``x @ A^T``): with dropout it runs ``dequant``.
 ``skinny``   decode-size kernel (``nf4_skinny``): swap-AB, split-K, deterministic reduction,
              LoRA and bias in the same launch.
 
@@ -44,12 +48,12 @@ from ..format import NF4Weight
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
-from .nf4_dequant import dequantize_nf4
+from .nf4_dequant import dequantize_nf4, dequantize_nf4_merged
 from .nf4_skinny import check_config, launch_skinny, split_k_for, split_k_range
-from .runtime import (can_launch, default_table, interpreting, kernel_dtype, m_bucket, multiprocessors,
+from .runtime import (can_launch, default_table, interpreting, kernel_dtype, m_bucket, multiprocessors, padded_rank,
                       require_launchable)
 
-METHODS = ("fused", "split", "decode", "dequant", "skinny")
+METHODS = ("fused", "split", "decode", "dequant", "merged", "skinny")
 """Kernel candidates of the forward (``"torch"`` is also accepted: plain torch)."""
 #: Names of the plain-torch path: ``"torch"`` and its old name.
 TORCH_METHODS = ("torch", "reference")
@@ -373,11 +377,6 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def padded_rank(r: int) -> int:
-    """The rank the kernels compute with: a power of two >= 16 (tl.dot's smallest tile)."""
-    return max(16, triton.next_power_of_2(r))
-
-
 def _launch_s(op: Operands) -> torch.Tensor:
     """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel."""
     s = _new_output((op.m, op.r), op.x.dtype, op.x.device)
@@ -435,6 +434,13 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
     return y, s
 
 
+def _launch_merged(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if op.dropout_p > 0:  # the merged weight computes x @ A^T, not drop(x) @ A^T
+        return _launch_dequant(op)
+    w = dequantize_nf4_merged(op.weight, op.lora_a, op.lora_b, op.scale, op.x.dtype)
+    return F.linear(op.x, w, op.bias), op.x @ op.lora_a.t()
+
+
 #: The skinny kernel's config when the caller names none: the tile that keeps the static report's
 #: register, spill and C7515 budgets on triton 3.6 and 3.9 at rank 16 (bench/RESULTS.md); the
 #: register cap only up to ``SKINNY_CAPPED_MAX_RANK`` (above it the cap spills). Under the
@@ -442,10 +448,12 @@ def _launch_dequant(op: Operands, config: dict | None = None) -> tuple[torch.Ten
 SKINNY_DEFAULT = dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=128, s_first=False)
 SKINNY_CAPPED_MAX_RANK = 16
 #: The default above ``SKINNY_DECODE_MAX_M`` tokens (medium M, issue 14): 32-token tiles (each weight
-#: tile decoded once per 32 tokens), the register cap of issue 14's budget (168: no spill on 3.6 or 3.9
-#: at rank 16), and above rank 16 ``S`` first (the S kernel, then only the expand in the epilogue): the
-#: in-loop shrink of rank 64 needs 255 registers (bench/RESULTS.md, 2026-12-01 third pass).
-SKINNY_MEDIUM_DEFAULT = dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168,
+#: tile decoded once per 32 tokens), 256 rows x 64 columns (one absmax block per row and K step at
+#: bitsandbytes' blocksize 64, so the absmax scales the product: one FMA per accumulator element), the
+#: register cap of issue 14's budget (168), and above rank 16 ``S`` first (the S kernel, then only the
+#: expand in the epilogue; rank 64 in the loop costs 5.06 PTX per element on triton 3.9). Within issue
+#: 14's budget on triton 3.6 and 3.9 at ranks 16 and 64 (bench/RESULTS.md, 2026-12-01 fourth pass).
+SKINNY_MEDIUM_DEFAULT = dict(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=2, maxnreg=168,
                              s_first=False)
 SKINNY_DECODE_MAX_M = 16
 SKINNY_INTERPRETER = dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1, maxnreg=None,
@@ -465,6 +473,8 @@ SKINNY_CONFIGS = (
     dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=True),
     dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=True),
     dict(block_m=32, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
+    # the medium-M default of the third pass (2026-12-01), for a GPU run to time against the new one
+    dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=False),
 )
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
@@ -505,7 +515,7 @@ def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tens
 
 
 LAUNCHERS = {"fused": _launch_fused, "split": _launch_split, "decode": _launch_decode, "dequant": _launch_dequant,
-             "skinny": _launch_skinny}
+             "merged": _launch_merged, "skinny": _launch_skinny}
 
 
 # ====================================================================== public API

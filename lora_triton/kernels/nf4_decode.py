@@ -5,13 +5,16 @@ byte with the even column in the high nibble, one absmax per ``BLOCKSIZE`` conse
 elements. Kernels need ``K % BLOCKSIZE == 0`` (a block never straddles two rows, so the block
 of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``).
 
-Two ways in, chosen per kernel by the static report (bench/RESULTS.md):
+Three ways in, chosen per kernel by the static report (bench/RESULTS.md):
 
-``load_nf4_tile``  the MMA kernels (skinny, fused/split, decode, dx): one byte = two codes per
+``load_nf4_tile``  the MMA kernels (fused/split, decode, dx): one byte = two codes per
                    load element; Triton copies the tile to shared memory in 16-byte pieces and
                    builds the MMA operand from it. Measured against 32-bit words there: words
                    cost 1.4-3.4x more instructions per element, because Triton moves the
                    decoded 8-codes-per-thread tile into the MMA operand layout element by element.
+``load_nf4_codes`` the same bytes, the codes left unscaled, and ``load_tile_absmax`` for the
+                   scales: the skinny kernel, which multiplies each sub-tile's MMA product by its
+                   rows' absmax instead of every weight element (``nf4_skinny``).
 ``decode_words``   the dequant kernel (no MMA, the layout is free): **32-bit words**, 8 codes each
                    (``K % 32 == 0`` for every block size, so a row starts on a word). A word is 4
                    bytes little-endian, so element ``e`` of it (element ``2j`` in the high nibble of
@@ -30,8 +33,8 @@ its value, both exact (the table's own fp32 values):
               reads from lanes of its own warp. Its bit logic is emulated in
               ``emulate_shfl_lookup`` and tested exhaustively on CPU.
 
-Values are ``code * absmax`` in fp32, rounded once to the operand dtype by the caller:
-bit-identical to ``NF4Weight.dequantize`` (kernels that decode absmax compile with
+``load_nf4_tile``'s values are ``code * absmax`` in fp32, rounded once to the operand dtype by the
+caller: bit-identical to ``NF4Weight.dequantize`` (kernels that decode absmax compile with
 ``enable_fp_fusion=False`` so ``nested * q + offset`` is not contracted into an FMA).
 A prmt (byte-permute) table was measured against ``shfl`` on paper and not built: NF4 values are
 arbitrary fp32 numbers, so a ``prmt`` lookup needs a byte plane per result byte (4 planes, two
@@ -112,21 +115,36 @@ def decode_bytes(byte, table, TABLE: tl.constexpr):
 
 
 @triton.jit
+def _nested_block(block, SHIFT: tl.constexpr):
+    """``block // 256`` (``SHIFT``: as ``block >> 8``, equal for ``block >= 0``)."""
+    if SHIFT:
+        return block >> 8
+    else:
+        return block // 256
+
+
+@triton.jit
 def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
-                      DOUBLE_QUANT: tl.constexpr, IN_BOUNDS: tl.constexpr = False):
-    """fp32 absmax of the blocks ``block`` (any shape of int indices); 0 where ``mask`` is False
-    (``IN_BOUNDS``: every block is valid and ``mask`` is not applied).
+                      DOUBLE_QUANT: tl.constexpr, IN_BOUNDS: tl.constexpr = False,
+                      SHIFT_NESTED_INDEX: tl.constexpr = False):
+    """fp32 absmax of the blocks ``block`` (any shape of int indices); where ``mask`` is False a finite
+    stand-in (0, or ``offset`` with double quantization: ``nested_code[0] * 0 + offset``), to be
+    multiplied by zeros only (``IN_BOUNDS``: every block is valid and ``mask`` is not applied).
 
     With double quantization ``absmax = nested_code[q] * nested_absmax[block // 256] + offset``
     (bitsandbytes' order: multiply, then add); otherwise the stored float32 value.
+    ``SHIFT_NESTED_INDEX``: the nested index as ``block >> 8`` (equal for ``block >= 0``, always the
+    case; one shift instead of signed division's four instructions). Only the skinny kernel sets it:
+    in the other kernels the shorter code moved ptxas' register allocation (triton 3.9: fused
+    16x128x128 fp16 rank 64 from 168 to 209 registers, bench/RESULTS.md fourth pass).
     """
     if DOUBLE_QUANT:
         if IN_BOUNDS:
             q = tl.load(absmax_ptr + block).to(tl.int32)
-            nested = tl.load(nested_absmax_ptr + block // 256)
+            nested = tl.load(nested_absmax_ptr + _nested_block(block, SHIFT_NESTED_INDEX))
         else:
             q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+            nested = tl.load(nested_absmax_ptr + _nested_block(block, SHIFT_NESTED_INDEX), mask=mask, other=0.0)
         return tl.load(nested_code_ptr + q) * nested + offset  # q is a valid index, masked or not
     elif IN_BOUNDS:
         return tl.load(absmax_ptr + block)
@@ -135,12 +153,35 @@ def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bl
 
 
 @triton.jit
-def _bound(offs, limit, ALWAYS: tl.constexpr):
+def in_bounds(offs, limit, ALWAYS: tl.constexpr):
     """``offs < limit``, or all True when the caller guarantees it (``ALWAYS``)."""
     if ALWAYS:
         return tl.full(offs.shape, True, tl.int1)
     else:
         return offs < limit
+
+
+@triton.jit
+def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
+                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+    """The code values of ``W[offs_n, k0 : k0 + BLOCK_K]`` before scaling: fp32 ``[BLOCK_N, BLOCK_K]``,
+    each exactly ``code[nibble]`` (rows ``>= N`` and columns ``>= K`` read byte 0, i.e. ``code[0]``).
+
+    ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
+    holds ``BLOCK_N`` row indices; ``k0`` is even. Each byte is loaded once. ``EVEN_N`` /
+    ``EVEN_K``: the caller guarantees every row is ``< N`` / the whole tile is ``< K`` (no masks).
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_b = k0 // 2 + tl.arange(0, HALF)
+    rows = offs_n.to(tl.int64)
+    byte_ptr = packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+    if EVEN_N and EVEN_K:
+        byte = tl.load(byte_ptr, eviction_policy="evict_first")
+    else:
+        byte_mask = in_bounds(offs_n, N, EVEN_N)[:, None] & in_bounds(offs_b, K // 2, EVEN_K)[None, :]
+        byte = tl.load(byte_ptr, mask=byte_mask, other=0, eviction_policy="evict_first")
+    return decode_bytes(byte.to(tl.int32), table, TABLE)
 
 
 @triton.jit
@@ -158,18 +199,11 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
     columns ``>= K`` read as 0. One absmax load per (row, block), each byte loaded once.
     ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row of ``offs_n`` is ``< N`` / the whole
     tile is ``< K``, so those bounds are not tested (no mask instructions in the K loop).
+    Each value is ``code * absmax`` in fp32 (``NF4Weight.dequantize``'s rounding).
     """
-    HALF: tl.constexpr = BLOCK_K // 2
-    offs_b = k0 // 2 + tl.arange(0, HALF)
-    row_ok = _bound(offs_n, N, EVEN_N)
+    row_ok = in_bounds(offs_n, N, EVEN_N)
     rows = offs_n.to(tl.int64)
-    byte_ptr = packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
-    if EVEN_N and EVEN_K:
-        byte = tl.load(byte_ptr, eviction_policy="evict_first")
-    else:
-        byte_mask = row_ok[:, None] & _bound(offs_b, K // 2, EVEN_K)[None, :]
-        byte = tl.load(byte_ptr, mask=byte_mask, other=0, eviction_policy="evict_first")
-    codes = decode_bytes(byte.to(tl.int32), table, TABLE)
+    codes = load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, TABLE, EVEN_N, EVEN_K)
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K <= BLOCKSIZE:
         # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
@@ -180,12 +214,29 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE
         offs_blk = k0 // BLOCKSIZE + tl.arange(0, NB)
         # zero whole blocks past K
-        blk_mask = row_ok[:, None] & _bound(offs_blk, blocks_per_row, EVEN_K)[None, :]
+        blk_mask = row_ok[:, None] & in_bounds(offs_blk, blocks_per_row, EVEN_K)[None, :]
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                    rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT,
                                    EVEN_N and EVEN_K)
         w = tl.reshape(codes, (BLOCK_N, NB, BLOCKSIZE))
         return tl.reshape(w * absmax[:, :, None], (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def load_tile_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, k0, N, K,
+                     BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+    """fp32 ``[BLOCK_N, max(1, BLOCK_K // BLOCKSIZE)]``: the absmax of every block the tile
+    ``W[offs_n, k0 : k0 + BLOCK_K]`` touches, in column order (``load_block_absmax``'s values, one
+    column when the tile lies inside one block); for rows ``>= N`` and blocks past ``K`` the finite
+    stand-in of ``load_block_absmax`` (the caller multiplies it by zeros or masks it out)."""
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
+    blocks_per_row = K // BLOCKSIZE
+    offs_blk = k0 // BLOCKSIZE + tl.arange(0, NB)
+    mask = in_bounds(offs_n, N, EVEN_N)[:, None] & in_bounds(offs_blk, blocks_per_row, EVEN_K)[None, :]
+    block = offs_n.to(tl.int64)[:, None] * blocks_per_row + offs_blk[None, :]
+    return load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT,
+                             EVEN_N and EVEN_K, SHIFT_NESTED_INDEX=True)
 
 
 # ====================================================================== CPU twins of the bit logic

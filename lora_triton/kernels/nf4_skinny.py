@@ -16,6 +16,13 @@ Design (memory-bound: the packed weight is read once, at full width):
   shrink inside the K loop is a 3-D dot over ``LORA_CHUNKS`` K chunks, so the warps share it.
   The launcher leaves no split empty and the kernel peels its first K step (a zero-trip path
   would write the wgmma accumulator with moves: ptxas' C7515, serialized wgmma).
+* **Absmax on the product**: each K step is cut into sub-tiles of ``min(BLOCK_K, BLOCKSIZE)``
+  columns (one absmax per row in each); the decoded codes, rounded to x's dtype, go to the MMA
+  as they are and the sub-tile's fp32 product is scaled by its rows' absmax with one FMA per
+  accumulator element: ``acc += absmax[:, None] * (codes @ x_sub^T)``. That is ``BLOCK_M /
+  BLOCKSIZE`` instructions per weight element instead of one fp32 multiply per element. The
+  weight is rounded once, as its code rather than as ``code * absmax``; emulated for fp16 / bf16
+  in tests/test_skinny_kernel.py, its error is no larger than the exactly dequantized weight's.
 * **Masks only where a tile can be ragged**: ``EVEN_N`` / ``EVEN_K`` (N, K multiples of the
   tile) drop the bound tests from the K loop.
 * **Deterministic reduction, no zero fill**: each split writes its fp32 partial to a
@@ -38,11 +45,13 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_scale
-from .nf4_decode import code_table, load_nf4_tile
+from .nf4_decode import code_table, load_nf4_codes, load_tile_absmax
 from .runtime import tile_counters
 
 BLOCK_M = 16  # default tokens per program: the wgmma N dimension (>= 16 on every MMA)
 BLOCK_MS = (16, 32, 64)  # the token tiles a config may name
+#: The epilogue addresses a ``[BLOCK_M, N]`` output tile with int32 offsets from its first row.
+MAX_TILE_OFFSET = 2**31 - 1
 
 
 @triton.jit
@@ -86,24 +95,56 @@ def _lora_shrink_step(s_acc, x_t, a_ptr, offs_r, k0, R, K,
 
 
 @triton.jit
+def _column(t, j: tl.constexpr):
+    """Column ``j`` of ``t [ROWS, COLS]`` (``COLS`` a power of two) as ``[ROWS]``: ``tl.split`` for up to 4
+    columns (no data movement when a thread holds its rows' columns), a masked sum beyond."""
+    ROWS: tl.constexpr = t.shape[0]
+    COLS: tl.constexpr = t.shape[1]
+    if COLS == 1:
+        return tl.reshape(t, (ROWS,))
+    elif COLS == 2:
+        c0, c1 = tl.split(t)
+        return c1 if j == 1 else c0
+    elif COLS == 4:
+        lo, hi = tl.split(tl.reshape(t, (ROWS, 2, 2)))  # lo: columns 0, 2; hi: columns 1, 3
+        c0, c1 = tl.split(hi if j % 2 == 1 else lo)
+        return c1 if j >= 2 else c0
+    else:
+        return tl.sum(tl.where(tl.arange(0, COLS)[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
 def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
             a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LORA_CHUNKS: tl.constexpr,
             EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr):
     """One ``BLOCK_K`` step at ``k0``: ``acc += W_tile @ x^T`` and (unless ``S_FIRST``: ``S`` was
-    computed before the launch) the LoRA shrink chunks."""
-    BLOCK_N: tl.constexpr = acc.shape[0]
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K, EVEN_K)
-    if not S_FIRST:
-        x_drop = x_t
-        if HAS_DROPOUT:
-            x_drop = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
-        s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, k0, R, K, LORA_CHUNKS, EVEN_K, DOT_PRECISION)
-    w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                      offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE, EVEN_N, EVEN_K)
-    acc = tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+    computed before the launch) the LoRA shrink chunks.
+
+    The absmax scale is applied to the product, not to each weight: per sub-tile of
+    ``SUB = min(BLOCK_K, BLOCKSIZE)`` columns (one absmax per row), ``acc += absmax[:, None] *
+    (codes @ x_sub^T)`` with the codes rounded to x's dtype (exact in fp32), one fp32 FMA per
+    accumulator element and sub-tile instead of one multiply per weight element.
+    """
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    NSUB: tl.constexpr = BLOCK_K // SUB
+    absmax = load_tile_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, k0, N, K,
+                              BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_N, EVEN_K)  # [BLOCK_N, NSUB]
+    for j in tl.static_range(NSUB):
+        ks = k0 + j * SUB
+        offs_k = ks + tl.arange(0, SUB)
+        x_t = _x_t_tile(x_ptr, offs_m, offs_k, M, K, EVEN_K)
+        if not S_FIRST:
+            x_drop = x_t
+            if HAS_DROPOUT:
+                x_drop = x_t * tl.trans(dropout_scale(seed, offs_m, offs_k, K, p)).to(x_t.dtype)
+            s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, ks, R, K, LORA_CHUNKS, EVEN_K,
+                                         DOT_PRECISION)
+        codes = load_nf4_codes(packed_ptr, table, offs_n, ks, N, K, acc.shape[0], SUB, TABLE, EVEN_N, EVEN_K)
+        part = tl.dot(codes.to(x_t.dtype), x_t, input_precision=DOT_PRECISION)
+        scale_j = _column(absmax, j)
+        acc = tl.fma(part, scale_j[:, None], acc)
     return acc, s_chunks
 
 
@@ -144,14 +185,24 @@ def _skinny_kernel(
     s_acc = tl.sum(s_chunks, axis=0)
     if not S_FIRST:  # LoRA expand of this K range (S rounded to x's dtype, as the reference)
         acc = _lora_expand(acc, s_acc, b_ptr, offs_n, offs_r, N, R, scale, DOT_PRECISION)
-    y_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # y^T tile -> y [M, N]
+    # Tile offsets in int32 from row pid_m * BLOCK_M on (the launcher keeps BLOCK_M * N and
+    # BLOCK_M * R below 2**31): half the registers of int64 offsets in the reduction epilogue.
+    tile_rows = pid_m.to(tl.int64) * BLOCK_M
+    y_ptr += tile_rows * N
+    s_ptr += tile_rows * R
+    partial_y_ptr += tile_rows * N
+    partial_s_ptr += tile_rows * R
+    offs_tile_m = tl.arange(0, BLOCK_M)
+    partial_y_stride = M.to(tl.int64) * N  # one split's partial y (and S: M * R)
+    partial_s_stride = M.to(tl.int64) * R
+    y_offs = offs_tile_m[None, :] * N + offs_n[:, None]  # y^T tile -> y [M, N]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    s_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]  # S^T tile -> S [M, r]
+    s_offs = offs_tile_m[None, :] * R + offs_r[:, None]  # S^T tile -> S [M, r]
     s_mask = (offs_r[:, None] < R) & (offs_m[None, :] < M)
     if SPLIT_K > 1:
-        tl.store(partial_y_ptr + pid_k * M * N + y_offs, acc, mask=y_mask)
+        tl.store(partial_y_ptr + pid_k * partial_y_stride + y_offs, acc, mask=y_mask)
         if pid_n == 0 and not S_FIRST:
-            tl.store(partial_s_ptr + pid_k * M * R + s_offs, s_acc, mask=s_mask)
+            tl.store(partial_s_ptr + pid_k * partial_s_stride + s_offs, s_acc, mask=s_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
@@ -159,9 +210,10 @@ def _skinny_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             s_acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
             for split in range(0, SPLIT_K):
-                acc += tl.load(partial_y_ptr + split * M * N + y_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(partial_y_ptr + split * partial_y_stride + y_offs, mask=y_mask, other=0.0,
+                               cache_modifier=".cg")
                 if pid_n == 0 and not S_FIRST:
-                    s_acc += tl.load(partial_s_ptr + split * M * R + s_offs, mask=s_mask, other=0.0,
+                    s_acc += tl.load(partial_s_ptr + split * partial_s_stride + s_offs, mask=s_mask, other=0.0,
                                      cache_modifier=".cg")
             if S_FIRST:
                 acc = _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION)
@@ -218,11 +270,13 @@ def nonempty_split_k(k_steps: int, split_k: int) -> int:
     return triton.cdiv(k_steps, steps_per_split)
 
 
-def lora_chunks(block_k: int, r_pad: int) -> int:
-    """K chunks of the in-loop LoRA shrink (one 3-D dot batch each, >= 16 columns per chunk), at
-    most 64 rank rows of accumulator in all (rank 16: 4 chunks; rank 64: 1) so the chunks'
+def lora_chunks(block_k: int, r_pad: int, blocksize: int | None = None) -> int:
+    """K chunks of the in-loop LoRA shrink (one 3-D dot batch each, >= 16 columns per chunk) of one
+    sub-tile of ``min(block_k, blocksize)`` columns (the kernel's K step runs one per absmax block),
+    at most 64 rank rows of accumulator in all (rank 16: 4 chunks; rank 64: 1) so the chunks'
     accumulators stay small next to the weight tile."""
-    return max(1, min(4, block_k // 16, 64 // r_pad))
+    sub = block_k if blocksize is None else min(block_k, blocksize)
+    return max(1, min(4, sub // 16, 64 // r_pad))
 
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first")
@@ -273,6 +327,9 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
                       num_stages=num_stages, maxnreg=maxnreg, table=table, s_first=s_first))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
+    if block_m * max(n, r) > MAX_TILE_OFFSET:
+        raise ValueError(f"skinny kernel: block_m * N = {block_m} * {max(n, r)} exceeds the int32 tile offsets "
+                         f"(at most {MAX_TILE_OFFSET})")
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
     if split_k > 1:
@@ -286,7 +343,7 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         m, n, k, r, float(scale), int(seed), float(dropout_p),
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),
         EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, num_warps=num_warps,
         num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

@@ -53,6 +53,11 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, m - 1).bit_length()
 
 
+def padded_rank(r: int) -> int:
+    """The rank the kernels compute with: a power of two >= 16 (tl.dot's smallest tile)."""
+    return max(16, 1 << max(0, r - 1).bit_length())
+
+
 def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a launcher hands to the kernel for ``dtype`` operands on ``device``
     (bf16 -> fp32 under the interpreter, everything else unchanged)."""

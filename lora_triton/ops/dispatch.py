@@ -78,6 +78,8 @@ def _skinny_supports(problem: Problem) -> bool:
 
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("dequant", "forward", _always, "Triton dequantize + cuBLAS (F.linear, addmm)"),
+    Candidate("merged", "forward", _always,
+              "Triton W + s * B @ A, then one cuBLAS F.linear (no LoRA pass over [M, N]; dequant with dropout)"),
     Candidate("skinny", "forward", _skinny_supports,
               "swap-AB split-K kernel, LoRA and bias fused (decode and medium M)"),
     Candidate("fused", "forward", _always, "tile GEMM with in-loop NF4 decode, S in the same loop"),
@@ -102,6 +104,7 @@ CANDIDATES["native"] = Candidate("native", "forward", _native_supports,
 DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("dequant", "dx", _always, "Triton dequantize + cuBLAS"),
     Candidate("fused", "dx", _always, "dx kernel reducing over N with in-loop NF4 decode"),
+    Candidate("merged", "dx", _always, "dy @ (W + s * B @ A) in one cuBLAS product (dequant with dropout)"),
 )}
 #: What runs where no measured point applies: dequantize + cuBLAS, the only candidate a GPU
 #: table has shown winning so far (H200 runs 1 and 2, bench/RESULTS.md: for dx the fused kernel
@@ -182,7 +185,7 @@ def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
 
 
 def choose_dx(device: torch.device, m: int, n: int, k: int, r: int) -> str:
-    """How ``dx`` is computed for this problem: ``"fused"`` or ``"dequant"``."""
+    """How ``dx`` is computed for this problem: a ``DX_CANDIDATES`` name (``"dequant"`` off Triton)."""
     name, _ = choose(Problem(torch.device(device), m, n, k, r), "dx")
     return "dequant" if name == "torch" else name
 
