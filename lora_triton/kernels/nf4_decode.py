@@ -164,22 +164,24 @@ def in_bounds(offs, limit, ALWAYS: tl.constexpr):
 @triton.jit
 def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
-                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False):
-    """The code values of ``W[offs_n, k0 : k0 + BLOCK_K]`` before scaling: fp32 ``[BLOCK_N, BLOCK_K]``,
+                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False, row0=0):
+    """The code values of ``W[row0 + offs_n, k0 : k0 + BLOCK_K]`` before scaling: fp32 ``[BLOCK_N, BLOCK_K]``,
     each exactly ``code[nibble]`` (rows ``>= N`` and columns ``>= K`` read byte 0, i.e. ``code[0]``).
 
     ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
-    holds ``BLOCK_N`` row indices; ``k0`` is even. Each byte is loaded once. ``EVEN_N`` /
-    ``EVEN_K``: the caller guarantees every row is ``< N`` / the whole tile is ``< K`` (no masks).
+    holds ``BLOCK_N`` row indices from ``row0`` on (a loop that passes its step as ``row0`` and a fixed
+    ``tl.arange`` as ``offs_n`` keeps the per-row address arithmetic out of the loop); ``k0`` is even.
+    Each byte is loaded once. ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row is ``< N`` / the
+    whole tile is ``< K`` (no masks).
     """
     HALF: tl.constexpr = BLOCK_K // 2
     offs_b = k0 // 2 + tl.arange(0, HALF)
     rows = offs_n.to(tl.int64)
-    byte_ptr = packed_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+    byte_ptr = (packed_ptr + tl.cast(row0, tl.int64) * (K // 2)) + (rows[:, None] * (K // 2) + offs_b[None, :])
     if EVEN_N and EVEN_K:
         byte = tl.load(byte_ptr, eviction_policy="evict_first")
     else:
-        byte_mask = in_bounds(offs_n, N, EVEN_N)[:, None] & in_bounds(offs_b, K // 2, EVEN_K)[None, :]
+        byte_mask = in_bounds(offs_n, N - row0, EVEN_N)[:, None] & in_bounds(offs_b, K // 2, EVEN_K)[None, :]
         byte = tl.load(byte_ptr, mask=byte_mask, other=0, eviction_policy="evict_first")
     return decode_bytes(byte.to(tl.int32), table, TABLE)
 
@@ -189,8 +191,9 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
                   offs_n, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
-                  EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False):
-    """Dequantize ``W[offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
+                  EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+                  SHIFT_NESTED_INDEX: tl.constexpr = False, row0=0):
+    """Dequantize ``W[row0 + offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
 
     ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
     holds ``BLOCK_N`` row indices; ``k0`` is a multiple of ``BLOCK_K``. Both ``BLOCK_K`` and
@@ -200,15 +203,17 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
     ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row of ``offs_n`` is ``< N`` / the whole
     tile is ``< K``, so those bounds are not tested (no mask instructions in the K loop).
     Each value is ``code * absmax`` in fp32 (``NF4Weight.dequantize``'s rounding).
+    ``row0``: the rows are ``row0 + offs_n`` (``load_nf4_codes``); ``SHIFT_NESTED_INDEX``: see
+    ``load_block_absmax``.
     """
-    row_ok = in_bounds(offs_n, N, EVEN_N)
-    rows = offs_n.to(tl.int64)
-    codes = load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, TABLE, EVEN_N, EVEN_K)
+    row_ok = in_bounds(offs_n, N - row0, EVEN_N)
+    codes = load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, TABLE, EVEN_N, EVEN_K, row0)
     blocks_per_row = K // BLOCKSIZE
+    rows = tl.cast(row0, tl.int64) + offs_n.to(tl.int64)
     if BLOCK_K <= BLOCKSIZE:
         # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, EVEN_N)
+                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, EVEN_N, SHIFT_NESTED_INDEX)
         return codes * absmax[:, None]
     else:
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE
@@ -217,7 +222,7 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
         blk_mask = row_ok[:, None] & in_bounds(offs_blk, blocks_per_row, EVEN_K)[None, :]
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                    rows[:, None] * blocks_per_row + offs_blk[None, :], blk_mask, DOUBLE_QUANT,
-                                   EVEN_N and EVEN_K)
+                                   EVEN_N and EVEN_K, SHIFT_NESTED_INDEX)
         w = tl.reshape(codes, (BLOCK_N, NB, BLOCKSIZE))
         return tl.reshape(w * absmax[:, :, None], (BLOCK_N, BLOCK_K))
 
