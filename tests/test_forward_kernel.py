@@ -162,6 +162,8 @@ MERGED_BAD = [
     ("a-stride-0", lambda a, b: dict(lora_a=a[:1].expand(4, 128)), ValueError, r"lora_a has a zero stride"),
     ("a-1d", lambda a, b: dict(lora_a=a[0]), ValueError, r"lora_a must be \[r, K=128\] with r >= 1"),
     ("scale-tensor", lambda a, b: dict(scale=torch.tensor(0.5)), TypeError, r"scale must be a Python number"),
+    ("scale-nan", lambda a, b: dict(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    ("scale-inf", lambda a, b: dict(scale=float("inf")), ValueError, r"scale must be finite, got inf"),
     ("table", lambda a, b: dict(table="prmt"), ValueError, r"table must be one of"),
     ("dtype", lambda a, b: dict(dtype=torch.float64), TypeError, r"float16, bfloat16 or float32 only"),
 ]

@@ -213,7 +213,8 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
     if BLOCK_K <= BLOCKSIZE:
         # one block per row; columns < K always (K % BLOCKSIZE == 0 and k0 < K)
         absmax = load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, EVEN_N, SHIFT_NESTED_INDEX)
+                                   rows * blocks_per_row + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, EVEN_N,
+                                   SHIFT_NESTED_INDEX)
         return codes * absmax[:, None]
     else:
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -137,7 +139,7 @@ def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch
     Args:
         weight: ``NF4Weight`` ``[N, K]``, ``K`` a multiple of its block size.
         lora_a: ``[r, K]``; lora_b: ``[N, r]``, both in ``dtype`` on weight's device, contiguous; ``r >= 1``.
-        scale: the LoRA scale (a Python number).
+        scale: the LoRA scale (a finite Python number).
         table: the code-table variant (default: the device's).
     Raises:
         TypeError / ValueError naming the argument for a bad input.
@@ -149,6 +151,8 @@ def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch
         raise ValueError(f"table must be one of {TABLES} or None (the device's), got {table!r}")
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     n, k = weight.shape
     r = lora_a.shape[0] if isinstance(lora_a, torch.Tensor) and lora_a.dim() == 2 else 0
     if r < 1:
@@ -167,6 +171,7 @@ def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch
         packed_words(weight), *nf4_kernel_args(weight)[1:], lora_a.to(kdt), lora_b.to(kdt), out, n, k, r,
         float(scale), BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
         TABLE=table or default_table(weight.device), BLOCK_N=MERGED_BLOCK_N, BLOCK_K=block_k,
-        ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=padded_rank(r), DOT_PRECISION="ieee" if kdt == torch.float32 else "tf32",
+        ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=padded_rank(r),
+        DOT_PRECISION="ieee" if kdt == torch.float32 else "tf32",
         enable_fp_fusion=False)  # as in dequantize_nf4: the absmax rounds as torch rounds it
     return out.to(dtype)
