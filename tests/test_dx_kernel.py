@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_triton.format import NF4Weight
+from lora_triton.format.codebooks import nf4_code
 from lora_triton.kernels import lora_dx
 from lora_triton.kernels.dropout import dropout_mask
 from lora_triton.kernels.lora_dx import lora_backward_triton, lora_dx_triton
@@ -292,6 +293,17 @@ def test_k_not_multiple_of_blocksize_raises(device):
     a = torch.randn(4, 96, device=device)
     with pytest.raises(ValueError, match=r"divisible by the NF4 block size: K=96, blocksize=64"):
         lora_dx_triton(dy, weight, a, torch.randn(4, 4, device=device), 1.0)
+
+
+def test_k_beyond_int32_panel_offsets_raises(device):
+    """A K whose 128-row weight panel has 2**31 packed bytes is refused before any launch (a wrong
+    number otherwise: the in-panel byte offsets are int32)."""
+    k = 2**25  # 128 rows * 2**25 / 2 bytes = 2**31
+    weight = NF4Weight(packed=torch.randint(0, 256, (k // 2,), dtype=torch.uint8), absmax=torch.rand(k // 4096) + 0.5,
+                       code=nf4_code(), shape=(1, k), blocksize=4096, dtype=torch.float32).to(device)
+    dy = torch.randn(2, 1, device=device)
+    with pytest.raises(ValueError, match=r"fused dx kernel takes K <= 33554431 .* got K=33554432"):
+        lora_dx_triton(dy, weight, torch.randn(1, k, device=device), torch.randn(2, 1, device=device), 1.0)
 
 
 def test_weight_on_other_device_raises(good):

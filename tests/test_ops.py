@@ -48,19 +48,21 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-skinny", "triton-merged"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-skinny", "triton-merged", "triton-fused"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("need_x, need_a, need_b, bias_mode", COMBOS)
 def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
                                          monkeypatch):
     """``triton-skinny``: the Triton backend with every forward dispatched to the skinny kernel;
-    ``triton-merged``: forward and dx dispatched to the merged weight ``W + s * B @ A``."""
-    if backend in ("triton-skinny", "triton-merged"):
+    ``triton-merged``: forward and dx dispatched to the merged weight ``W + s * B @ A``;
+    ``triton-fused``: the fused tile forward and the fused dx kernel (in-loop NF4 decode)."""
+    if backend != "triton" and backend.startswith("triton-"):
         from lora_triton.ops import dispatch
 
-        monkeypatch.setitem(dispatch.RULE, "forward", backend.removeprefix("triton-"))
-        if backend == "triton-merged":
-            monkeypatch.setitem(dispatch.RULE, "dx", "merged")
+        candidate = backend.removeprefix("triton-")
+        monkeypatch.setitem(dispatch.RULE, "forward", candidate)
+        if candidate in dispatch.DX_CANDIDATES:
+            monkeypatch.setitem(dispatch.RULE, "dx", candidate)
         backend = "triton"
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)

@@ -85,7 +85,7 @@ def _lora_dx_kernel(
             dy = tl.load(dy_ptrs, mask=in_m[:, None] & in_bounds(offs_n, N, EVEN_N)[None, :], other=0.0)
         w = load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, local_n, k0, N, K,
                           BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, TABLE, EVEN_N, EVEN_K, SHIFT_NESTED_INDEX=True,
-                          row0=n0)
+                          row0=n0, LOCAL_ROWS=True)
         # "ieee" keeps fp32 activations out of TF32 (its 1e-3 error would break fp32's bound);
         # fp16/bf16 operands are unaffected.
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
@@ -129,7 +129,7 @@ def _gpu_configs() -> list[triton.Config]:
         _config(64, 32, 64, 4, 5),
         _config(32, 64, 64, 4, 4),
         _config(32, 32, 128, 4, 4),
-        _config(16, 128, 128, 4, 2),  # the fewest instructions per weight element (static report, v5)
+        _config(16, 128, 128, 4, 2),  # the fewest instructions per weight element, within budget (static report, v6)
         _config(16, 128, 64, 4, 2),
         _config(16, 64, 64, 4, 4),
     ]
@@ -139,6 +139,11 @@ def _gpu_configs() -> list[triton.Config]:
 #: 16-row tiles keep small M cheap. Tests override it to cover other tilings (partial K tiles,
 #: several groups), which a GPU's autotuned configs produce.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+
+#: The kernel addresses the packed bytes of a ``[BLOCK_N, K]`` row panel of ``W`` with int32 offsets
+#: from its first row (``load_nf4_tile(..., LOCAL_ROWS=True)``), so ``BLOCK_N * K / 2`` must fit them.
+MAX_PANEL_BYTES = 2**31 - 1
+_MAX_BLOCK_N = max([c.kwargs["BLOCK_N"] for c in _gpu_configs()] + [INTERPRETER_CONFIG["BLOCK_N"]])
 
 
 def _tile_cap(extent: int) -> int:
@@ -191,6 +196,9 @@ def _check_dx_inputs(dy, weight, lora_a, g, scale, dropout_p, seed) -> None:
                            "before importing lora_triton for CPU tensors")
     check_nf4_weight(weight, device)
     n, k = weight.shape
+    if _MAX_BLOCK_N * k // 2 > MAX_PANEL_BYTES:
+        raise ValueError(f"the fused dx kernel takes K <= {2 * MAX_PANEL_BYTES // _MAX_BLOCK_N} (its {_MAX_BLOCK_N}-row "
+                         f"weight panels use int32 byte offsets), got K={k}; use dx_method='dequant'")
     m = dy.shape[0]
     check_tensor("dy", dy, (m, n), device)
     _check_matrix("lora_a", lora_a)

@@ -164,7 +164,8 @@ def in_bounds(offs, limit, ALWAYS: tl.constexpr):
 @triton.jit
 def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
-                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False, row0=0):
+                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False, row0=0,
+                   LOCAL_ROWS: tl.constexpr = False):
     """The code values of ``W[row0 + offs_n, k0 : k0 + BLOCK_K]`` before scaling: fp32 ``[BLOCK_N, BLOCK_K]``,
     each exactly ``code[nibble]`` (rows ``>= N`` and columns ``>= K`` read byte 0, i.e. ``code[0]``).
 
@@ -172,11 +173,14 @@ def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
     holds ``BLOCK_N`` row indices from ``row0`` on (a loop that passes its step as ``row0`` and a fixed
     ``tl.arange`` as ``offs_n`` keeps the per-row address arithmetic out of the loop); ``k0`` is even.
     Each byte is loaded once. ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row is ``< N`` / the
-    whole tile is ``< K`` (no masks).
+    whole tile is ``< K`` (no masks). ``LOCAL_ROWS``: ``offs_n`` are in-tile rows (``0 <= offs_n <
+    BLOCK_N``, ``row0`` carries the tile's place), so the byte offsets inside the tile are int32 (exact
+    for ``BLOCK_N * K / 2 < 2**31``) and only the tile's base is 64-bit: fewer live registers in a
+    loop over row tiles (the fused dx's 4-byte spill, bench/RESULTS.md). Otherwise they are int64.
     """
     HALF: tl.constexpr = BLOCK_K // 2
     offs_b = k0 // 2 + tl.arange(0, HALF)
-    rows = offs_n.to(tl.int64)
+    rows = offs_n if LOCAL_ROWS else offs_n.to(tl.int64)
     byte_ptr = (packed_ptr + tl.cast(row0, tl.int64) * (K // 2)) + (rows[:, None] * (K // 2) + offs_b[None, :])
     if EVEN_N and EVEN_K:
         byte = tl.load(byte_ptr, eviction_policy="evict_first")
@@ -192,7 +196,7 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
                   EVEN_N: tl.constexpr = False, EVEN_K: tl.constexpr = False,
-                  SHIFT_NESTED_INDEX: tl.constexpr = False, row0=0):
+                  SHIFT_NESTED_INDEX: tl.constexpr = False, row0=0, LOCAL_ROWS: tl.constexpr = False):
     """Dequantize ``W[row0 + offs_n, k0 : k0 + BLOCK_K]`` into an fp32 tile ``[BLOCK_N, BLOCK_K]``.
 
     ``packed_ptr`` is the packed uint8 weight; ``table`` comes from ``code_table``; ``offs_n``
@@ -203,11 +207,12 @@ def load_nf4_tile(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_
     ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row of ``offs_n`` is ``< N`` / the whole
     tile is ``< K``, so those bounds are not tested (no mask instructions in the K loop).
     Each value is ``code * absmax`` in fp32 (``NF4Weight.dequantize``'s rounding).
-    ``row0``: the rows are ``row0 + offs_n`` (``load_nf4_codes``); ``SHIFT_NESTED_INDEX``: see
-    ``load_block_absmax``.
+    ``row0``: the rows are ``row0 + offs_n``, and ``LOCAL_ROWS``: ``offs_n`` lie in the tile
+    (``load_nf4_codes``); ``SHIFT_NESTED_INDEX``: see ``load_block_absmax``.
     """
     row_ok = in_bounds(offs_n, N - row0, EVEN_N)
-    codes = load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, TABLE, EVEN_N, EVEN_K, row0)
+    codes = load_nf4_codes(packed_ptr, table, offs_n, k0, N, K, BLOCK_N, BLOCK_K, TABLE, EVEN_N, EVEN_K, row0,
+                           LOCAL_ROWS)
     blocks_per_row = K // BLOCKSIZE
     rows = tl.cast(row0, tl.int64) + offs_n.to(tl.int64)
     if BLOCK_K <= BLOCKSIZE:
