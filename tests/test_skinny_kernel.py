@@ -132,6 +132,31 @@ def test_s_first_matches_reference(case, dtype, device):
     _check(problem, dict(config, s_first=True), dropout_p=0.2, seed=11)
 
 
+@pytest.mark.parametrize("s_first", [False, True])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "M{}-N{}-K{}-bs{}-{}x{block_n}x{block_k}".format(
+    *c[:4], c[4].get("block_m", 16), **c[4]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_weights_matches_reference(case, dtype, s_first, device):
+    """The absmax on each weight before the MMA (``scale_weights``), on every tiling of the tile cases
+    (1 to 4 absmax sub-tiles per step, partial steps, 16- to 64-token tiles), in the loop or S first."""
+    m, n, k, blocksize, config = case
+    problem = random_lora_problem(m, n, k, 16, dtype, blocksize, True, True, device)
+    _check(problem, dict(config, scale_weights=True, s_first=s_first), dropout_p=0.2, seed=3)
+
+
+def test_scale_weights_rounds_like_the_dequantized_weight(device):
+    """In fp32 the weights are exact either way, so both placements of the absmax give the dequant
+    path's numbers to fp32 summation order."""
+    problem = random_lora_problem(20, 72, 256, 8, torch.float32, 64, True, True, device)
+    config = dict(block_m=32, block_n=32, block_k=128, split_k=2)
+    y_weights, s_weights = _run(problem, dict(config, scale_weights=True), dropout_p=0.1, seed=5)
+    y_product, s_product = _run(problem, dict(config, scale_weights=False), dropout_p=0.1, seed=5)
+    y_dequant, _ = lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
+                                          problem["scale"], problem["bias"], 0.1, 5, "dequant")
+    assert relative_error(y_weights, y_dequant) < 1e-6 and relative_error(y_product, y_dequant) < 1e-6
+    assert torch.equal(s_weights, s_product)
+
+
 def test_s_first_agrees_with_the_in_loop_shrink(device):
     problem = random_lora_problem(20, 72, 256, 16, torch.float32, 64, True, True, device)
     config = dict(block_m=32, block_n=32, block_k=64, split_k=2)
@@ -141,15 +166,17 @@ def test_s_first_agrees_with_the_in_loop_shrink(device):
     assert_rel_close(s_first, s_loop, torch.float32, what="S, S kernel vs in the loop")
 
 
-def test_s_first_must_be_a_bool(device):
+@pytest.mark.parametrize("key", ["s_first", "scale_weights"])
+def test_switches_must_be_bools(key, device):
     problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
     for bad in (1, "yes", None):
-        with pytest.raises(ValueError, match="s_first must be a bool"):
-            _run(problem, dict(s_first=bad))
+        with pytest.raises(ValueError, match=f"{key} must be a bool"):
+            _run(problem, {key: bad})
 
 
 def test_configs_without_s_first_still_load():
-    """Dispatch tables written before ``s_first`` existed name configs without it (False)."""
+    """Dispatch tables written before ``s_first`` and ``scale_weights`` existed name configs without
+    them (False)."""
     nf4_skinny.check_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
                                  maxnreg=None, table="gather"))
     with pytest.raises(ValueError, match="missing keys \\['table'\\]"):

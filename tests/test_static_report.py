@@ -35,6 +35,14 @@ def test_main_loop_and_its_operands():
     assert static_analysis.main_loop("ret;") is None
 
 
+def test_a_wait_for_every_wgmma_in_the_loop_is_seen():
+    loop = static_analysis.main_loop(PTX)
+    assert static_analysis.waits_for_every_wgmma(loop) is False  # no wait at all: the MMA runs on
+    assert static_analysis.waits_for_every_wgmma(loop + ["wgmma.wait_group.sync.aligned 1;"]) is False
+    assert static_analysis.waits_for_every_wgmma(loop + ["wgmma.wait_group.sync.aligned 0;"]) is True
+    assert static_analysis.waits_for_every_wgmma(["wgmma.wait_group.sync.aligned 0;", "ret;"]) is None
+
+
 # The shape of triton.tools.disasm.get_sass's text: control codes, a tab, the instruction; labels.
 SASS = """
 --:-:-:-:2	MOV R1, c[0x0][0x28] ;

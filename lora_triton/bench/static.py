@@ -9,7 +9,8 @@ weight element per thread (the whole body for a kernel without a loop; the budge
 ``loop_sass_per_weight_elem`` the same for the machine code ptxas made of it (register moves that
 ptxas removes do not count there, expansions do), ``wgmma_serialized``
 is ptxas' warning C7515, ``weight_operand_from_registers`` whether the loop's wgmma reads the
-weight from registers, ``lut_global_gathers`` the code-table loads from global memory in the
+weight from registers, ``wgmma_waits_each_step`` whether the loop waits for all its wgmma
+(``wgmma.wait_group 0``: no decode overlaps an MMA; reported, not budgeted), ``lut_global_gathers`` the code-table loads from global memory in the
 loop. ``dispatched`` says whether the dispatcher (``ops.dispatch``: the shipped table and the
 rule) can choose the kernel with that code table (a GPU runs ``shfl``; ``gather`` rows are the
 interpreter's variant, for comparison); a dispatched kernel that misses its ``BUDGETS`` fails the report
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 FIELDS = ["kernel", "config", "variant", "triton", "regs", "spills", "smem_bytes", "loop_ptx_per_weight_elem", "loop_sass_per_weight_elem",
           "loop_shared_ops_per_weight_elem", "wgmma_serialized", "weight_operand_from_registers",
-          "lut_global_gathers", "has_loop", "dispatched", "budget", "within_budget", "top_opcodes", "error"]
+          "wgmma_waits_each_step", "lut_global_gathers", "has_loop", "dispatched", "budget", "within_budget", "top_opcodes", "error"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
     others = [("skinny", c) for c in SKINNY_CONFIGS if all(c != d for _, d in defaults)]
     configs = defaults + ([] if quick else others)
     return [Build(kernel, dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
-                               **({"S_FIRST": True} if c.get("s_first") else {})),
+                               **({"S_FIRST": True} if c.get("s_first") else {}),
+                               **({"SCALE_WEIGHTS": True} if c.get("scale_weights") else {})),
                   c["num_warps"], c["num_stages"], variant, c["maxnreg"]) for kernel, c in configs]
 
 
@@ -203,7 +205,7 @@ def _kernel_args(build: Build) -> tuple:
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
                     **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
-                    DOT_PRECISION=precision, SPLIT_K=4, S_FIRST=False,
+                    DOT_PRECISION=precision, SPLIT_K=4, S_FIRST=False, SCALE_WEIGHTS=False,
                     LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True)
         args.update(cfg)
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
@@ -259,6 +261,7 @@ def compile_row(build: Build, dispatched: bool, arch: int = 90) -> dict:
                    loop_shared_ops_per_weight_elem=result.loop_shared_ops_per_weight_elem,
                    wgmma_serialized=result.wgmma_serialized,
                    weight_operand_from_registers=result.weight_operand_from_registers,
+                   wgmma_waits_each_step=result.wgmma_waits_each_step,
                    lut_global_gathers=result.lut_global_gathers, has_loop=result.has_loop,
                    top_opcodes=result.top_opcodes)
         row["within_budget"] = not budget.misses(row)
@@ -336,7 +339,8 @@ def failures(rows: list[dict]) -> list[dict]:
 
 def print_report(rows: list[dict]) -> None:
     header = (f"{'kernel':<8} {'config':<36} {'variant':<30} {'triton':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} "
-              f"{'ptx/el':>6} {'sass/el':>7} {'shm/el':>6} {'C7515':>5} {'A reg':>5} {'gath':>4} {'disp':>4}  budget")
+              f"{'ptx/el':>6} {'sass/el':>7} {'shm/el':>6} {'C7515':>5} {'A reg':>5} {'wait0':>5} {'gath':>4} {'disp':>4}  "
+              "budget")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -349,7 +353,8 @@ def print_report(rows: list[dict]) -> None:
               f"{r['spills']:>5} {r['smem_bytes'] / 1024:>7.1f} {r['loop_ptx_per_weight_elem']:>6.2f} "
               f"{sass if sass is not None else '':>7} "
               f"{r['loop_shared_ops_per_weight_elem']:>6.2f} {'yes' if r['wgmma_serialized'] else 'no':>5} "
-              f"{str(r['weight_operand_from_registers'])[:5]:>5} {r['lut_global_gathers']:>4} "
+              f"{str(r['weight_operand_from_registers'])[:5]:>5} {str(r['wgmma_waits_each_step'])[:5]:>5} "
+              f"{r['lut_global_gathers']:>4} "
               f"{'yes' if r['dispatched'] else 'no':>4}  {mark} {r['error'].removeprefix('over budget: ')}")
 
 

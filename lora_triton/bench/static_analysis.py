@@ -129,6 +129,15 @@ def wgmma_from_registers(instructions: list[str]) -> bool | None:
     return all(flags) if flags else None
 
 
+def waits_for_every_wgmma(instructions: list[str]) -> bool | None:
+    """True when ``instructions`` (a loop) wait for all their wgmma groups (``wgmma.wait_group 0``:
+    the next step cannot decode while an MMA runs), False when they issue wgmma and wait only with
+    groups left pending (the MMA overlaps the next step), None without wgmma."""
+    if not any(".mma_async" in line for line in instructions):
+        return None
+    return any(re.match(r"wgmma\.wait_group\S*\s+0;", line) for line in instructions)
+
+
 def loop_loads_of(ttir: str, param: str, param_index: int) -> int:
     """``tt.load`` ops inside an ``scf.for`` whose pointer derives from the kernel argument named
     ``param`` (TTIR calls it ``%<param>`` or ``%arg<param_index>``, by triton version); for the
@@ -169,6 +178,7 @@ class Analysis:
     loop_shared_ops_per_weight_elem: float
     wgmma_serialized: bool
     weight_operand_from_registers: bool | None
+    wgmma_waits_each_step: bool | None
     lut_global_gathers: int
     has_loop: bool
     top_opcodes: str
@@ -201,6 +211,7 @@ def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=N
         loop_shared_ops_per_weight_elem=round(shared / per_thread, 3),
         wgmma_serialized=WGMMA_SERIALIZED in log,
         weight_operand_from_registers=wgmma_from_registers(body),
+        wgmma_waits_each_step=waits_for_every_wgmma(loop) if loop is not None else None,
         lut_global_gathers=gathers,
         has_loop=loop is not None,
         top_opcodes=" ".join(f"{op}:{n}" for op, n in ops.most_common(8)),

@@ -462,7 +462,8 @@ SKINNY_INTERPRETER = dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_s
 #: shape) and the static report compiles: the fewest instructions per element (4 warps, ~254
 #: registers), no load pipelining (1 stage, ~113-128 registers), a 256-row tile, a 64-row tile,
 #: and token tiles of 32 and 64 for medium M (16 < M <= 128: each weight tile decoded once per 32
-#: or 64 tokens instead of 16).
+#: or 64 tokens instead of 16); ``scale_weights`` ones (absmax on each weight, the wgmma kept
+#: asynchronous) beside the medium-M default (absmax on the product, a wait per K step).
 SKINNY_CONFIGS = (
     dict(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=2, maxnreg=None, s_first=False),
     dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=1, maxnreg=None, s_first=False),
@@ -475,6 +476,12 @@ SKINNY_CONFIGS = (
     dict(block_m=32, block_n=256, block_k=128, num_warps=8, num_stages=2, maxnreg=None, s_first=False),
     # the medium-M default of the third pass (2026-12-01), for a GPU run to time against the new one
     dict(block_m=32, block_n=128, block_k=128, num_warps=8, num_stages=2, maxnreg=168, s_first=False),
+    # the medium-M default's tile with the absmax on each weight (its wgmma stays asynchronous), with
+    # the shrink in the loop (rank 16) and S first (rank 64)
+    dict(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=2, maxnreg=168, s_first=False,
+         scale_weights=True),
+    dict(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=2, maxnreg=168, s_first=True,
+         scale_weights=True),
 )
 #: Programs the skinny kernel's split-K aims for per streaming multiprocessor (a few waves).
 SKINNY_PROGRAMS_PER_SM = 4
@@ -543,7 +550,8 @@ def lora_forward_triton(
         method: one of ``METHODS`` or ``"torch"`` (plain torch; alias ``"reference"``).
         config: the candidate's launch config (only ``"skinny"`` takes one: ``block_m``, ``block_n``, ``block_k``,
             ``split_k``, ``num_warps``, ``num_stages``, ``maxnreg``, ``table``, ``s_first`` (``S`` by the
-            S kernel first, the launch adds only the expand), any subset); None: its default.
+            S kernel first, the launch adds only the expand), ``scale_weights`` (absmax on each weight
+            before the MMA, not on the product), any subset); None: its default.
     Returns:
         ``(y [M, N], S [M, r])`` in x's dtype, ``S = drop(x) @ A^T`` (saved for the backward).
     Raises:

@@ -23,6 +23,12 @@ Design (memory-bound: the packed weight is read once, at full width):
   BLOCKSIZE`` instructions per weight element instead of one fp32 multiply per element. The
   weight is rounded once, as its code rather than as ``code * absmax``; emulated for fp16 / bf16
   in tests/test_skinny_kernel.py, its error is no larger than the exactly dequantized weight's.
+  The FMA reads the MMA's result in the same step, so Triton waits for each step's wgmma before
+  the next tile decodes (``wgmma.wait_group 0`` in the loop). **Absmax on the weights**
+  (``SCALE_WEIGHTS``, config ``scale_weights``): each weight is decoded as ``code * absmax`` in
+  fp32 (``NF4Weight.dequantize``'s rounding) and accumulates inside the wgmma, which Triton then
+  keeps asynchronous (the next tile decodes while the MMA runs: ``wait_group`` with pending
+  groups); one fp32 multiply per weight element instead. A GPU run times the two.
 * **Masks only where a tile can be ragged**: ``EVEN_N`` / ``EVEN_K`` (N, K multiples of the
   tile) drop the bound tests from the K loop.
 * **Deterministic reduction, no zero fill**: each split writes its fp32 partial to a
@@ -118,14 +124,16 @@ def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absm
             a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LORA_CHUNKS: tl.constexpr,
-            EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr):
+            EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
     """One ``BLOCK_K`` step at ``k0``: ``acc += W_tile @ x^T`` and (unless ``S_FIRST``: ``S`` was
     computed before the launch) the LoRA shrink chunks.
 
     The absmax scale is applied to the product, not to each weight: per sub-tile of
     ``SUB = min(BLOCK_K, BLOCKSIZE)`` columns (one absmax per row), ``acc += absmax[:, None] *
     (codes @ x_sub^T)`` with the codes rounded to x's dtype (exact in fp32), one fp32 FMA per
-    accumulator element and sub-tile instead of one multiply per weight element.
+    accumulator element and sub-tile instead of one multiply per weight element. ``SCALE_WEIGHTS``:
+    ``acc += (codes * absmax[:, None]) @ x_sub^T`` instead, the weight rounded to x's dtype as ``code *
+    absmax`` and the accumulation inside the (asynchronous) MMA.
     """
     SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
     NSUB: tl.constexpr = BLOCK_K // SUB
@@ -142,9 +150,12 @@ def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absm
             s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, ks, R, K, LORA_CHUNKS, EVEN_K,
                                          DOT_PRECISION)
         codes = load_nf4_codes(packed_ptr, table, offs_n, ks, N, K, acc.shape[0], SUB, TABLE, EVEN_N, EVEN_K)
-        part = tl.dot(codes.to(x_t.dtype), x_t, input_precision=DOT_PRECISION)
         scale_j = _column(absmax, j)
-        acc = tl.fma(part, scale_j[:, None], acc)
+        if SCALE_WEIGHTS:
+            acc = tl.dot((codes * scale_j[:, None]).to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+        else:
+            part = tl.dot(codes.to(x_t.dtype), x_t, input_precision=DOT_PRECISION)
+            acc = tl.fma(part, scale_j[:, None], acc)
     return acc, s_chunks
 
 
@@ -156,7 +167,8 @@ def _skinny_kernel(
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr):
+        LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr,
+        SCALE_WEIGHTS: tl.constexpr = False):
     """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``.
 
     ``S_FIRST``: ``s_ptr`` holds ``S = drop(x) @ A^T`` already (the S kernel ran first); the K loop
@@ -176,12 +188,12 @@ def _skinny_kernel(
     acc, s_chunks = _k_step(acc, s_chunks, k_begin, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
                             nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
                             BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
-                            EVEN_N, EVEN_K, S_FIRST)
+                            EVEN_N, EVEN_K, S_FIRST, SCALE_WEIGHTS)
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         acc, s_chunks = _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absmax_ptr,
                                 nested_code_ptr, offset, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, seed, p,
                                 BLOCKSIZE, DOUBLE_QUANT, TABLE, HAS_DROPOUT, DOT_PRECISION, BLOCK_K, LORA_CHUNKS,
-                                EVEN_N, EVEN_K, S_FIRST)
+                                EVEN_N, EVEN_K, S_FIRST, SCALE_WEIGHTS)
     s_acc = tl.sum(s_chunks, axis=0)
     if not S_FIRST:  # LoRA expand of this K range (S rounded to x's dtype, as the reference)
         acc = _lora_expand(acc, s_acc, b_ptr, offs_n, offs_r, N, R, scale, DOT_PRECISION)
@@ -279,9 +291,10 @@ def lora_chunks(block_k: int, r_pad: int, blocksize: int | None = None) -> int:
     return max(1, min(4, sub // 16, 64 // r_pad))
 
 
-CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first")
+CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first",
+               "scale_weights")
 #: Keys a config may leave out (older dispatch tables), with the value they mean.
-CONFIG_DEFAULTS = {"s_first": False}
+CONFIG_DEFAULTS = {"s_first": False, "scale_weights": False}
 
 
 def check_config(config: dict) -> None:
@@ -306,8 +319,9 @@ def check_config(config: dict) -> None:
     if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
         raise ValueError(f"skinny config: maxnreg must be None or an int in [24, 255] (ptxas' register cap), "
                          f"got {maxnreg!r}")
-    if not isinstance(config.get("s_first", False), bool):
-        raise ValueError(f"skinny config: s_first must be a bool, got {config['s_first']!r}")
+    for key, default in CONFIG_DEFAULTS.items():
+        if not isinstance(config.get(key, default), bool):
+            raise ValueError(f"skinny config: {key} must be a bool, got {config[key]!r}")
     if config["table"] not in TABLES:
         raise ValueError(f"skinny config: table must be one of {TABLES}, got {config['table']!r}")
 
@@ -315,16 +329,19 @@ def check_config(config: dict) -> None:
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
                   block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
-                  num_stages: int = 3, maxnreg: int | None = None, s_first: bool = False) -> None:
+                  num_stages: int = 3, maxnreg: int | None = None, s_first: bool = False,
+                  scale_weights: bool = False) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.
 
     ``s_first``: ``s`` already holds ``S = drop(x) @ A^T`` (the caller ran the S kernel); the launch
     only reads it, for the LoRA expand in the epilogue (``dropout_p`` and ``seed`` are then unused).
+    ``scale_weights``: the absmax multiplies each decoded weight before the MMA (``SCALE_WEIGHTS``).
     ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
     device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
     """
     check_config(dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                      num_stages=num_stages, maxnreg=maxnreg, table=table, s_first=s_first))
+                      num_stages=num_stages, maxnreg=maxnreg, table=table, s_first=s_first,
+                      scale_weights=scale_weights))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
     if block_m * max(n, r) > MAX_TILE_OFFSET:
@@ -344,6 +361,7 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),
-        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, num_warps=num_warps,
+        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, SCALE_WEIGHTS=scale_weights,
+        num_warps=num_warps,
         num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize
