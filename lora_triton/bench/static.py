@@ -10,11 +10,11 @@ weight element per thread (the whole body for a kernel without a loop; the budge
 ptxas removes do not count there, expansions do), ``wgmma_serialized``
 is ptxas' warning C7515, ``weight_operand_from_registers`` whether the loop's wgmma reads the
 weight from registers, ``wgmma_waits_each_step`` whether the loop waits for all its wgmma
-(``wgmma.wait_group 0``: no decode overlaps an MMA; reported, not budgeted), ``lut_global_gathers`` the code-table loads from global memory in the
-loop. ``dispatched`` says whether the dispatcher (``ops.dispatch``: the shipped table and the
-rule) can choose the kernel with that code table (a GPU runs ``shfl``; ``gather`` rows are the
-interpreter's variant, for comparison); a dispatched kernel that misses its ``BUDGETS`` fails the report
-(exit 1). Versions other than the installed triton compile in a subprocess whose path starts
+(``wgmma.wait_group 0``: no decode overlaps an MMA; reported, not budgeted), ``lut_global_gathers``
+the code-table loads from global memory in the loop. ``dispatched`` says whether the dispatcher
+(``ops.dispatch``: the shipped table and the rule) can choose the kernel with that code table (a GPU
+runs ``shfl``; ``gather`` rows are the interpreter's variant, for comparison); a dispatched kernel
+that misses its ``BUDGETS`` fails the report (exit 1). Versions other than the installed triton compile in a subprocess whose path starts
 with that version's wheel, installed once (``pip --target``) under ``--triton-cache``.
 ``--quick`` (CI): the dispatched kernels plus the skinny candidate (its decode-size and medium-M
 defaults), each on its default config, bf16, the installed triton only.

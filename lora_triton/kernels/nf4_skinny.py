@@ -168,7 +168,7 @@ def _skinny_kernel(
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         LORA_CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, S_FIRST: tl.constexpr,
-        SCALE_WEIGHTS: tl.constexpr = False):
+        SCALE_WEIGHTS: tl.constexpr):
     """Program ``(n, k, m)``: output tile ``(n, m)``, K range ``k`` of ``SPLIT_K``.
 
     ``S_FIRST``: ``s_ptr`` holds ``S = drop(x) @ A^T`` already (the S kernel ran first); the K loop
@@ -362,6 +362,5 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
         HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),
         EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, SCALE_WEIGHTS=scale_weights,
-        num_warps=num_warps,
-        num_stages=num_stages, maxnreg=maxnreg,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize
