@@ -50,6 +50,17 @@ def test_a_winner_that_does_not_support_the_problem_falls_back_to_the_rule(monke
     assert dispatch.choose(dispatch.Problem(device, 512, 64, 128, 8), table=table)[0] == dispatch.RULE["forward"]
 
 
+def test_fused_dx_is_not_chosen_beyond_its_int32_panel_offsets(monkeypatch, device):
+    from lora_triton.kernels.lora_dx import MAX_FUSED_K
+
+    monkeypatch.setattr(dispatch.Problem, "gpu", property(lambda self: "Some GPU"))
+    big = MAX_FUSED_K + 4096
+    table = {"format": 1, "gpus": {"Some GPU": {"dx": [_point(64, "fused", n=64, k=128, r=8),
+                                                        _point(64, "fused", n=64, k=big, r=8)]}}}
+    assert dispatch.choose(dispatch.Problem(device, 64, 64, 128, 8), "dx", table=table)[0] == "fused"
+    assert dispatch.choose(dispatch.Problem(device, 64, 64, big, 8), "dx", table=table)[0] == dispatch.RULE["dx"]
+
+
 @pytest.mark.parametrize("text,problem", [
     ("{not json", "JSONDecodeError"),
     ('{"format": 2, "gpus": {}}', "format"),

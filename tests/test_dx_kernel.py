@@ -296,13 +296,14 @@ def test_k_not_multiple_of_blocksize_raises(device):
 
 
 def test_k_beyond_int32_panel_offsets_raises(device):
-    """A K whose 128-row weight panel has 2**31 packed bytes is refused before any launch (a wrong
-    number otherwise: the in-panel byte offsets are int32)."""
-    k = 2**25  # 128 rows * 2**25 / 2 bytes = 2**31
+    """A K whose 128-row weight panel holds more than 2**31 packed bytes is refused before any launch
+    (the in-panel byte offsets are int32: past 2**31 - 1 they would wrap to other bytes)."""
+    assert lora_dx.MAX_FUSED_K == 2**25  # 128 rows * 2**25 / 2 bytes = 2**31: offsets up to 2**31 - 1
+    k = 2**25 + 4096
     weight = NF4Weight(packed=torch.randint(0, 256, (k // 2,), dtype=torch.uint8), absmax=torch.rand(k // 4096) + 0.5,
                        code=nf4_code(), shape=(1, k), blocksize=4096, dtype=torch.float32).to(device)
     dy = torch.randn(2, 1, device=device)
-    with pytest.raises(ValueError, match=r"fused dx kernel takes K <= 33554431 .* got K=33554432"):
+    with pytest.raises(ValueError, match=r"fused dx kernel takes K <= 33554432 .* got K=33558528"):
         lora_dx_triton(dy, weight, torch.randn(1, k, device=device), torch.randn(2, 1, device=device), 1.0)
 
 

@@ -97,7 +97,8 @@ def test_quick_report_compiles_the_dispatched_kernels_for_sm90(tmp_path, capsys)
         assert int(row["regs"]) > 0 and float(row["loop_ptx_per_weight_elem"]) > 0
         if row["has_loop"] == "True":
             assert float(row["loop_sass_per_weight_elem"]) > 0
-        assert row["dispatched"] == str(row["kernel"] in static.dispatched_kernels() and "table=shfl" in row["variant"])
+        if row["kernel"] not in ("skinny", "skinny_m"):  # skinny rows: by config (the test below)
+            assert row["dispatched"] == str(row["kernel"] in static.dispatched_kernels() and "table=shfl" in row["variant"])
     assert kernels["skinny"]["weight_operand_from_registers"] == "True"  # swap-AB: the weight is wgmma's A
     # the default skinny config's register, spill and serialization budgets (its ptx/elem budget is not met)
     assert kernels["skinny"]["wgmma_serialized"] == "False" and kernels["skinny"]["spills"] == "0"
@@ -110,3 +111,29 @@ def test_quick_report_compiles_the_dispatched_kernels_for_sm90(tmp_path, capsys)
     failed = [r for r in rows if r["dispatched"] == "True" and r["within_budget"] != "True"]
     assert code == (1 if failed else 0)
     assert "static:" in capsys.readouterr().out
+
+
+def test_skinny_rows_are_dispatched_by_the_config_the_table_ships(monkeypatch):
+    """A shipped skinny point makes exactly its config (merged over the default for its rank and M bucket)
+    a dispatched row, compiled even in quick mode, under the budget of its token tile."""
+    from lora_triton.kernels import lora_forward as lf
+    from lora_triton.ops import dispatch
+
+    shipped = dict(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=2, maxnreg=168, s_first=False,
+                   scale_weights=True)
+    table = {"format": 1, "gpus": {"NVIDIA H200": {"forward": [
+        {"m_bucket": 64, "n": 4096, "k": 4096, "r": 16, "candidate": "skinny", "config": shipped},
+        {"m_bucket": 4, "n": 4096, "k": 4096, "r": 16, "candidate": "skinny", "config": {"split_k": 8}}]}}}
+    monkeypatch.setattr(dispatch, "load_table", lambda: table)
+    assert static.shipped_skinny_configs() == [dict(lf.skinny_default(16, 64), **shipped),
+                                               dict(lf.skinny_default(16, 4), split_k=8)]
+    variant = dict(dtype="bf16", r=16, table="shfl")
+    quick = static._skinny_builds(True, variant)
+    dispatched = static.dispatched_kernels()
+    marked = [b for b in quick if static.is_dispatched(b, dispatched)]
+    assert [(b.kernel, b.config.get("SCALE_WEIGHTS", False)) for b in marked] == [("skinny", False), ("skinny_m", True)]
+    assert marked[0] == static._skinny_build(lf.SKINNY_DEFAULT, variant)  # split_k is not a compile option
+    medium_default = static._skinny_build(lf.skinny_default(16, 17), variant)
+    assert medium_default in quick and not static.is_dispatched(medium_default, dispatched)
+    assert not static.is_dispatched(static._skinny_build(shipped, dict(variant, table="gather")), dispatched)
+    assert static.BUDGETS[marked[1].kernel].regs == 168

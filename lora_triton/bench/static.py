@@ -107,20 +107,53 @@ class Build:
 
 
 # ----------------------------------------------------------------------------- what to compile
+def _skinny_build(config: dict, variant: dict) -> "Build":
+    """The compile of one skinny config: kernel ``skinny`` for decode-size token tiles, ``skinny_m``
+    (issue 14's medium-M budget) for tiles of more than ``SKINNY_DECODE_MAX_M`` tokens."""
+    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
+
+    c = config
+    kernel = "skinny_m" if c["block_m"] > SKINNY_DECODE_MAX_M else "skinny"
+    return Build(kernel, dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+                              **({"S_FIRST": True} if c.get("s_first") else {}),
+                              **({"SCALE_WEIGHTS": True} if c.get("scale_weights") else {})),
+                 c["num_warps"], c["num_stages"], variant, c["maxnreg"])
+
+
+def shipped_skinny_configs() -> list[dict]:
+    """The skinny configs a GPU launch can run: each skinny point of the shipped table (its config over
+    the default for its rank and M bucket, as ``lora_forward._launch_skinny`` merges them), and the
+    defaults at ranks 16 and 64 when the rule itself is skinny."""
+    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M, padded_rank, skinny_default
+    from ..ops import dispatch
+
+    out = []
+    for ops in dispatch.load_table()["gpus"].values():
+        for p in ops.get("forward", []):
+            if p["candidate"] == "skinny":
+                out.append(dict(skinny_default(padded_rank(p["r"]), p["m_bucket"]), **(p.get("config") or {})))
+    if dispatch.RULE["forward"] == "skinny":
+        out += [skinny_default(r_pad, m) for r_pad in (16, 64) for m in (1, SKINNY_DECODE_MAX_M + 1)]
+    return out
+
+
 def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
-    """The skinny configs the GPU benchmark times: the decode-size default for the variant's rank, the
-    medium-M default (kernel ``skinny_m``, its own budget), then (unless ``quick``) the others."""
+    """The skinny configs to compile: the decode-size and medium-M defaults for the variant's rank, the
+    shipped table's, then (unless ``quick``) every other config the GPU benchmark times."""
     from ..kernels.lora_forward import SKINNY_CONFIGS, SKINNY_DECODE_MAX_M, padded_rank, skinny_default
 
     r_pad = padded_rank(variant["r"])
-    defaults = [("skinny", skinny_default(r_pad)), ("skinny_m", skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1))]
-    # a config equal to a default is compiled once (a second compile of it hits the cache: no ptxas log)
-    others = [("skinny", c) for c in SKINNY_CONFIGS if all(c != d for _, d in defaults)]
-    configs = defaults + ([] if quick else others)
-    return [Build(kernel, dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
-                               **({"S_FIRST": True} if c.get("s_first") else {}),
-                               **({"SCALE_WEIGHTS": True} if c.get("scale_weights") else {})),
-                  c["num_warps"], c["num_stages"], variant, c["maxnreg"]) for kernel, c in configs]
+    candidates = [skinny_default(r_pad), skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1), *shipped_skinny_configs()]
+    if not quick:
+        candidates += SKINNY_CONFIGS
+    out = []
+    for config in candidates:
+        build = _skinny_build(config, variant)
+        # a config compiled twice hits the cache the second time (no ptxas log): once each
+        if all((b.config, b.num_warps, b.num_stages, b.maxnreg) != (build.config, build.num_warps, build.num_stages,
+                                                                      build.maxnreg) for b in out):
+            out.append(build)
+    return out
 
 
 def _autotune_configs(kernel: str, quick: bool) -> list[tuple[dict, int, int]]:
@@ -156,12 +189,17 @@ def dispatched_kernels() -> set[str]:
 
 
 def is_dispatched(build: Build, dispatched: set[str]) -> bool:
-    """True when a GPU launch can run this build: a dispatched kernel with the code table a GPU uses."""
+    """True when a GPU launch can run this build: a dispatched kernel with the code table a GPU uses;
+    for the skinny kernel, one of the configs the dispatcher can launch (``shipped_skinny_configs``)."""
     import torch
 
     from ..kernels.runtime import default_table
 
-    return build.kernel in dispatched and build.variant.get("table") == default_table(torch.device("cuda"))
+    if build.variant.get("table") != default_table(torch.device("cuda")):
+        return False
+    if build.kernel in ("skinny", "skinny_m"):
+        return any(_skinny_build(c, build.variant) == build for c in shipped_skinny_configs())
+    return build.kernel in dispatched
 
 
 def builds(quick: bool) -> list[Build]:

@@ -132,7 +132,8 @@ def wgmma_from_registers(instructions: list[str]) -> bool | None:
 def waits_for_every_wgmma(instructions: list[str]) -> bool | None:
     """True when ``instructions`` (a loop) wait for all their wgmma groups (``wgmma.wait_group 0``:
     the next step cannot decode while an MMA runs), False when they issue wgmma and wait only with
-    groups left pending (the MMA overlaps the next step), None without wgmma."""
+    groups left pending or not at all in the loop (the MMA overlaps the next step), None without
+    wgmma."""
     if not any(".mma_async" in line for line in instructions):
         return None
     return any(re.match(r"wgmma\.wait_group\S*\s+0;", line) for line in instructions)

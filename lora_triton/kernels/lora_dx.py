@@ -141,9 +141,10 @@ def _gpu_configs() -> list[triton.Config]:
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 #: The kernel addresses the packed bytes of a ``[BLOCK_N, K]`` row panel of ``W`` with int32 offsets
-#: from its first row (``load_nf4_tile(..., LOCAL_ROWS=True)``), so ``BLOCK_N * K / 2`` must fit them.
-MAX_PANEL_BYTES = 2**31 - 1
+#: from its first row (``load_nf4_tile(..., LOCAL_ROWS=True)``): a panel holds at most 2**31 bytes
+#: (offsets 0 .. 2**31 - 1), so ``K <= MAX_FUSED_K``.
 _MAX_BLOCK_N = max([c.kwargs["BLOCK_N"] for c in _gpu_configs()] + [INTERPRETER_CONFIG["BLOCK_N"]])
+MAX_FUSED_K = 2 * 2**31 // _MAX_BLOCK_N
 
 
 def _tile_cap(extent: int) -> int:
@@ -196,9 +197,9 @@ def _check_dx_inputs(dy, weight, lora_a, g, scale, dropout_p, seed) -> None:
                            "before importing lora_triton for CPU tensors")
     check_nf4_weight(weight, device)
     n, k = weight.shape
-    if _MAX_BLOCK_N * k // 2 > MAX_PANEL_BYTES:
-        raise ValueError(f"the fused dx kernel takes K <= {2 * MAX_PANEL_BYTES // _MAX_BLOCK_N} (its {_MAX_BLOCK_N}-row "
-                         f"weight panels use int32 byte offsets), got K={k}; use dx_method='dequant'")
+    if k > MAX_FUSED_K:
+        raise ValueError(f"the fused dx kernel takes K <= {MAX_FUSED_K} (its {_MAX_BLOCK_N}-row weight panels use "
+                         f"int32 byte offsets), got K={k}; compute dx through dequantize + cuBLAS (dx_method='dequant')")
     m = dy.shape[0]
     check_tensor("dy", dy, (m, n), device)
     _check_matrix("lora_a", lora_a)

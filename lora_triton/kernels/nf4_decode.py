@@ -175,7 +175,7 @@ def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
     Each byte is loaded once. ``EVEN_N`` / ``EVEN_K``: the caller guarantees every row is ``< N`` / the
     whole tile is ``< K`` (no masks). ``LOCAL_ROWS``: ``offs_n`` are in-tile rows (``0 <= offs_n <
     BLOCK_N``, ``row0`` carries the tile's place), so the byte offsets inside the tile are int32 (exact
-    for ``BLOCK_N * K / 2 < 2**31``) and only the tile's base is 64-bit: fewer live registers in a
+    for ``BLOCK_N * K / 2 <= 2**31``) and only the tile's base is 64-bit: fewer live registers in a
     loop over row tiles (the fused dx's 4-byte spill, bench/RESULTS.md). Otherwise they are int64.
     """
     HALF: tl.constexpr = BLOCK_K // 2

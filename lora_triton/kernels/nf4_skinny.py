@@ -150,11 +150,12 @@ def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absm
             s_chunks = _lora_shrink_step(s_chunks, x_drop, a_ptr, offs_r, ks, R, K, LORA_CHUNKS, EVEN_K,
                                          DOT_PRECISION)
         codes = load_nf4_codes(packed_ptr, table, offs_n, ks, N, K, acc.shape[0], SUB, TABLE, EVEN_N, EVEN_K)
-        scale_j = _column(absmax, j)
         if SCALE_WEIGHTS:
+            scale_j = _column(absmax, j)
             acc = tl.dot((codes * scale_j[:, None]).to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
         else:
             part = tl.dot(codes.to(x_t.dtype), x_t, input_precision=DOT_PRECISION)
+            scale_j = _column(absmax, j)
             acc = tl.fma(part, scale_j[:, None], acc)
     return acc, s_chunks
 

@@ -101,9 +101,15 @@ CANDIDATES["native"] = Candidate("native", "forward", _native_supports,
 # --- end of the native candidate -----------------------------------------------------------------
 
 
+def _fused_dx_supports(problem: Problem) -> bool:
+    from ..kernels.lora_dx import MAX_FUSED_K  # its weight panels use int32 byte offsets
+
+    return problem.k <= MAX_FUSED_K
+
+
 DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("dequant", "dx", _always, "Triton dequantize + cuBLAS"),
-    Candidate("fused", "dx", _always, "dx kernel reducing over N with in-loop NF4 decode"),
+    Candidate("fused", "dx", _fused_dx_supports, "dx kernel reducing over N with in-loop NF4 decode"),
     Candidate("merged", "dx", _always, "dy @ (W + s * B @ A) in one cuBLAS product (dequant with dropout)"),
 )}
 #: What runs where no measured point applies: dequantize + cuBLAS, the only candidate a GPU
