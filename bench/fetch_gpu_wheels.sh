@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU machine's image lacks into .whl/ (git-ignored), for the device
-# tool's `carry`. That machine runs CPython 3.12 on x86-64 and has no package registry.
+# tool's `carry`; bench/gpu_check.sh installs them there into a private folder (its `wheels` stage).
+# That machine runs CPython 3.12 on x86-64 and has no package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -76,7 +76,9 @@ LT_API int lt_nf4_lora_plan(int m, int n, int k, int r, const lt_config *config,
 /* Enqueue the forward on `stream` (two kernels: S = x @ A^T, then the NF4 GEMV whose epilogue
  * adds scale * S @ B^T + bias). workspace: at least plan.workspace_bytes of device memory (any
  * content); counters: plan.counters int32 that are zero, and are zero again when the stream
- * reaches the end of this call (two calls sharing counters must not run concurrently). */
+ * reaches the end of this call (two calls sharing counters must not run concurrently: the Python
+ * caller gives each call counters of its own). device >= 0: launch there, and the caller's
+ * current device is current again on return. */
 LT_API int lt_nf4_lora_forward(int dtype, const void *x, int m, const lt_nf4_weight *weight, const void *lora_a,
                         const void *lora_b, int r, float scale, const void *bias, void *y, void *s,
                         const lt_config *config, int num_sms, void *workspace, size_t workspace_bytes,

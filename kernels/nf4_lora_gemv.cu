@@ -409,6 +409,28 @@ int forward(const T *x, int m, const lt_nf4_weight &w, const T *lora_a, const T 
 
 bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Makes a device current for the scope of a call and restores the one that was current before.
+class DeviceScope {
+ public:
+  DeviceScope() = default;
+  DeviceScope(const DeviceScope &) = delete;
+  DeviceScope &operator=(const DeviceScope &) = delete;
+  cudaError_t select(int device) {
+    cudaError_t err = cudaGetDevice(&previous_);
+    if (err != cudaSuccess || previous_ == device) return err;
+    err = cudaSetDevice(device);
+    if (err == cudaSuccess) switched_ = true;
+    return err;
+  }
+  ~DeviceScope() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+  bool switched_ = false;
+};
+
 }  // namespace lt
 
 // ---------------------------------------------------------------------------------- C interface
@@ -442,10 +464,9 @@ int lt_nf4_lora_forward(int dtype, const void *x, int m, const lt_nf4_weight *we
     return fail(LT_ERR_INVALID, "double quantization needs nested_absmax and nested_code");
   if (!aligned16(x) || !aligned16(w.packed) || !aligned16(lora_a))
     return fail(LT_ERR_INVALID, "x, the packed bytes and lora_a must start on 16-byte boundaries");
+  DeviceScope scope;  // the caller's current device is current again when this call returns
   if (device >= 0) {
-    int current = -1;
-    cudaError_t err = cudaGetDevice(&current);
-    if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
+    const cudaError_t err = scope.select(device);
     if (err != cudaSuccess) return fail_cuda(err, "selecting the device");
   }
   Plan plan{};

@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lora_triton.bench import add_bench_parser
 from lora_triton.bench import adapters as adapters_table
@@ -56,7 +58,8 @@ def quick_run(tmp_path_factory, request):
         env["TRITON_INTERPRET"] = "1"
     # cwd outside the repository keeps its top-level kernels/ folder off sys.path.
     done = subprocess.run([sys.executable, "-m", "lora_triton.bench", "--quick", "--what", "forward,layer,cpu,adapters",
-                           "--out", str(out)], cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--write-dispatch", str(out / "dispatch.json")], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert ": failed (" not in done.stderr, done.stderr[-3000:]
     return out, done.stdout, done.stderr
@@ -91,6 +94,16 @@ def test_forward_table(quick_run):
         assert {row["method"] for row in rows if row["M"] == m and row["fastest_candidate"] == "1"} <= CANDIDATES
     assert f"forward: wrote {len(rows)} rows" in stdout
     assert (out / "forward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from lora_triton.ops import dispatch
+
+    table = dispatch.parse_table((out / "dispatch.json").read_text())  # started by --write-dispatch
+    assert set(table["gpus"]) == {rows[0]["device"]}
+    points = table["gpus"][rows[0]["device"]]["forward"]
+    assert sorted(p["m_bucket"] for p in points) == sorted({dispatch.m_bucket(int(r["M"])) for r in rows})
+    for point in points:  # the fastest correct candidate of its point
+        same = [r for r in rows if dispatch.m_bucket(int(r["M"])) == point["m_bucket"]
+                and r["method"] in dispatch.CANDIDATES and not r["note"]]
+        assert point["candidate"] == min(same, key=lambda r: float(r["ms"]))["method"], (point, same)
 
 
 def _check_layer_rows(rows: list[dict], passes: set[str], dtype_bound: float, on_cuda: bool) -> None:
@@ -132,11 +145,86 @@ def test_cpu_table(quick_run):
 def test_bench_subcommand_options():
     parser = argparse.ArgumentParser(prog="lora-triton")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", "--quick", "--out", "somewhere", "--budget-s", "12", "--what", "cpu"])
+    args = parser.parse_args(["bench", "--quick", "--out", "somewhere", "--budget-s", "12", "--what", "cpu",
+                              "--write-dispatch", "table.json", "--plan", "dispatch"])
     assert (args.command, args.quick, args.out, args.budget_s, args.what) == ("bench", True, "somewhere", 12.0, "cpu")
+    assert (args.write_dispatch, args.plan) == ("table.json", "dispatch")
     assert callable(args.func)
     defaults = parser.parse_args(["bench"])
     assert not defaults.quick and defaults.what is None and defaults.budget_s > 0
+    assert defaults.write_dispatch is None and defaults.plan is None  # nothing is written unless a path is named
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--write-dispatch"])  # a path, not a switch
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--plan", "everything"])
+
+
+def test_plans_and_budget_shares():
+    from lora_triton.bench import cli
+
+    assert forward_table.plan_for(False, "dispatch") is forward_table.DISPATCH
+    assert forward_table.DISPATCH["ms"] == [1, 16, 128, 1024, 8192] and forward_table.DISPATCH["ranks"] == [16]
+    assert forward_table.DISPATCH["shapes"] == forward_table.LLAMA7B_SHAPES
+    assert layer_table.plan_for(False, "dispatch")["ms"] == forward_table.DISPATCH["ms"]
+    assert layer_table.plan_for(True, "dispatch") is layer_table.QUICK
+    with pytest.raises(ValueError, match="layer table's plan"):
+        layer_table.plan_for(False, "crossover")
+    with pytest.raises(SystemExit, match="no such plan for the layer table"):
+        cli.check_plan("crossover", ["forward", "layer"])
+    cli.check_plan("crossover", ["forward"])
+    assert cli.budget_share(["forward", "layer"], 90.0) == pytest.approx(60.0)
+    assert cli.budget_share(["layer"], 30.0) == pytest.approx(30.0)
+    assert cli.budget_share(["forward", "layer"], -5.0) == 0.0
+
+
+def _forward_row(device: str, m: int, method: str, ms: float) -> dict:
+    return {"device": device, "K": 128, "N": 96, "r": 8, "M": m, "op": "forward", "method": method, "config": "",
+            "ms": ms, "note": ""}
+
+
+def test_dispatch_writer_merges_each_point_and_keeps_other_gpus(tmp_path):
+    from lora_triton.bench.cli import dispatch_writer
+    from lora_triton.ops import dispatch
+
+    path = tmp_path / "table.json"
+    other = {"format": dispatch.TABLE_FORMAT, "gpus": {"Other GPU": {"forward": [
+        {"m_bucket": 1, "n": 96, "k": 128, "r": 8, "candidate": "skinny", "config": None}]}}}
+    path.write_text(json.dumps(other))
+    merge = dispatch_writer(str(path), torch.device("cuda"))
+    merge([_forward_row("G", 1, "dequant", 2.0), _forward_row("G", 1, "fused", 1.0)])
+    after_first = dispatch.parse_table(path.read_text())  # written at once, not at the end of the table
+    assert [p["candidate"] for p in after_first["gpus"]["G"]["forward"]] == ["fused"]
+    merge([_forward_row("G", 1024, "dequant", 1.0)])
+    table = dispatch.parse_table(path.read_text())
+    assert table["gpus"]["Other GPU"] == other["gpus"]["Other GPU"]
+    assert {(p["m_bucket"], p["candidate"]) for p in table["gpus"]["G"]["forward"]} == {(1, "fused"), (1024, "dequant")}
+
+
+def test_dispatch_writer_refuses_what_it_must_not_write(tmp_path):
+    from lora_triton.bench.cli import dispatch_writer
+    from lora_triton.ops import dispatch
+
+    with pytest.raises(SystemExit, match="takes GPU timings only"):
+        dispatch_writer(dispatch.TABLE_PATH, torch.device("cpu"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a dispatch table"):
+        dispatch_writer(str(bad), torch.device("cpu"))
+    assert bad.read_text() == "{not json"
+    dispatch_writer(str(tmp_path / "new.json"), torch.device("cpu"))([])  # no rows: nothing written
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_csv_rows_are_on_disk_as_soon_as_appended(tmp_path):
+    from lora_triton.bench.report import CsvRows
+
+    path = tmp_path / "deep" / "t.csv"
+    with CsvRows(str(path), ["a", "b"]) as out:
+        assert _read(path) == (["a", "b"], [])
+        out.append([{"a": 1, "b": 2}])
+        assert _read(path)[1] == [{"a": "1", "b": "2"}]  # a run stopped here keeps the row
+        out.append([{"a": 3, "b": 4}, {"a": 5, "b": 6}])
+    assert [row["a"] for row in _read(path)[1]] == ["1", "3", "5"]
 
 
 def test_interleaved_cpu_timer_alternates_and_takes_medians():

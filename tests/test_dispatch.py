@@ -173,3 +173,16 @@ def test_dx_rows_of_the_sweep_are_correct_and_name_one_fastest(device):
     assert all(r["dispatch"] == "dx:dequant" for r in rows)  # no table point for this shape: the rule
     points = dispatch.table_from_rows(rows)["gpus"]["test"]["dx"]
     assert len(points) == 1 and points[0]["candidate"] in dispatch.DX_CANDIDATES
+
+
+def test_a_run_that_measured_a_few_points_replaces_only_those_points():
+    old = {"format": 1, "gpus": {"G": {"forward": [_point(1, "dequant"), _point(16, "dequant"),
+                                                   _point(1, "dequant", n=11008)],
+                                       "dx": [_point(1024, "dequant")]},
+                                 "Other": {"forward": [_point(1, "dequant")]}}}
+    new = {"format": 1, "gpus": {"G": {"forward": [_point(16, "skinny", config={"split_k": 2}), _point(128, "merged")]}}}
+    merged = dispatch.merge_tables(old, new)
+    forward = {(p["m_bucket"], p["n"]): p["candidate"] for p in merged["gpus"]["G"]["forward"]}
+    assert forward == {(1, 4096): "dequant", (16, 4096): "skinny", (128, 4096): "merged", (1, 11008): "dequant"}
+    assert merged["gpus"]["G"]["dx"] == old["gpus"]["G"]["dx"] and merged["gpus"]["Other"] == old["gpus"]["Other"]
+    assert dispatch.parse_table(json.dumps(merged)) == merged

@@ -150,7 +150,7 @@ def test_dx_zero_rows(device):
 def test_gpu_config_pruning(m, n, k, max_m, max_k):
     """The autotuner only tries tiles that fit the problem; every config is a legal GPU dot
     (all tile dims >= 16) and some config always survives."""
-    configs = lora_dx._gpu_configs()
+    configs = lora_dx.gpu_configs()
     assert all(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) >= 16 for c in configs)
     kept = lora_dx._prune_configs(configs, {"M": m, "N": n, "K": k})
     assert kept

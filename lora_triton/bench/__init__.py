@@ -9,6 +9,8 @@
     report       CSV, console tables, PNG plots of speed-up vs M
     cli          ``add_bench_parser`` (the ``bench`` subcommand) and ``python -m lora_triton.bench``
     static       the kernel-efficiency report (sm_90 compiles on CPU; ``--what static``)
+    smoke        correctness smoke test of every kernel production launches, against float64 (GPU check, stage 1)
+    gpu_check    the GPU check's driver (``bench/gpu_check.sh``): budgeted stages, summary, packaged outputs
     test_benchmarks  pytest-benchmark view of the CPU table: ``pytest lora_triton/bench --benchmark-only``
 
 Nothing here imports a kernel module at import time, so ``TRITON_INTERPRET`` can still be set

@@ -7,7 +7,9 @@
     lora-triton bench --what static           # kernel-efficiency report: sm_90 compiles on CPU
     lora-triton bench --what model            # training steps of a whole Llama: ours vs PEFT (Q)LoRA
     lora-triton bench --what adapters         # mixed-adapter batches vs the number of adapters in them
-    lora-triton bench --what forward --write-dispatch   # GPU: measure, then dispatch from it
+    lora-triton bench --what forward --write-dispatch lora_triton/ops/dispatch_table.json
+                                              # GPU: measure, then merge the fastest into a dispatch table
+    lora-triton bench --what forward,layer --plan dispatch   # the points that decide the dispatch table
     python -m lora_triton.bench ...           # the same, without the lora-triton command
 
 Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``model``
@@ -15,9 +17,13 @@ Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.p
 (``adapters.py``: mixed-adapter batches, GPU when there is one, else CPU), ``static``
 (``static.py``: no device needed, writes ``DIR/static.csv``, exits 1 when a dispatched kernel
 misses its budget). Each of the others writes
-``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape). ``--budget-s`` is the
-whole run's time budget: each table gets a share of what is left, points past it are
-skipped and named on stderr.
+``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape); the forward and layer
+tables append each point's rows to their CSV as soon as it is measured, so a stopped run keeps
+them. ``--budget-s`` is the whole run's time budget: each table gets a share of what is left
+(the forward table twice a share), points past it are skipped and named on stderr.
+``--write-dispatch PATH`` merges each forward point's fastest candidate into the dispatch table
+at PATH as soon as it is measured (a measured point replaces that point only; a missing file is
+started); nothing is written into the installed package unless PATH names it.
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ from . import adapters, cpu, forward, layer, model
 from ..kernels.runtime import interpreting
 from ..outputs import QUICK_NOTE, default_dir
 from .environment import environment
-from .report import plot_speedups, print_table, write_csv
+from .report import CsvRows, plot_speedups, print_table, write_csv
 
 TABLES = ("forward", "layer", "cpu", "model", "adapters", "static")
 GPU_TABLES = ("forward", "layer")
 DEFAULT_BUDGET_S = 420.0
+#: Shares of the remaining budget: the forward table decides the dispatch, so it gets two.
+BUDGET_SHARES = {"forward": 2.0}
+PLANS = tuple(forward.PLANS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -55,9 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "forward,layer on a CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency "
                              "report (sm_90 compiles); model times whole training steps of a Llama; adapters times "
                              "mixed-adapter batches (1 to 64 distinct adapters) against PEFT's")
-    parser.add_argument("--write-dispatch", action="store_true",
-                        help="after the forward table, write its fastest candidates per (GPU, M bucket, N, K, r) "
-                             "into the package's dispatch table (lora_triton/ops/dispatch_table.json)")
+    parser.add_argument("--write-dispatch", default=None, metavar="PATH",
+                        help="merge the forward table's fastest candidate per (GPU, M bucket, N, K, r) into the "
+                             "dispatch table at PATH as each point is measured (the repository's is "
+                             "lora_triton/ops/dispatch_table.json; a missing file is started)")
+    parser.add_argument("--plan", default=None, choices=PLANS,
+                        help="points of the forward and layer tables: default; dispatch (M = 1, 16, 128, 1024, "
+                             "8192 on the Llama-7B shapes, r = 16); crossover (forward only: M = 16..2048, "
+                             f"r = 16 and 64, with dx rows). Default: ${forward.SWEEP_ENV}, else default")
     parser.add_argument("--triton", default=None, metavar="VERSIONS",
                         help="static table: comma-separated triton versions to compile with, 'installed' for the one "
                              "imported (default: 3.6.0,installed; --quick: installed)")
@@ -100,9 +114,27 @@ def _kernel_device(quick: bool) -> torch.device | None:
     return torch.device("cpu")
 
 
+def budget_share(tables: list[str], left_s: float) -> float:
+    """The first of ``tables``' share of ``left_s`` seconds (``BUDGET_SHARES``, 1 for the others)."""
+    shares = [BUDGET_SHARES.get(table, 1.0) for table in tables]
+    return max(0.0, left_s) * shares[0] / sum(shares)
+
+
+def check_plan(plan: str | None, tables: list[str]) -> None:
+    """SystemExit when ``--plan`` names a plan one of the selected tables lacks."""
+    if plan is None:
+        return
+    lacking = [t for t in tables if (t == "forward" and plan not in forward.PLANS)
+               or (t == "layer" and plan not in layer.PLANS)]
+    if lacking:
+        raise SystemExit(f"--plan {plan}: no such plan for the {' and '.join(lacking)} table "
+                         f"(forward: {', '.join(forward.PLANS)}; layer: {', '.join(layer.PLANS)})")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the selected tables; returns 0 when every one of them wrote rows."""
     tables = selected_tables(args.what, torch.cuda.is_available())
+    check_plan(args.plan, tables)
     if args.threads:
         torch.set_num_threads(args.threads)
     start, ok = time.monotonic(), True
@@ -113,7 +145,7 @@ def run_bench(args: argparse.Namespace) -> int:
         ok = run_static(args.out, args.quick, versions) == 0
         tables = [t for t in tables if t != "static"]
     for i, table in enumerate(tables):
-        budget = max(0.0, args.budget_s - (time.monotonic() - start)) / (len(tables) - i)
+        budget = budget_share(tables[i:], args.budget_s - (time.monotonic() - start))
         if table in ("model", "adapters"):
             ok = _run_device_table(args, budget, table) and ok
             continue
@@ -125,16 +157,23 @@ def run_bench(args: argparse.Namespace) -> int:
             continue
         meta = environment(device, args.quick, interpreted=table != "cpu" and device.type == "cpu")
         module = {"forward": forward, "layer": layer, "cpu": cpu}[table]
-        rows = module.run(device, meta, args.quick, budget)
         csv_path = os.path.join(args.out, f"{table}.csv")
-        write_csv(csv_path, rows, module.FIELDS)
+        if table == "cpu":
+            rows = cpu.run(device, meta, args.quick, budget)
+            write_csv(csv_path, rows, module.FIELDS)
+        else:
+            merge = dispatch_writer(args.write_dispatch, device) if table == "forward" and args.write_dispatch else None
+            with CsvRows(csv_path, module.FIELDS) as out:
+                def on_rows(point_rows: list[dict]) -> None:
+                    out.append(point_rows)
+                    if merge is not None:
+                        merge(point_rows)
+
+                rows = module.run(device, meta, args.quick, budget, plan=args.plan, on_rows=on_rows)
         if table == "forward":
             print_table(rows, ["dtype", "K", "N", "r", "M"], "method", "ms", "forward table (ms)")
-            if args.write_dispatch and device.type == "cuda":
-                from ..ops import dispatch
-
-                dispatch.write_table(dispatch.merge_tables(dispatch.load_table(), dispatch.table_from_rows(rows)))
-                print(f"forward: dispatch table written to {dispatch.TABLE_PATH}")
+            if args.write_dispatch:
+                print(f"forward: dispatch table at {args.write_dispatch} has this run's points")
         else:
             print_table(rows, ["dtype", "K", "N", "r", "M", "pass"], "impl", "ms", f"{table} table (ms)")
             layer.print_ratios(rows, f"{table} table")
@@ -146,6 +185,36 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         print(QUICK_NOTE)
     return 0 if ok else 1
+
+
+def dispatch_writer(path: str, device: torch.device):
+    """``on_rows`` callback: merges each point's fastest candidates into the dispatch table at ``path``
+    (``ops.dispatch.merge_tables``: a measured point replaces that point only) and writes it at once.
+    Refuses interpreter timings for the package's own table; a malformed table at ``path`` is an
+    error, never replaced."""
+    from ..ops import dispatch
+
+    if device.type != "cuda" and os.path.realpath(path) == os.path.realpath(dispatch.TABLE_PATH):
+        raise SystemExit(f"--write-dispatch {path}: the package's dispatch table takes GPU timings only, "
+                         f"and this run times {device}; name another file")
+
+    def current() -> dict:
+        if not os.path.exists(path):
+            return {"format": dispatch.TABLE_FORMAT, "gpus": {}}
+        with open(path, encoding="utf-8") as f:
+            return dispatch.parse_table(f.read())
+
+    try:
+        current()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--write-dispatch {path}: not a dispatch table ({type(err).__name__}: {err}); "
+                         "fix or remove it first") from err
+
+    def merge(rows: list[dict]) -> None:
+        measured = dispatch.table_from_rows(rows)
+        if measured["gpus"]:
+            dispatch.write_table(dispatch.merge_tables(current(), measured), path)
+    return merge
 
 
 def _run_device_table(args: argparse.Namespace, budget_s: float, table: str) -> bool:

@@ -8,12 +8,14 @@ For each projection shape (K, N), rank r and token count M it times the candidat
                     ``F.linear`` + PEFT-style LoRA: what bitsandbytes + PEFT does
 ``bnb_matmul_4bit`` ``bitsandbytes.matmul_4bit`` + LoRA, only when bitsandbytes imports
 
-With ``LORA_TRITON_FORWARD_SWEEP=crossover`` (issue 14: crossovers measured, not guessed) the table
+Plans (``--plan``, else ``LORA_TRITON_FORWARD_SWEEP``, else ``default``): ``default`` (``FULL``);
+``dispatch`` the points that decide the dispatch table (M in 1, 16, 128, 1024, 8192 on the three
+Llama-7B shapes at r = 16: the GPU check's table); ``crossover`` (crossovers measured, not guessed)
 sweeps M in ``CROSSOVER_MS`` over the three Llama-7B shapes at r in {16, 64} and adds rows of
 ``op = dx`` for every way of computing ``dx`` (``ops.dispatch.DX_CANDIDATES``: the fused kernel and
 dequantize + cuBLAS); ``--write-dispatch`` then writes the ``dx`` points of the dispatch table as
 well. It takes far longer than the default plan: give it its own budget (``bench/gpu_check.sh``
-with ``GPU_SWEEP=crossover``).
+with ``GPU_SWEEP=crossover``). Every plan has a ``--quick`` twin at toy sizes.
 
 One row per (shape, op, method, config): relative error of ``y`` against an fp32 product on the same
 dequantized weight (a fast but wrong kernel shows), median time, TFLOP/s, GB/s, both as % of
@@ -43,13 +45,17 @@ from .timing import time_ms, within_budget
 LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/k/v/o, gate/up, down
 FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[1, 2, 4, 8, 16, 128, 1024, 4096, 8192], dtype=torch.bfloat16)
 QUICK = dict(shapes=[(128, 96)], ranks=[8], ms=[1, 17], dtype=torch.bfloat16)
-#: The crossover sweep (issue 14, item 4): forward and dx on the Llama-7B shapes, M from 16 to 2048.
+#: The points the dispatch table is decided at (the GPU check's forward and layer tables).
+DISPATCH_MS = [1, 16, 128, 1024, 8192]
+DISPATCH = dict(shapes=LLAMA7B_SHAPES, ranks=[16], ms=DISPATCH_MS, dtype=torch.bfloat16)
+#: The crossover sweep: forward and dx on the Llama-7B shapes, M from 16 to 2048.
 CROSSOVER_MS = [16, 32, 64, 128, 256, 512, 1024, 2048]
 CROSSOVER = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=CROSSOVER_MS, dtype=torch.bfloat16, dx=True)
 QUICK_CROSSOVER = dict(shapes=[(128, 96)], ranks=[8], ms=[16, 33], dtype=torch.bfloat16, dx=True)
-#: Environment variable that selects the plan: unset or ``default`` (``FULL``), ``crossover``.
+#: Environment variable that selects the plan when ``--plan`` names none.
 SWEEP_ENV = "LORA_TRITON_FORWARD_SWEEP"
-PLANS = {"default": (FULL, QUICK), "crossover": (CROSSOVER, QUICK_CROSSOVER)}
+#: Plan name -> (plan, its ``--quick`` twin).
+PLANS = {"default": (FULL, QUICK), "dispatch": (DISPATCH, QUICK), "crossover": (CROSSOVER, QUICK_CROSSOVER)}
 DECODE_BENCH_MAX_M = 128  # the decode kernel is timed up to here; beyond it is off its design point
 CUDA_GRAPH_MAX_M = 128  # launch-bound below this: time from CUDA graphs
 BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
@@ -93,25 +99,38 @@ class Problem:
         return weight + acts + itemsize * self.r * (self.k + self.n)
 
 
-def plan_for(quick: bool) -> dict:
-    """The plan ``SWEEP_ENV`` names (read at run time; ``quick``: its tiny smoke-run twin)."""
-    name = os.environ.get(SWEEP_ENV, "") or "default"
+def plan_name(name: str | None = None) -> str:
+    """``name``, else the plan ``SWEEP_ENV`` names (read at run time), else ``default``; ValueError
+    for a name ``PLANS`` lacks."""
+    name = name or os.environ.get(SWEEP_ENV, "") or "default"
     if name not in PLANS:
-        raise ValueError(f"{SWEEP_ENV} must be one of {sorted(PLANS)} (or unset), got {name!r}")
-    return PLANS[name][1 if quick else 0]
+        raise ValueError(f"the forward plan must be one of {sorted(PLANS)} (--plan or {SWEEP_ENV}), got {name!r}")
+    return name
 
 
-def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[dict]:
-    """All rows of the forward table (points past ``budget_s`` seconds are skipped and named)."""
-    plan = plan_for(quick)
-    # r=16 over every shape first: a spent budget cuts r=64 rows
-    points = itertools.product(plan["ranks"], plan["shapes"], plan["ms"])
+def plan_for(quick: bool, name: str | None = None) -> dict:
+    """The plan ``plan_name(name)`` picks (``quick``: its tiny smoke-run twin)."""
+    return PLANS[plan_name(name)][1 if quick else 0]
+
+
+def run(device: torch.device, meta: dict, quick: bool, budget_s: float, plan: str | None = None,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """All rows of the forward table for the plan named ``plan`` (``plan_name``); points past
+    ``budget_s`` seconds are skipped and named. ``on_rows`` receives each point's rows as soon as
+    they are measured (the CSV and the dispatch table grow with them)."""
+    chosen = plan_for(quick, plan)
+    # r=16 first (a spent budget cuts r=64 rows), then M ascending over every shape: small M is where
+    # the candidates differ most, and a cut budget then drops the largest M, not a whole shape
+    points = itertools.product(chosen["ranks"], chosen["ms"], chosen["shapes"])
     rows = []
-    for r, (k, n), m in within_budget(points, budget_s, "forward"):
-        problem = make_problem(m, n, k, r, plan["dtype"], device)
-        rows.extend(bench_problem(problem, meta, device, quick))
-        if plan.get("dx"):
-            rows.extend(bench_dx(problem, meta, device, quick))
+    for r, m, (k, n) in within_budget(points, budget_s, "forward"):
+        problem = make_problem(m, n, k, r, chosen["dtype"], device)
+        point_rows = bench_problem(problem, meta, device, quick)
+        if chosen.get("dx"):
+            point_rows.extend(bench_dx(problem, meta, device, quick))
+        rows.extend(point_rows)
+        if on_rows is not None:
+            on_rows(point_rows)
         del problem
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -18,14 +18,15 @@ bitsandbytes + PEFT at M >= 1024 with peak memory no higher.
 
 from __future__ import annotations
 
-import sys
 import itertools
+import sys
+from typing import Callable
 
 import torch
 
 from . import contenders as cs
 from .environment import META_FIELDS
-from .forward import LLAMA7B_SHAPES
+from .forward import DISPATCH_MS, LLAMA7B_SHAPES
 from .report import Speedup
 from .timing import cpu_ms_interleaved, time_ms, within_budget
 
@@ -34,19 +35,36 @@ BASELINES = ("bnb_peft", "dequant_linear")
 # r=16 over every shape first, so a spent budget cuts the r=64 rows, not the target's.
 FULL = dict(shapes=LLAMA7B_SHAPES, ranks=[16, 64], ms=[16, 128, 1024, 4096, 8192], dtypes=[torch.bfloat16])
 QUICK = dict(shapes=[(128, 96)], ranks=[8], ms=[17], dtypes=[torch.bfloat16])
+#: The forward table's ``dispatch`` points: the layer as dispatched there.
+DISPATCH = dict(shapes=LLAMA7B_SHAPES, ranks=[16], ms=DISPATCH_MS, dtypes=[torch.bfloat16])
+#: Plan name (as ``--plan`` says it) -> (plan, its ``--quick`` twin).
+PLANS = {"default": (FULL, QUICK), "dispatch": (DISPATCH, QUICK)}
 FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "pass", "impl", "ms", "timer", "tflops", "pct_peak_tflops",
                         "peak_mib", "x_vs_bnb_peft", "x_vs_dequant_linear", "mem_vs_bnb_peft", "rel_err", "note"]
 
 
-def run(device: torch.device, meta: dict, quick: bool, budget_s: float, plan: dict | None = None,
-        backend: str = "triton", passes: tuple[str, ...] = PASSES, table: str = "layer") -> list[dict]:
-    """All rows of a layer table for ``plan`` (default ``QUICK`` or ``FULL``); points past
-    ``budget_s`` seconds are skipped and named on stderr."""
-    plan = plan or (QUICK if quick else FULL)
+def plan_for(quick: bool, name: str | None = None) -> dict:
+    """The plan ``PLANS`` names (None: ``default``; ``quick``: its tiny twin); ValueError for another name."""
+    name = name or "default"
+    if name not in PLANS:
+        raise ValueError(f"the layer table's plan must be one of {sorted(PLANS)}, got {name!r}")
+    return PLANS[name][1 if quick else 0]
+
+
+def run(device: torch.device, meta: dict, quick: bool, budget_s: float, plan: dict | str | None = None,
+        backend: str = "triton", passes: tuple[str, ...] = PASSES, table: str = "layer",
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """All rows of a layer table for ``plan`` (a plan dict, or a name for ``plan_for``); points past
+    ``budget_s`` seconds are skipped and named on stderr. ``on_rows`` receives each point's rows as
+    soon as they are measured."""
+    plan = plan if isinstance(plan, dict) else plan_for(quick, plan)
     points = itertools.product(plan["dtypes"], plan["ranks"], plan["shapes"], plan["ms"])
     rows = []
     for dtype, r, (k, n), m in within_budget(points, budget_s, table):
-        rows.extend(bench_point(m, n, k, r, dtype, device, backend, meta, quick, passes))
+        point_rows = bench_point(m, n, k, r, dtype, device, backend, meta, quick, passes)
+        rows.extend(point_rows)
+        if on_rows is not None:
+            on_rows(point_rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -20,11 +20,37 @@ class Speedup:
 
 def write_csv(path: str, rows: list[dict], fields: list[str]) -> None:
     """Write ``rows`` (dicts with exactly ``fields``) to ``path``, creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    with CsvRows(path, fields) as out:
+        out.append(rows)
+
+
+class CsvRows:
+    """A CSV file that grows as rows are measured: the header on opening, each ``append`` written
+    and flushed at once, so a run stopped part-way keeps every row it measured.
+
+    ``with CsvRows(path, fields) as out: out.append(rows)`` (``rows``: dicts with exactly ``fields``);
+    the folder of ``path`` is created.
+    """
+
+    def __init__(self, path: str, fields: list[str]):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields)
+        self._writer.writeheader()
+        self._file.flush()
+
+    def append(self, rows: list[dict]) -> None:
+        self._writer.writerows(rows)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "CsvRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def print_table(rows: list[dict], point_fields: list[str], column_field: str, value_field: str,

@@ -1,23 +1,34 @@
-"""Kernel-efficiency report on CPU: compile every kernel the dispatcher can choose for sm_90 and
-read registers, spills, shared memory and PTX (and SASS) instructions per decoded weight element.
+"""Kernel report on CPU: compile every kernel config the package can launch for each GPU it is
+built for (sm_80, sm_86, sm_89, sm_90) and read what the compiler made of it.
 
     lora-triton bench --what static [--quick] [--triton 3.6.0,installed] [--out DIR]
 
-Each row is one (kernel, config, variant, triton version) compile (``static_analysis``):
-``loop_ptx_per_weight_elem`` counts the PTX instructions of the main K loop per decoded
-weight element per thread (the whole body for a kernel without a loop; the budgets are on it),
-``loop_sass_per_weight_elem`` the same for the machine code ptxas made of it (register moves that
-ptxas removes do not count there, expansions do), ``wgmma_serialized``
-is ptxas' warning C7515, ``weight_operand_from_registers`` whether the loop's wgmma reads the
-weight from registers, ``wgmma_waits_each_step`` whether the loop waits for all its wgmma
-(``wgmma.wait_group 0``: no decode overlaps an MMA; reported, not budgeted), ``lut_global_gathers``
-the code-table loads from global memory in the loop. ``dispatched`` says whether the dispatcher
-(``ops.dispatch``: the shipped table and the rule) can choose the kernel with that code table (a GPU
-runs ``shfl``; ``gather`` rows are the interpreter's variant, for comparison); a dispatched kernel
-that misses its ``BUDGETS`` fails the report (exit 1). Versions other than the installed triton compile in a subprocess whose path starts
-with that version's wheel, installed once (``pip --target``) under ``--triton-cache``.
-``--quick`` (CI): the dispatched kernels plus the skinny candidate (its decode-size and medium-M
-defaults), each on its default config, bf16, the installed triton only.
+Each row is one (kernel, config, variant, arch, triton version) compile (``static_analysis``):
+``smem_bytes``, ``regs`` and ``spills`` come from the compiled kernel and ptxas; ``smem_estimate`` is
+the kernel module's own bound, the one it uses to choose configs per GPU; ``offered`` says whether
+the package would launch that config on that arch (its autotune lists pruned for the GPU, its fixed
+configs chosen per arch); ``fits`` whether it can launch there at all (``runtime.NAMED_ARCHS``:
+shared memory per block, registers per block).
+
+The report fails (exit 1) when
+
+* an offered row does not fit its arch, or compiles to more shared memory than its estimate (the
+  estimate is what keeps the configs of an unlisted GPU safe);
+* an offered bf16/fp16 row of a dispatched kernel spills registers;
+* a dispatched kernel's sm_90 bf16/fp16 compile misses its ``BUDGETS`` (PTX instructions of the main
+  loop per decoded weight element per thread, registers, spills, ptxas' wgmma serialization C7515).
+
+"Dispatched" kernels are those production launches: the candidates of the shipped dispatch table
+and of the rule, with every kernel each of them launches (the S kernel, the dropout mask), and the
+mixed-batch kernels. The sm_90 columns ``loop_ptx_per_weight_elem``, ``loop_sass_per_weight_elem``,
+``wgmma_serialized``, ``weight_operand_from_registers``, ``wgmma_waits_each_step`` and
+``lut_global_gathers`` are as ``static_analysis`` describes them.
+
+``--quick`` (CI): the dispatched kernels plus the skinny defaults, the configs the package offers on
+each of the four arches, three variants (bf16 rank 16, fp16 rank 128, fp32 rank 128: the most shared
+memory), the installed triton only. The full report adds every config of every kernel, two more
+variants and triton 3.6 (the GPU machine's), compiled in a subprocess whose path starts with that
+version's wheel, installed once (``pip --target``) under ``--triton-cache``.
 """
 
 from __future__ import annotations
@@ -31,14 +42,23 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-FIELDS = ["kernel", "config", "variant", "triton", "regs", "spills", "smem_bytes", "loop_ptx_per_weight_elem", "loop_sass_per_weight_elem",
+FIELDS = ["kernel", "config", "variant", "arch", "triton", "regs", "spills", "smem_bytes", "smem_estimate",
+          "smem_limit", "fits", "offered", "dispatched", "loop_ptx_per_weight_elem", "loop_sass_per_weight_elem",
           "loop_shared_ops_per_weight_elem", "wgmma_serialized", "weight_operand_from_registers",
-          "wgmma_waits_each_step", "lut_global_gathers", "has_loop", "dispatched", "budget", "within_budget", "top_opcodes", "error"]
+          "wgmma_waits_each_step", "lut_global_gathers", "has_loop", "budget", "within_budget", "top_opcodes",
+          "error"]
+
+#: The arch whose compiles the instruction budgets apply to (they were set for Hopper's wgmma code).
+BUDGET_ARCH = 90
+QUICK_VARIANTS = (dict(dtype="bf16", r=16), dict(dtype="fp16", r=128), dict(dtype="fp32", r=128))
+#: The variants the instruction budgets were set on (and the full report compiles the ``gather`` table for).
+BUDGET_VARIANTS = (dict(dtype="bf16", r=16), dict(dtype="fp16", r=64))
+FULL_VARIANTS = QUICK_VARIANTS + (dict(dtype="fp16", r=64), dict(dtype="fp32", r=16))
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Limits a kernel's compile must stay within (None: not limited)."""
+    """Limits a kernel's sm_90 compile must stay within (None: not limited)."""
 
     loop_ptx_per_weight_elem: float | None = None
     spills: int | None = 0
@@ -70,26 +90,31 @@ class Budget:
         return " ".join(parts)
 
 
-#: Per kernel: the issue's budgets for the decode-size kernel; about 5.5 instructions per
-#: element all-in is what a memory-bound kernel may issue at 70% of an H200's bandwidth
-#: (shared/KERNELS.md), the budget of the dequant kernel and the fused tile kernels.
+#: Per kernel, on sm_90: the decode-size kernel's budgets; about 5.5 instructions per element all-in
+#: is what a memory-bound kernel may issue at 70% of an H200's bandwidth (shared/KERNELS.md), the
+#: budget of the dequant kernel and the fused tile kernels.
 BUDGETS = {
     "skinny": Budget(loop_ptx_per_weight_elem=3.0, spills=0, regs=128),
-    # the skinny kernel's medium-M default (M > 16 tokens; issue 14's budget for the medium-M forward)
+    # the skinny kernel's medium-M tiles (more than 16 tokens)
     "skinny_m": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "dequant": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
-    # W + s * B @ A (the merged candidate): it writes the dense weight, 2 bytes per element in bf16 on
-    # top of the 0.5 it reads, so the 5.5 of a kernel that only reads the packed bytes scales by 5
+    # W + s * B @ A: it writes the dense weight, 2 bytes per element in bf16 on top of the 0.5 it
+    # reads, so the 5.5 of a kernel that only reads the packed bytes scales by 5
     "merged": Budget(loop_ptx_per_weight_elem=5.5 * (0.5 + 2) / 0.5, spills=0),
     "fused": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "decode": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
     "dx": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
 }
 
+#: Kernels that read no adapter: one compile per dtype covers every rank.
+RANKLESS = {"dequant", "dropout_mask"}
+#: Kernels whose operands do not depend on the activation dtype (fp32 mask).
+DTYPELESS = {"dropout_mask"}
+
 
 @dataclass(frozen=True)
 class Build:
-    """One compile: kernel name, config label and launch options, variant constexprs."""
+    """One compile: kernel name, config (constexprs), launch options, variant (dtype, rank, table)."""
 
     kernel: str
     config: dict
@@ -105,11 +130,21 @@ class Build:
     def variant_text(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.variant.items())
 
+    @property
+    def elem_bytes(self) -> int:
+        return {"fp16": 2, "bf16": 2, "fp32": 4}[self.variant["dtype"]]
 
-# ----------------------------------------------------------------------------- what to compile
-def _skinny_build(config: dict, variant: dict) -> "Build":
+    @property
+    def r_pad(self) -> int:
+        from ..kernels.runtime import padded_rank
+
+        return padded_rank(self.variant["r"])
+
+
+# ----------------------------------------------------------------------------- the package's choices
+def _skinny_build(config: dict, variant: dict) -> Build:
     """The compile of one skinny config: kernel ``skinny`` for decode-size token tiles, ``skinny_m``
-    (issue 14's medium-M budget) for tiles of more than ``SKINNY_DECODE_MAX_M`` tokens."""
+    for tiles of more than ``SKINNY_DECODE_MAX_M`` tokens."""
     from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
 
     c = config
@@ -120,7 +155,15 @@ def _skinny_build(config: dict, variant: dict) -> "Build":
                  c["num_warps"], c["num_stages"], variant, c["maxnreg"])
 
 
-def shipped_skinny_configs() -> list[dict]:
+def _skinny_config_of(build: Build) -> dict:
+    """The skinny launch config a build compiles (the inverse of ``_skinny_build``)."""
+    c = build.config
+    return dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], block_k=c["BLOCK_K"], num_warps=build.num_warps,
+                num_stages=build.num_stages, maxnreg=build.maxnreg, s_first=c.get("S_FIRST", False),
+                scale_weights=c.get("SCALE_WEIGHTS", False))
+
+
+def shipped_skinny_configs(limits=None, elem_bytes: int = 2) -> list[dict]:
     """The skinny configs a GPU launch can run: each skinny point of the shipped table (its config over
     the default for its rank and M bucket, as ``lora_forward._launch_skinny`` merges them), and the
     defaults at ranks 16 and 64 when the rule itself is skinny."""
@@ -131,101 +174,199 @@ def shipped_skinny_configs() -> list[dict]:
     for ops in dispatch.load_table()["gpus"].values():
         for p in ops.get("forward", []):
             if p["candidate"] == "skinny":
-                out.append(dict(skinny_default(padded_rank(p["r"]), p["m_bucket"]), **(p.get("config") or {})))
+                default = skinny_default(padded_rank(p["r"]), p["m_bucket"], elem_bytes, limits)
+                out.append(dict(default, **(p.get("config") or {})))
     if dispatch.RULE["forward"] == "skinny":
-        out += [skinny_default(r_pad, m) for r_pad in (16, 64) for m in (1, SKINNY_DECODE_MAX_M + 1)]
+        out += [skinny_default(r_pad, m, elem_bytes, limits) for r_pad in (16, 64) for m in (1, SKINNY_DECODE_MAX_M + 1)]
     return out
 
 
-def _skinny_builds(quick: bool, variant: dict) -> list["Build"]:
-    """The skinny configs to compile: the decode-size and medium-M defaults for the variant's rank, the
-    shipped table's, then (unless ``quick``) every other config the GPU benchmark times."""
+def _skinny_builds(quick: bool, variant: dict, limits) -> list[Build]:
+    """The skinny configs to compile: the decode-size and medium-M defaults the package offers for the
+    variant on this arch, the shipped table's, then (unless ``quick``) every other config the GPU
+    benchmark times."""
     from ..kernels.lora_forward import SKINNY_CONFIGS, SKINNY_DECODE_MAX_M, padded_rank, skinny_default
 
-    r_pad = padded_rank(variant["r"])
-    candidates = [skinny_default(r_pad), skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1), *shipped_skinny_configs()]
+    r_pad, elem = padded_rank(variant["r"]), Build("", {}, 4, 1, variant).elem_bytes
+    candidates = [skinny_default(r_pad, 1, elem, limits), skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1, elem, limits),
+                  *shipped_skinny_configs(limits, elem)]
     if not quick:
         candidates += SKINNY_CONFIGS
+    return _unique([_skinny_build(config, variant) for config in candidates])
+
+
+def _unique(builds: list[Build]) -> list[Build]:
     out = []
-    for config in candidates:
-        build = _skinny_build(config, variant)
-        # a config compiled twice hits the cache the second time (no ptxas log): once each
-        if all((b.config, b.num_warps, b.num_stages, b.maxnreg) != (build.config, build.num_warps, build.num_stages,
-                                                                      build.maxnreg) for b in out):
-            out.append(build)
+    for b in builds:
+        if b not in out:  # a config compiled twice hits the cache the second time (no ptxas log)
+            out.append(b)
     return out
 
 
-def _autotune_configs(kernel: str, quick: bool) -> list[tuple[dict, int, int]]:
+def _tuned_builds(kernel: str, quick: bool, variant: dict, limits) -> list[Build]:
+    """Builds of an autotuned kernel: every config of its list (full), or the fixed config the package
+    runs on this arch without autotuning (quick)."""
     from ..kernels import lora_dx, lora_forward as lf
 
+    b = Build(kernel, {}, 4, 1, variant)
     if kernel == "dx":
-        configs = lora_dx._gpu_configs()
+        configs = ([lora_dx.fixed_gpu_config(b.elem_bytes, b.r_pad, limits)] if quick
+                   else lora_dx.gpu_configs())
     else:
-        configs = lf._fused_configs() if kernel == "fused" else lf._decode_configs()
-        fixed = lf.FIXED_GPU_CONFIGS[kernel]
-        if quick:
-            configs = [fixed]
-    out = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
-    if kernel == "decode":
-        out = [({**cfg, "BLOCK_M": 16}, w, s) for cfg, w, s in out]
-    return out[:1] if quick else out
+        name = "fused" if kernel == "split" else kernel
+        configs = ([lf.fixed_gpu_config(name, b.elem_bytes, b.r_pad, limits, kernel != "split")] if quick
+                   else lf.tuned_configs(name))
+    extra = {"BLOCK_M": 16} if kernel == "decode" else {}
+    return [Build(kernel, {**c.kwargs, **extra}, c.num_warps, c.num_stages, variant) for c in configs]
+
+
+def _s_builds(quick: bool, variant: dict, limits) -> list[Build]:
+    from ..kernels import lora_forward as lf
+
+    b = Build("s", {}, 4, 1, variant)
+    tiles = ([lf.s_kernel_tile(b.elem_bytes, b.r_pad, limits)] if quick
+             else lf.S_TILES[(b.elem_bytes, 64 if b.r_pad <= 64 else 128)])
+    return [Build("s", dict(BLOCK_M=bm, BLOCK_K=bk), lf.S_WARPS, stages, variant) for bm, bk, stages in tiles]
+
+
+def kernel_builds(kernel: str, quick: bool, variant: dict, limits) -> list[Build]:
+    """The compiles of ``kernel`` for ``variant`` on the arch of ``limits``."""
+    from ..kernels import lora_multi, nf4_dequant
+
+    if kernel == "skinny":
+        return _skinny_builds(quick, variant, limits)
+    if kernel in ("fused", "split", "decode", "dx"):
+        return _tuned_builds(kernel, quick, variant, limits)
+    if kernel == "s":
+        return _s_builds(quick, variant, limits)
+    if kernel == "merged":
+        block_k = nf4_dequant.merged_block_k(64, Build("", {}, 4, 1, variant).elem_bytes,
+                                             Build("", {}, 4, 1, variant).r_pad, limits)
+        return [Build("merged", dict(BLOCK_N=nf4_dequant.MERGED_BLOCK_N, BLOCK_K=block_k), 4, 3, variant)]
+    if kernel == "multi_shrink":
+        return [Build(kernel, dict(BLOCK_K=lora_multi.SHRINK_BLOCK_K), 4, 3, variant)]
+    if kernel == "multi_expand":
+        return [Build(kernel, dict(BLOCK_N=lora_multi.EXPAND_BLOCK_N), 4, 3, variant)]
+    if kernel == "decode_epilogue":
+        return [Build(kernel, dict(BLOCK_M=16, BLOCK_N=128), 4, 3, variant)]
+    if kernel in ("dequant", "dropout_mask"):
+        return [Build(kernel, {}, 4, 3, variant)]
+    raise KeyError(kernel)
+
+
+def smem_estimate(build: Build) -> int:
+    """The kernel module's shared-memory bound for ``build`` (what its choices per GPU rely on); 0 for
+    kernels whose one config is small on every arch (the report checks them all the same)."""
+    from ..kernels import lora_dx, lora_forward as lf, nf4_dequant, nf4_skinny
+
+    k, c = build.kernel, build.config
+    if k in ("skinny", "skinny_m"):
+        return nf4_skinny.skinny_smem(_skinny_config_of(build), build.elem_bytes, build.r_pad)
+    if k == "s":
+        return lf.s_kernel_smem(c["BLOCK_M"], c["BLOCK_K"], build.num_stages, build.elem_bytes, build.r_pad)
+    if k in ("fused", "split", "decode"):
+        return lf.tile_kernel_smem("decode" if k == "decode" else "fused", c, build.num_stages, build.elem_bytes,
+                                   build.r_pad, single_pass=k != "split")
+    if k == "dx":
+        return lora_dx.dx_smem(c, build.num_stages, build.elem_bytes, build.r_pad)
+    if k == "merged":
+        return nf4_dequant.merged_smem(c["BLOCK_K"], build.elem_bytes, build.r_pad)
+    return 0
+
+
+def is_offered(build: Build, limits) -> bool:
+    """True when the package would launch ``build`` on a GPU with ``limits``: a config the kernel's own
+    choice picks there (fixed configs per arch, autotune lists pruned per GPU, skinny configs that fit)."""
+    from ..kernels import lora_dx, lora_forward as lf, nf4_skinny
+    from ..kernels.runtime import default_table
+    import torch
+
+    if build.variant.get("table", "shfl") != default_table(torch.device("cuda")):
+        return False  # the interpreter's code-table variant, compiled for comparison
+    k = build.kernel
+    if k in ("skinny", "skinny_m"):
+        return nf4_skinny.skinny_fits(_skinny_config_of(build), build.elem_bytes, build.r_pad, limits)
+    if k == "s":
+        return _s_builds(True, build.variant, limits)[0] == build
+    if k in ("fused", "split", "decode"):
+        name = "decode" if k == "decode" else "fused"
+        offered = lf.offered_configs(name, build.elem_bytes, build.r_pad, limits, single_pass=k != "split")
+        cfg = {key: v for key, v in build.config.items() if not (k == "decode" and key == "BLOCK_M")}
+        return any(c.kwargs == cfg and (c.num_warps, c.num_stages) == (build.num_warps, build.num_stages)
+                   for c in offered)
+    if k == "dx":
+        return any(c.kwargs == build.config and (c.num_warps, c.num_stages) == (build.num_warps, build.num_stages)
+                   for c in lora_dx.offered_configs(build.elem_bytes, build.r_pad, limits))
+    if k == "merged":
+        return kernel_builds("merged", True, build.variant, limits)[0] == build and limits.fits(smem_estimate(build))
+    return True  # one config, launched everywhere
+
+
+#: Kernels each dispatch candidate launches (beside cuBLAS): a candidate in the shipped table or the
+#: rule makes them "dispatched".
+FORWARD_KERNELS = {"dequant": {"dequant", "s"}, "merged": {"merged", "dequant", "s"}, "skinny": {"skinny", "s"},
+                   "fused": {"fused"}, "split": {"split", "s"}, "decode": {"decode", "decode_epilogue"}, "native": set()}
+DX_KERNELS = {"dequant": {"dequant", "dropout_mask"}, "fused": {"dx", "dropout_mask"},
+              "merged": {"merged", "dequant", "dropout_mask"}}
+#: Launched whatever the table says: mixed-adapter batches and the backward's dropout mask for dA.
+ALWAYS_LAUNCHED = {"multi_shrink", "multi_expand", "dropout_mask"}
+KERNELS = ("skinny", "dequant", "s", "dropout_mask", "multi_shrink", "multi_expand", "merged", "fused", "split",
+           "decode", "decode_epilogue", "dx")
 
 
 def dispatched_kernels() -> set[str]:
-    """Kernels the dispatcher can choose: the shipped table's winners and the rule's choice."""
+    """Kernels production can launch: those of the shipped table's winners and of the rule's
+    choice, and the ones every GPU run launches (``ALWAYS_LAUNCHED``). ``skinny`` stands for both
+    of its budgets (``skinny``, ``skinny_m``)."""
     from ..ops import dispatch
 
-    dx_kernel = {"fused": "dx", "dequant": "dequant", "merged": "merged"}  # dx candidates -> the kernel they run
-    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
-
-    names = {dispatch.RULE["forward"], dx_kernel[dispatch.RULE["dx"]]}
+    names = set(FORWARD_KERNELS[dispatch.RULE["forward"]]) | DX_KERNELS[dispatch.RULE["dx"]] | ALWAYS_LAUNCHED
     for ops in dispatch.load_table()["gpus"].values():
-        for p in ops.get("forward", []):  # skinny beyond 16 tokens runs the medium-M tile
-            names.add("skinny_m" if p["candidate"] == "skinny" and p["m_bucket"] > SKINNY_DECODE_MAX_M
-                      else p["candidate"])
-        names.update(dx_kernel[p["candidate"]] for p in ops.get("dx", []))
+        for p in ops.get("forward", []):
+            names |= FORWARD_KERNELS[p["candidate"]]
+        for p in ops.get("dx", []):
+            names |= DX_KERNELS[p["candidate"]]
     return names
 
 
-def is_dispatched(build: Build, dispatched: set[str]) -> bool:
-    """True when a GPU launch can run this build: a dispatched kernel with the code table a GPU uses;
-    for the skinny kernel, one of the configs the dispatcher can launch (``shipped_skinny_configs``)."""
-    import torch
-
-    from ..kernels.runtime import default_table
-
-    if build.variant.get("table") != default_table(torch.device("cuda")):
+def is_dispatched(build: Build, dispatched: set[str], limits) -> bool:
+    """True when production can launch this build: a dispatched kernel, offered on the arch; for the
+    skinny kernel, one of the configs the dispatcher can launch (``shipped_skinny_configs``)."""
+    if not is_offered(build, limits):
         return False
     if build.kernel in ("skinny", "skinny_m"):
-        return any(_skinny_build(c, build.variant) == build for c in shipped_skinny_configs())
+        return any(_skinny_build(c, build.variant) == build for c in shipped_skinny_configs(limits, build.elem_bytes))
     return build.kernel in dispatched
 
 
-def builds(quick: bool) -> list[Build]:
-    """Every compile of the report (``quick``: dispatched kernels and skinny, default configs, bf16)."""
+def builds(quick: bool, arch: int) -> list[Build]:
+    """Every compile of the report for ``arch`` (``quick``: dispatched kernels and the skinny defaults,
+    the configs offered on the arch)."""
+    from ..kernels.runtime import NAMED_ARCHS
+
+    limits = NAMED_ARCHS[arch]
     dispatched = dispatched_kernels()
-    kernels = ["skinny", "dequant", "merged", "fused", "decode", "dx"]  # "skinny" builds the skinny_m rows too
-    if quick:
-        kernels = [k for k in kernels if k in dispatched or k == "skinny"]
-    variants = [dict(dtype="bf16", r=16)] if quick else [dict(dtype="bf16", r=16), dict(dtype="fp16", r=64)]
+    kernels = [k for k in KERNELS if not quick or k in dispatched or k == "skinny"]
     out = []
     for kernel in kernels:
-        for table in (("shfl",) if quick else ("shfl", "gather")):
-            for variant in variants:
-                variant = {**variant, "table": table}
-                if kernel == "skinny":
-                    out.extend(_skinny_builds(quick, variant))
-                    continue
-                configs = [({}, 4, 3)] if kernel in ("dequant", "merged") else _autotune_configs(kernel, quick)
-                out.extend(Build(kernel, cfg, warps, stages, variant) for cfg, warps, stages in configs)
-    return out
+        seen = set()
+        for variant in (QUICK_VARIANTS if quick else FULL_VARIANTS):
+            key = (None if kernel in DTYPELESS else variant["dtype"], None if kernel in RANKLESS else variant["r"])
+            if key in seen:
+                continue
+            seen.add(key)
+            # the interpreter's code table beside the GPU's, for comparison, where the budgets were set
+            compare = not quick and arch == BUDGET_ARCH and variant in BUDGET_VARIANTS
+            tables = ("shfl", "gather") if compare else ("shfl",)
+            for table in tables:
+                out.extend(kernel_builds(kernel, quick, {**variant, "table": table}, limits))
+    return _unique(out)
 
 
 def _kernel_args(build: Build) -> tuple:
     """``(JITFunction, every argument by name, weight elements per main-loop iteration, options)``."""
     import torch
-    from ..kernels import lora_dx, lora_forward as lf, nf4_dequant, nf4_skinny
+    from ..kernels import dropout, lora_dx, lora_forward as lf, lora_multi, nf4_dequant, nf4_skinny
 
     v = build.variant
     act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[v["dtype"]]
@@ -234,9 +375,10 @@ def _kernel_args(build: Build) -> tuple:
     weight = dict(packed_ptr=torch.empty(16, dtype=torch.uint8), code_ptr=f32(),
                   absmax_ptr=torch.empty(16, dtype=torch.uint8), nested_absmax_ptr=f32(), nested_code_ptr=f32(),
                   offset=0.0123, BLOCKSIZE=64, DOUBLE_QUANT=True, TABLE=v["table"])
-    r_pad = max(16, v["r"])
+    r_pad = build.r_pad
     precision = "ieee" if v["dtype"] == "fp32" else "tf32"
-    sizes = dict(M=7, N=4096, K=4096, R=v["r"] - 3)
+    rank = max(1, v["r"] - 3)
+    sizes = dict(M=7, N=4096, K=4096, R=rank)
     cfg = build.config
     options = {"enable_fp_fusion": False, **({"maxnreg": build.maxnreg} if build.maxnreg else {})}
     if build.kernel in ("skinny", "skinny_m"):
@@ -256,44 +398,69 @@ def _kernel_args(build: Build) -> tuple:
     if build.kernel == "merged":
         words = dict(weight, words_ptr=torch.empty(16, dtype=torch.int32))
         del words["packed_ptr"]
-        block_k = nf4_dequant.merged_block_k(64)
-        args = dict(**words, a_ptr=act(), b_ptr=act(), out_ptr=act(), N=4096, K=4096, R=v["r"] - 3, scale=2.0,
-                    BLOCK_N=nf4_dequant.MERGED_BLOCK_N, BLOCK_K=block_k,
-                    ROWS_PER_PROGRAM=nf4_dequant.MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad, DOT_PRECISION=precision)
-        return nf4_dequant._dequant_merged_kernel, args, nf4_dequant.MERGED_BLOCK_N * block_k, options
-    if build.kernel == "fused":
+        args = dict(**words, a_ptr=act(), b_ptr=act(), out_ptr=act(), N=4096, K=4096, R=rank, scale=2.0,
+                    ROWS_PER_PROGRAM=nf4_dequant.MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad, DOT_PRECISION=precision,
+                    **cfg)
+        return nf4_dequant._dequant_merged_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
+    if build.kernel in ("fused", "split"):
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
-                    **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, SINGLE_PASS=True, HAS_BIAS=False,
-                    HAS_DROPOUT=False, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
+                    **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, SINGLE_PASS=build.kernel == "fused",
+                    HAS_BIAS=False, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
         return lf._fused_forward_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "decode":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), y32_ptr=f32(), s32_ptr=f32(), **sizes, M_BUCKET=8,
                     seed=1234, p=0.1, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
         return lf._decode_partial_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
+    if build.kernel == "decode_epilogue":
+        args = dict(y32_ptr=f32(), s32_ptr=f32(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(), M=7, N=4096,
+                    R=rank, scale=2.0, HAS_BIAS=True, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
+        return lf._decode_epilogue_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_M"], options
     if build.kernel == "dx":
         args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed=1234,
-                    dropout_p=0.1, M=333, N=4096, K=4096, R=v["r"] - 3, M_BUCKET=512, R_PAD=r_pad,
+                    dropout_p=0.1, M=333, N=4096, K=4096, R=rank, M_BUCKET=512, R_PAD=r_pad,
                     HAS_DROPOUT=False, EVEN_M=333 % cfg["BLOCK_M"] == 0, EVEN_N=4096 % cfg["BLOCK_N"] == 0,
                     EVEN_K=4096 % cfg["BLOCK_K"] == 0, **cfg)
         return lora_dx._lora_dx_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
+    if build.kernel == "s":  # with dropout, the case the default forward launches it for
+        args = dict(x_ptr=act(), a_ptr=act(), s_ptr=act(), M=333, K=4096, R=rank, seed=1234, p=0.1, HAS_DROPOUT=True,
+                    R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
+        return lf._lora_s_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
+    if build.kernel == "dropout_mask":
+        args = dict(out_ptr=f32(), seed=1234, p=0.1, M=333, K=4096, BLOCK_M=dropout.MASK_BLOCK_M,
+                    BLOCK_K=dropout.MASK_BLOCK_K)
+        return dropout._dropout_mask_kernel, args, dropout.MASK_BLOCK_M * dropout.MASK_BLOCK_K, options
+    ids = torch.empty(16, dtype=torch.int64)
+    if build.kernel == "multi_shrink":
+        args = dict(x_ptr=act(), a_ptr=act(), ids_ptr=ids, s_ptr=act(), K=4096, R=rank, R_PAD=r_pad, **cfg)
+        return lora_multi._shrink_kernel, args, cfg["BLOCK_K"], options
+    if build.kernel == "multi_expand":
+        args = dict(s_ptr=act(), b_ptr=act(), ids_ptr=ids, scale_ptr=f32(), y_ptr=act(), N=4096, R=rank, R_PAD=r_pad,
+                    **cfg)
+        return lora_multi._expand_kernel, args, cfg["BLOCK_N"], options
     raise KeyError(build.kernel)
 
 
 # ----------------------------------------------------------------------------- compiling
-def compile_row(build: Build, dispatched: bool, arch: int = 90) -> dict:
+def compile_row(build: Build, arch: int, dispatched: bool, offered: bool) -> dict:
     """One row of the report (errors become a row with ``error`` set)."""
     import triton
 
+    from ..kernels.runtime import NAMED_ARCHS
     from .static_analysis import analyze, compile_kernel
 
-    budget = BUDGETS.get(build.kernel, Budget())
-    row = dict(kernel=build.kernel, config=build.config_text(), variant=build.variant_text(),
-               triton=triton.__version__, dispatched=dispatched, budget=budget.text(), error="")
+    limits = NAMED_ARCHS[arch]
+    # the instruction budgets were set for Hopper's half-precision code; fp32 (FMA dots) is reported only
+    budgeted = arch == BUDGET_ARCH and build.variant["dtype"] != "fp32" and build.kernel in BUDGETS
+    budget = BUDGETS[build.kernel] if budgeted else Budget(spills=None, wgmma_serialized=True)
+    row = dict(kernel=build.kernel, config=build.config_text(), variant=build.variant_text(), arch=f"sm_{arch}",
+               triton=triton.__version__, smem_limit=limits.smem_per_block, smem_estimate=smem_estimate(build),
+               offered=offered, dispatched=dispatched, budget=budget.text(), error="")
     try:
         fn, args, elems, options = _kernel_args(build)
         compiled, log = compile_kernel(fn, args, build.num_warps, build.num_stages, arch, options)
-        result = analyze(compiled, log, elems, build.num_warps, fn)
+        result = analyze(compiled, log, elems, build.num_warps, fn, sass=arch == BUDGET_ARCH)
         row.update(regs=result.regs, spills=result.spill_bytes, smem_bytes=result.smem_bytes,
+                   fits=limits.fits(result.smem_bytes, result.regs, build.num_warps),
                    loop_ptx_per_weight_elem=result.loop_ptx_per_weight_elem,
                    loop_sass_per_weight_elem=result.loop_sass_per_weight_elem,
                    loop_shared_ops_per_weight_elem=result.loop_shared_ops_per_weight_elem,
@@ -302,12 +469,28 @@ def compile_row(build: Build, dispatched: bool, arch: int = 90) -> dict:
                    wgmma_waits_each_step=result.wgmma_waits_each_step,
                    lut_global_gathers=result.lut_global_gathers, has_loop=result.has_loop,
                    top_opcodes=result.top_opcodes)
+        misses = budget.misses(row) if dispatched else []
         row["within_budget"] = not budget.misses(row)
-        if not row["within_budget"]:
-            row["error"] = "over budget: " + "; ".join(budget.misses(row))
+        row["error"] = "; ".join(problems(row, build) + (["over budget: " + "; ".join(misses)] if misses else []))
     except Exception as exc:  # noqa: BLE001 - a failed compile is a row of the report
-        row.update(within_budget=False, error=f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        row.update(fits=False, within_budget=False,
+                   error=f"compile failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
     return row
+
+
+def problems(row: dict, build: Build) -> list[str]:
+    """What makes an offered row fail the report beside its instruction budget."""
+    if not row["offered"]:
+        return []
+    out = []
+    if not row["fits"]:
+        out.append(f"offered but does not fit sm_{row['arch'].removeprefix('sm_')}: {row['smem_bytes']} B of shared "
+                   f"memory (limit {row['smem_limit']}), {row['regs']} registers x {32 * build.num_warps} threads")
+    if row["smem_estimate"] and row["smem_bytes"] > row["smem_estimate"]:
+        out.append(f"shared memory {row['smem_bytes']} B above the kernel's estimate {row['smem_estimate']} B")
+    if row["dispatched"] and build.variant["dtype"] != "fp32" and row["spills"]:
+        out.append(f"dispatched {build.variant['dtype']} config spills {row['spills']} B")
+    return out
 
 
 def _init_worker(cache_dir: str) -> None:
@@ -319,7 +502,18 @@ def _init_worker(cache_dir: str) -> None:
     knobs.runtime.interpret = False
 
 
-def _compile_all(jobs: list[tuple[Build, bool]], workers: int) -> list[dict]:
+def _jobs(quick: bool) -> list[tuple[Build, int, bool, bool]]:
+    from ..kernels.runtime import NAMED_ARCHS
+
+    dispatched = dispatched_kernels()
+    jobs = []
+    for arch, limits in NAMED_ARCHS.items():
+        for b in builds(quick, arch):
+            jobs.append((b, arch, is_dispatched(b, dispatched, limits), is_offered(b, limits)))
+    return jobs
+
+
+def _compile_all(jobs: list[tuple[Build, int, bool, bool]], workers: int) -> list[dict]:
     # Fresh interpreters (spawn): a process that imported the kernels under TRITON_INTERPRET=1
     # (the test run) holds interpreter functions, which cannot be compiled for a GPU.
     with tempfile.TemporaryDirectory(prefix="lora_triton_static_") as cache, \
@@ -328,7 +522,7 @@ def _compile_all(jobs: list[tuple[Build, bool]], workers: int) -> list[dict]:
         return list(pool.map(_compile_job, jobs, chunksize=1))
 
 
-def _compile_job(job: tuple[Build, bool]) -> dict:
+def _compile_job(job: tuple[Build, int, bool, bool]) -> dict:
     return compile_row(*job)
 
 
@@ -359,46 +553,43 @@ def _rows_with_other_triton(version: str, quick: bool, workers: int, cache: str)
 
 
 def report_rows(quick: bool, versions: list[str], workers: int, cache: str) -> list[dict]:
-    """Rows for every build and every triton version in ``versions`` (``installed`` = this one)."""
+    """Rows for every build, arch and triton version in ``versions`` (``installed`` = this one)."""
     rows = []
     for version in versions:
         if version in ("installed", installed_triton_version()):
-            dispatched = dispatched_kernels()
-            rows += _compile_all([(b, is_dispatched(b, dispatched)) for b in builds(quick)], workers)
+            rows += _compile_all(_jobs(quick), workers)
         else:
             rows += _rows_with_other_triton(version, quick, workers, cache)
     return rows
 
 
 def failures(rows: list[dict]) -> list[dict]:
-    """Rows of dispatched kernels that failed to compile or missed their budget."""
-    return [r for r in rows if r["dispatched"] and not r["within_budget"]]
+    """Rows that fail the report: an offered config that does not fit its arch, exceeds its shared-memory
+    estimate or (bf16/fp16, dispatched) spills; a dispatched sm_90 compile over its budget; an offered
+    config that does not compile."""
+    return [r for r in rows if r["error"] and (r["offered"] or r["dispatched"])]
 
 
 def print_report(rows: list[dict]) -> None:
-    header = (f"{'kernel':<8} {'config':<36} {'variant':<30} {'triton':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} "
-              f"{'ptx/el':>6} {'sass/el':>7} {'shm/el':>6} {'C7515':>5} {'A reg':>5} {'wait0':>5} {'gath':>4} {'disp':>4}  "
-              "budget")
+    header = (f"{'kernel':<14} {'config':<40} {'variant':<28} {'arch':<5} {'triton':<6} {'regs':>4} {'spill':>5} "
+              f"{'smem KB':>7} {'est KB':>6} {'fits':>4} {'offr':>4} {'disp':>4} {'ptx/el':>6} {'wait0':>5}  notes")
     print(header)
     print("-" * len(header))
     for r in rows:
         if r.get("regs") is None and r["error"].startswith("compile failed"):
-            print(f"{r['kernel']:<8} {r['config']:<36} {r['variant']:<30} {r['triton']:<6} {r['error']}")
+            print(f"{r['kernel']:<14} {r['config']:<40} {r['variant']:<28} {r['arch']:<5} {r['triton']:<6} {r['error']}")
             continue
-        mark = "ok" if r["within_budget"] else ("MISS" if r["dispatched"] else "miss")
-        sass = r["loop_sass_per_weight_elem"]
-        print(f"{r['kernel']:<8} {r['config']:<36} {r['variant']:<30} {r['triton']:<6} {r['regs'] or '':>4} "
-              f"{r['spills']:>5} {r['smem_bytes'] / 1024:>7.1f} {r['loop_ptx_per_weight_elem']:>6.2f} "
-              f"{sass if sass is not None else '':>7} "
-              f"{r['loop_shared_ops_per_weight_elem']:>6.2f} {'yes' if r['wgmma_serialized'] else 'no':>5} "
-              f"{str(r['weight_operand_from_registers'])[:5]:>5} {str(r['wgmma_waits_each_step'])[:5]:>5} "
-              f"{r['lut_global_gathers']:>4} "
-              f"{'yes' if r['dispatched'] else 'no':>4}  {mark} {r['error'].removeprefix('over budget: ')}")
+        yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+        mark = "FAIL " if r["error"] and (r["offered"] or r["dispatched"]) else ""
+        print(f"{r['kernel']:<14} {r['config']:<40} {r['variant']:<28} {r['arch']:<5} {r['triton']:<6} "
+              f"{r['regs'] or '':>4} {r['spills']:>5} {r['smem_bytes'] / 1024:>7.1f} {r['smem_estimate'] / 1024:>6.1f} "
+              f"{yes(r['fits']):>4} {yes(r['offered']):>4} {yes(r['dispatched']):>4} "
+              f"{r['loop_ptx_per_weight_elem']:>6.2f} {str(r['wgmma_waits_each_step'])[:5]:>5}  {mark}{r['error']}")
 
 
 def run_static(out_dir: str, quick: bool, versions: list[str] | None = None, workers: int | None = None,
                cache: str | None = None) -> int:
-    """Write ``out_dir/static.csv``, print the report; 1 when a dispatched kernel misses its budget."""
+    """Write ``out_dir/static.csv``, print the report; 1 when a row fails it (``failures``)."""
     from .report import write_csv
 
     versions = versions or (["installed"] if quick else ["3.6.0", "installed"])
@@ -408,8 +599,11 @@ def run_static(out_dir: str, quick: bool, versions: list[str] | None = None, wor
     write_csv(os.path.join(out_dir, "static.csv"), rows, FIELDS)
     print_report(rows)
     bad = failures(rows)
-    print(f"\nstatic: {len(rows)} compiles for sm_90, wrote {os.path.join(out_dir, 'static.csv')}; "
-          f"{len(bad)} dispatched kernel compile(s) over budget or failed")
+    archs = sorted({r["arch"] for r in rows})
+    print(f"\nstatic: {len(rows)} compiles for {', '.join(archs)}, wrote {os.path.join(out_dir, 'static.csv')}; "
+          f"{len(bad)} failing row(s)")
+    for r in bad:
+        print(f"  FAIL {r['kernel']} {r['config']} {r['variant']} {r['arch']} triton {r['triton']}: {r['error']}")
     return 1 if bad else 0
 
 
@@ -425,10 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
     if args.json:
-        dispatched = dispatched_kernels()
-        rows = _compile_all([(b, is_dispatched(b, dispatched)) for b in builds(args.quick)],
-                            args.jobs or os.cpu_count())
-        print(json.dumps(rows))
+        print(json.dumps(_compile_all(_jobs(args.quick), args.jobs or os.cpu_count())))
         return 0
     return run_static(args.out, args.quick, workers=args.jobs)
 

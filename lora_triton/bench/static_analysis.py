@@ -185,11 +185,12 @@ class Analysis:
     top_opcodes: str
 
 
-def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=None, code_param: str = "code_ptr"
-            ) -> Analysis:
+def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=None, code_param: str = "code_ptr",
+            sass: bool = True) -> Analysis:
     """The report's numbers for one compile. ``weight_elems_per_iter``: weight elements one CTA
     decodes per main-loop iteration (per program when the kernel has no loop); ``fn`` the
-    ``JITFunction`` (to find the code-table argument ``code_param``)."""
+    ``JITFunction`` (to find the code-table argument ``code_param``); ``sass``: also disassemble the
+    cubin for the loop's machine instructions (``loop_sass_per_weight_elem``, else None)."""
     ptx = compiled.asm["ptx"]
     loop = main_loop(ptx)
     body = loop if loop is not None else kernel_body(ptx)
@@ -198,7 +199,7 @@ def analyze(compiled, log: str, weight_elems_per_iter: int, num_warps: int, fn=N
     shared = sum(n for op, n in ops.items() if op.startswith(_SHARED_OPS))
     regs = _REGS.findall(log)
     spill = _SPILL.search(log)
-    sass = sass_main_loop(sass_of(compiled.asm["cubin"])) if loop is not None else None
+    sass = sass_main_loop(sass_of(compiled.asm["cubin"])) if sass and loop is not None else None
     gathers = 0
     names = [p.name for p in fn.params if not p.is_constexpr] if fn is not None else []
     if code_param in names:

@@ -13,7 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import can_launch
+from .runtime import can_launch, on_device
+
+#: The mask kernel's tile (element-wise: no shared memory to speak of on any GPU).
+MASK_BLOCK_M, MASK_BLOCK_K = 16, 64
 
 
 @triton.jit
@@ -42,7 +45,7 @@ def dropout_mask(seed: int, p: float, m: int, k: int, device: torch.device | str
     if not can_launch(device):
         raise RuntimeError(f"cannot run Triton on {device}: set TRITON_INTERPRET=1 for CPU tensors")
     out = torch.empty(m, k, dtype=torch.float32, device=device)
-    block_m, block_k = 16, 64
-    _dropout_mask_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
-        out, seed, p, m, k, BLOCK_M=block_m, BLOCK_K=block_k)
+    with on_device(device):
+        _dropout_mask_kernel[(triton.cdiv(m, MASK_BLOCK_M), triton.cdiv(k, MASK_BLOCK_K))](
+            out, seed, p, m, k, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)
     return out.to(dtype)

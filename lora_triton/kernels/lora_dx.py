@@ -20,6 +20,7 @@ torch matmuls/reductions (cuBLAS on a GPU), each only when asked for.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -31,7 +32,8 @@ from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_mask, dropout_scale
 from .nf4_decode import code_table, in_bounds, load_nf4_tile
 from .nf4_dequant import dequantize_nf4, dequantize_nf4_merged
-from .runtime import can_launch, default_table, interpreting, kernel_dtype, m_bucket
+from .runtime import (GpuLimits, can_launch, default_table, gpu_limits, interpreting, kernel_dtype,
+                      launch_first_fitting, m_bucket, on_device, pipelined_smem)
 
 #: Largest adapter rank the fused kernel takes (``G`` and ``A`` tiles are padded to a power of 2).
 MAX_RANK = 128
@@ -111,14 +113,11 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
                          num_warps=warps, num_stages=stages)
 
 
-def _gpu_configs() -> list[triton.Config]:
+def gpu_configs() -> list[triton.Config]:
     """Autotuning candidates: large tiles for training-sized M, thin ones for small M.
 
     ``tl.dot`` needs every tile dimension >= 16 on a GPU; BLOCK_N is the reduction depth.
-    Stages are chosen so that every config fits an H100/H200's 227 KiB of shared memory:
-    compiled offline for sm_90 (triton 3.9), the pipelined NF4 tile costs about 9-10 bytes per
-    ``BLOCK_N x BLOCK_K`` element per stage with double quant (packed byte, absmax byte and a
-    gathered fp32 nested absmax per element), so 8192-element tiles get 2 stages.
+    The autotuner times those that fit the GPU of the launch (``offered_configs``).
     """
     return [
         _config(128, 32, 128, 8, 3),
@@ -140,25 +139,79 @@ def _gpu_configs() -> list[triton.Config]:
 #: several groups), which a GPU's autotuned configs produce.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
-#: The kernel addresses the packed bytes of a ``[BLOCK_N, K]`` row panel of ``W`` with int32 offsets
-#: from its first row (``load_nf4_tile(..., LOCAL_ROWS=True)``): a panel holds at most 2**31 bytes
-#: (offsets 0 .. 2**31 - 1), so ``K <= MAX_FUSED_K``.
-_MAX_BLOCK_N = max([c.kwargs["BLOCK_N"] for c in _gpu_configs()] + [INTERPRETER_CONFIG["BLOCK_N"]])
-MAX_FUSED_K = 2 * 2**31 // _MAX_BLOCK_N
-
 
 def _tile_cap(extent: int) -> int:
     """Largest useful tile along a dimension of ``extent``: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(extent))
 
 
+def dx_smem(config: dict, stages: int, elem_bytes: int, r_pad: int) -> int:
+    """Upper bound of the dx kernel's shared memory for ``config`` (its ``BLOCK_*``), the larger of its two
+    phases: the N loop (per stage the ``[BLOCK_M, BLOCK_N]`` tile of dy and the packed weight tile with its
+    scales, 3/4 byte per element at block size 32; once, the decoded tile as a dot operand) and the
+    LoRA epilogue (the ``[BLOCK_M, r_pad]`` tile of G and the ``[r_pad, BLOCK_K]`` tile of A)."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    loop = pipelined_smem(stages, bm * bn * elem_bytes + bn * bk * 3 // 4, bn * bk * elem_bytes)
+    return max(loop, (bm + bk) * r_pad * elem_bytes)
+
+
+def offered_configs(elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> list[triton.Config]:
+    """The configs of ``gpu_configs()`` that fit a GPU with ``limits`` (all of them for None)."""
+    return [c for c in gpu_configs() if limits is None or limits.fits(
+        dx_smem(c.kwargs, c.num_stages, elem_bytes, r_pad), None, c.num_warps)]
+
+
+#: The config a GPU runs without autotuning (``LORA_TRITON_AUTOTUNE=0``): the first of these that fits.
+FIXED_GPU_PREFERENCE = (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                      num_stages=4),
+                        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                      num_stages=2),
+                        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                                      num_stages=1))
+
+
+def fixed_gpu_configs(elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> tuple[triton.Config, ...]:
+    """The configs the dx kernel tries, in order, without autotuning on a GPU with ``limits``:
+    ``FIXED_GPU_PREFERENCE`` from the first whose shared-memory bound fits."""
+    for i, config in enumerate(FIXED_GPU_PREFERENCE):
+        if limits is None or limits.fits(dx_smem(config.kwargs, config.num_stages, elem_bytes, r_pad), None,
+                                         config.num_warps):
+            return FIXED_GPU_PREFERENCE[i:]
+    return FIXED_GPU_PREFERENCE[-1:]
+
+
+def fixed_gpu_config(elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> triton.Config:
+    """The config the dx kernel launches first without autotuning on a GPU with ``limits``."""
+    return fixed_gpu_configs(elem_bytes, r_pad, limits)[0]
+
+
+#: The kernel addresses the packed bytes of a ``[BLOCK_N, K]`` row panel of ``W`` with int32 offsets
+#: from its first row (``load_nf4_tile(..., LOCAL_ROWS=True)``): a panel holds at most 2**31 bytes
+#: (offsets 0 .. 2**31 - 1), so ``K <= MAX_FUSED_K``.
+_MAX_BLOCK_N = max([c.kwargs["BLOCK_N"] for c in (*gpu_configs(), *FIXED_GPU_PREFERENCE)] + [INTERPRETER_CONFIG["BLOCK_N"]])
+MAX_FUSED_K = 2 * 2**31 // _MAX_BLOCK_N
+
+
+def autotuning() -> bool:
+    """False under the interpreter, or on a GPU when ``LORA_TRITON_AUTOTUNE=0`` (a GPU test run, which
+    would otherwise compile every config for every constexpr combination it covers); read at launch."""
+    return not interpreting() and os.environ.get("LORA_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs with tiles larger than the problem needs (they only waste lanes).
+    """Drop configs that do not fit the GPU of the launch (``offered_configs``; the smallest stays
+    when none does) and configs with tiles larger than the problem needs (they only waste lanes).
 
     Rules apply in order of what they save (rows of M first: a 128-row tile at M = 1 wastes
     127 rows of every MMA), each only if it leaves a config, so some config always remains.
     """
     m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    dy = named_args.get("dy_ptr")
+    limits = gpu_limits(dy.device) if dy is not None else None
+    r_pad, elem_bytes = kwargs.get("R_PAD", named_args.get("R_PAD", 16)), dy.element_size() if dy is not None else 2
+    smem = lambda c: dx_smem(c.kwargs, c.num_stages, elem_bytes, r_pad)  # noqa: E731
+    fitting = [c for c in configs if limits is None or limits.fits(smem(c), None, c.num_warps)]
+    configs = fitting or [min(configs, key=smem)]
     rules = [lambda c: c.kwargs["BLOCK_M"] <= _tile_cap(m),
              lambda c: c.kwargs["BLOCK_K"] <= _tile_cap(k),
              lambda c: c.kwargs["BLOCK_N"] <= _tile_cap(n)]
@@ -176,7 +229,7 @@ _lora_dx_kernel_even = triton.heuristics({
 })(_lora_dx_kernel)
 
 _lora_dx_kernel_autotuned = triton.autotune(
-    configs=_gpu_configs(),
+    configs=gpu_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT", "DOUBLE_QUANT", "BLOCKSIZE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_lora_dx_kernel_even)
@@ -257,13 +310,21 @@ def lora_dx_triton(dy: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, g:
             m_bucket(m))
     meta = dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TABLE=default_table(dy.device),
                 R_PAD=_tile_cap(r), HAS_DROPOUT=dropout_p > 0)
-    if interpreting():
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
-        _lora_dx_kernel_even[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)  # noqa: E731
-        _lora_dx_kernel_autotuned[grid](*args, **meta, enable_fp_fusion=False)
+    with on_device(dy.device):
+        if autotuning():
+            grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)  # noqa: E731
+            _lora_dx_kernel_autotuned[grid](*args, **meta, enable_fp_fusion=False)
+        elif interpreting():
+            cfg = INTERPRETER_CONFIG
+            _lora_dx_kernel_even[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)](*args, **meta, **cfg)
+        else:
+            def launch(config: triton.Config) -> None:
+                grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(k, config.kwargs["BLOCK_K"]),)
+                _lora_dx_kernel_even[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                           num_stages=config.num_stages, enable_fp_fusion=False)
+
+            configs = fixed_gpu_configs(dy_k.element_size(), meta["R_PAD"], gpu_limits(dy.device))
+            launch_first_fitting(("dx", dy.device, dy.dtype, tuple(sorted(meta.items()))), configs, launch)
 
     if dx_k is not dx:
         dx.copy_(dx_k)  # torch rounds fp32 -> bf16 to nearest even

@@ -49,9 +49,9 @@ from .checks import check_nf4_weight, check_tensor, nf4_kernel_args
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_tile
 from .nf4_dequant import dequantize_nf4, dequantize_nf4_merged
-from .nf4_skinny import check_config, launch_skinny, split_k_for, split_k_range
-from .runtime import (can_launch, default_table, interpreting, kernel_dtype, m_bucket, multiprocessors, padded_rank,
-                      require_launchable)
+from .nf4_skinny import check_config, launch_skinny, skinny_fits, split_k_for, split_k_range
+from .runtime import (GpuLimits, can_launch, default_table, gpu_limits, interpreting, kernel_dtype, m_bucket,
+                      launch_first_fitting, multiprocessors, on_device, padded_rank, pipelined_smem, require_launchable)
 
 METHODS = ("fused", "split", "decode", "dequant", "merged", "skinny")
 """Kernel candidates of the forward (``"torch"`` is also accepted: plain torch)."""
@@ -69,20 +69,17 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("LORA_TRITON_AUTOTUNE", "1") != "0"
 
 
-#: The one config each autotuned kernel runs without autotuning: under the interpreter
-#: (autotuning more than one config fails on CPU, shared/TRITON_CPU.md) and on a GPU test run.
+#: The one config each autotuned kernel runs under the interpreter (autotuning more than one
+#: config fails on CPU, shared/TRITON_CPU.md).
 INTERPRETER_CONFIGS = {"fused": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
                        "decode": {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}}
-FIXED_GPU_CONFIGS = {"fused": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-                                            num_stages=3, num_warps=4),
-                     "decode": triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_stages=3,
-                                             num_warps=4)}
 
 
 def _fused_configs() -> list[triton.Config]:
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): matmul-tutorial tiles for Hopper plus small-M ones
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): matmul-tutorial tiles for Hopper, small-M ones, and
+        # two that fit the 99 KB of an sm_86 / sm_89 block at rank 128 (the larger ones do not)
         (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 4, 8), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4), (32, 128, 128, 3, 4), (16, 128, 128, 3, 4),
+        (64, 128, 64, 4, 4), (32, 128, 128, 3, 4), (16, 128, 128, 3, 4), (64, 64, 64, 3, 4), (32, 64, 64, 2, 4),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes]
@@ -94,17 +91,88 @@ def _decode_configs() -> list[triton.Config]:
             for bn, bk, sk in shapes]
 
 
-def _prune_to_legal(configs, named_args, **kwargs):
-    """Drop tiles a shape cannot use: dot K-dims under 16,
-    tiles far larger than M, N or K. Keeps the smallest config if nothing survives.
+def tuned_configs(name: str) -> list[triton.Config]:
+    """Every config the autotuner of the ``fused`` (and ``split``) or ``decode`` kernel may time, before
+    the per-GPU pruning (``offered_configs``)."""
+    return {"fused": _fused_configs, "decode": _decode_configs}[name]()
 
-    fp32 activations with R_PAD > 64 use only tiles with BLOCK_N * BLOCK_K <= 8192: larger ones
-    need more than the 227 KB of shared memory of an H100/H200 block (the static report, lora_triton/bench/static.py,
-    sm_90; FMA dots of fp32 operands), so they must not be the only candidates left."""
+
+#: The config each autotuned kernel runs on a GPU without autotuning (``LORA_TRITON_AUTOTUNE=0``, the GPU
+#: test run): the first of these that fits the GPU (``fixed_gpu_config``).
+FIXED_GPU_PREFERENCE = {
+    "fused": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+              triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=2, num_warps=4),
+              triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=1, num_warps=4)],
+    "decode": [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_stages=3, num_warps=4),
+               triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4}, num_stages=2, num_warps=4),
+               triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4}, num_stages=1, num_warps=4)],
+}
+
+
+def tile_kernel_smem(name: str, config: dict, stages: int, elem_bytes: int, r_pad: int, single_pass: bool = True) -> int:
+    """Upper bound of the shared memory of the ``fused`` tile kernel (``single_pass=False``: ``split``) or
+    the ``decode`` partial kernel for ``config`` (its ``BLOCK_*``), activations of ``elem_bytes`` and
+    padded rank ``r_pad``. Per stage the loop loads the x tile and the packed weight tile (half a byte
+    per element, its scales 1/4 byte per element at block size 32), and, for ``fused``, the
+    ``[BLOCK_K, r_pad]`` tile of A; ``decode`` reads A only in its first N tile, unpipelined. Once: the
+    decoded weight tile as a dot operand."""
+    bm, bn, bk = config.get("BLOCK_M", 16), config["BLOCK_N"], config["BLOCK_K"]
+    stage = bm * bk * elem_bytes + bn * bk // 2 + bn * bk // 4
+    once = bn * bk * elem_bytes
+    if name == "decode":
+        once += bk * r_pad * elem_bytes
+    elif single_pass:
+        stage += bk * r_pad * elem_bytes
+    return pipelined_smem(stages, stage, once)
+
+
+def _fits(limits: GpuLimits | None, smem: int, num_warps: int) -> bool:
+    return limits is None or limits.fits(smem, None, num_warps)
+
+
+def offered_configs(name: str, elem_bytes: int, r_pad: int, limits: GpuLimits | None,
+                    single_pass: bool = True) -> list[triton.Config]:
+    """The configs of ``tuned_configs(name)`` that fit a GPU with ``limits`` (all of them for None)."""
+    return [c for c in tuned_configs(name)
+            if _fits(limits, tile_kernel_smem(name, c.kwargs, c.num_stages, elem_bytes, r_pad, single_pass),
+                     c.num_warps)]
+
+
+def fixed_gpu_configs(name: str, elem_bytes: int, r_pad: int, limits: GpuLimits | None,
+                      single_pass: bool = True) -> list[triton.Config]:
+    """The configs ``name`` tries, in order, without autotuning on a GPU with ``limits``:
+    ``FIXED_GPU_PREFERENCE[name]`` from the first whose shared-memory bound fits."""
+    preference = FIXED_GPU_PREFERENCE[name]
+    for i, config in enumerate(preference):
+        if _fits(limits, tile_kernel_smem(name, config.kwargs, config.num_stages, elem_bytes, r_pad, single_pass),
+                 config.num_warps):
+            return preference[i:]
+    return preference[-1:]
+
+
+def fixed_gpu_config(name: str, elem_bytes: int, r_pad: int, limits: GpuLimits | None,
+                     single_pass: bool = True) -> triton.Config:
+    """The config ``name`` launches first without autotuning on a GPU with ``limits``."""
+    return fixed_gpu_configs(name, elem_bytes, r_pad, limits, single_pass)[0]
+
+
+def _prune_to_legal(configs, named_args, **kwargs):
+    """Drop tiles a shape cannot use (dot K-dims under 16, tiles far larger than M, N or K) and tiles
+    that do not fit the GPU of the launch (``offered_configs``). Keeps the smallest config if nothing
+    survives."""
     m, n, k = (named_args.get(name, 1) for name in ("M", "N", "K"))
     x = named_args.get("x_ptr")
-    if getattr(x, "dtype", None) == torch.float32 and kwargs.get("R_PAD", named_args.get("R_PAD", 16)) > 64:
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192] or configs
+    device = getattr(x, "device", None)
+    limits = gpu_limits(device) if device is not None else None
+    elem_bytes = x.element_size() if x is not None else 2
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
+    name = "decode" if "SPLIT_K" in configs[0].kwargs else "fused"
+    single_pass = kwargs.get("SINGLE_PASS", named_args.get("SINGLE_PASS", True))
+    fitting = [c for c in configs
+               if _fits(limits, tile_kernel_smem(name, c.kwargs, c.num_stages, elem_bytes, r_pad, single_pass),
+                        c.num_warps)]
+    configs = fitting or [min(configs, key=lambda c: tile_kernel_smem(name, c.kwargs, c.num_stages, elem_bytes, r_pad,
+                                                                      single_pass))]
     cap = lambda size: max(16, triton.next_power_of_2(size))  # noqa: E731
     legal = [c for c in configs
              if c.kwargs["BLOCK_K"] >= 16 and c.kwargs["BLOCK_K"] <= cap(k)
@@ -120,9 +188,42 @@ def _bench_quietly(fn, quantiles):
 
 
 _AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune_to_legal}, do_bench=_bench_quietly)
-# S kernel and decode epilogue are light: one fixed config each (smaller under the interpreter).
-def _s_blocks() -> tuple[int, int]:
-    return (32, 64) if interpreting() else (64, 128)
+
+#: Tiles of the S kernel ``(BLOCK_M, BLOCK_K, num_stages)`` in order of preference, per (activation
+#: bytes, largest padded rank): compiled for sm_80..sm_90 by the static report, these keep the
+#: half-precision tiles free of spills (the 64x128 tile spills at rank 128 on sm_80) and fit every
+#: named GPU from the second entry on (the first, 57-139 KB, only where the estimate says it fits).
+#: The kernel is light (it reads x once and A per row block), so a smaller tile costs little.
+S_TILES: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {
+    (2, 64): ((64, 128, 3), (32, 64, 3), (16, 32, 1)),
+    (2, 128): ((32, 64, 3), (16, 32, 1)),
+    (4, 64): ((32, 64, 3), (16, 32, 1)),
+    (4, 128): ((16, 32, 1),),
+}
+S_WARPS = 4
+S_INTERPRETER_TILE = (32, 64, 1)
+
+
+def s_kernel_smem(block_m: int, block_k: int, stages: int, elem_bytes: int, r_pad: int) -> int:
+    """Upper bound of the S kernel's shared memory: per stage the x tile and the ``[BLOCK_K, r_pad]``
+    tile of A; outside the pipeline the dropout-scaled x tile's layout conversion."""
+    return pipelined_smem(stages, (block_m * block_k + block_k * r_pad) * elem_bytes, block_m * block_k * elem_bytes)
+
+
+def s_kernel_tiles(elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> tuple[tuple[int, int, int], ...]:
+    """The S kernel's tiles for activations of ``elem_bytes`` and padded rank ``r_pad`` on a GPU with
+    ``limits``, in the order the launcher tries them: ``S_TILES`` from the first whose shared-memory
+    bound fits (the launcher moves on should Triton still find one too large)."""
+    tiles = S_TILES[(min(elem_bytes, 4), 64 if r_pad <= 64 else 128)]
+    for i, tile in enumerate(tiles):
+        if _fits(limits, s_kernel_smem(*tile, elem_bytes, r_pad), S_WARPS):
+            return tiles[i:]
+    return tiles[-1:]
+
+
+def s_kernel_tile(elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> tuple[int, int, int]:
+    """The tile the S kernel launches with first on a GPU with ``limits`` (``s_kernel_tiles``)."""
+    return s_kernel_tiles(elem_bytes, r_pad, limits)[0]
 
 
 def _epilogue_block_n() -> int:
@@ -308,16 +409,20 @@ _decode_autotuned = triton.autotune(configs=_decode_configs(), key=["M_BUCKET", 
                                     reset_to_zero=["y32_ptr", "s32_ptr"], **_AUTOTUNE)(_decode_partial_kernel)
 
 
-def _run_tunable(name: str, kernel, tuned, grid, *args, **meta) -> None:
-    """Launch ``kernel`` autotuned on a GPU, or with its one fixed config (interpreter, GPU test run)."""
+def _run_tunable(name: str, kernel, tuned, grid, x: torch.Tensor, *args, **meta) -> None:
+    """Launch ``kernel`` (its first argument ``x``) autotuned on a GPU over the configs that fit it, or
+    with one fixed config: the interpreter's, or on a GPU test run (``LORA_TRITON_AUTOTUNE=0``) the one
+    ``fixed_gpu_config`` picks for the GPU."""
     if autotuning():
-        tuned[grid](*args, **meta, enable_fp_fusion=False)
+        tuned[grid](x, *args, **meta, enable_fp_fusion=False)
     elif interpreting():
-        kernel[grid](*args, **meta, **INTERPRETER_CONFIGS[name])
+        kernel[grid](x, *args, **meta, **INTERPRETER_CONFIGS[name])
     else:
-        cfg = FIXED_GPU_CONFIGS[name]
-        kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                     enable_fp_fusion=False)
+        configs = fixed_gpu_configs(name, x.element_size(), meta["R_PAD"], gpu_limits(x.device),
+                                    meta.get("SINGLE_PASS", True))
+        launch = lambda cfg: kernel[grid](x, *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,  # noqa: E731
+                                          num_stages=cfg.num_stages, enable_fp_fusion=False)
+        launch_first_fitting((name, x.device, x.dtype, tuple(sorted(meta.items()))), configs, launch)
 
 
 # ====================================================================== launchers
@@ -378,13 +483,21 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 def _launch_s(op: Operands) -> torch.Tensor:
-    """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel."""
+    """``S = drop(x) @ A^T`` ``[M, r]`` through the S kernel, its tile chosen for the GPU (``s_kernel_tiles``)."""
     s = _new_output((op.m, op.r), op.x.dtype, op.x.device)
-    block_m, block_k = _s_blocks()
-    _lora_s_kernel[(triton.cdiv(op.m, block_m),)](
-        op.x, op.lora_a, s, op.m, op.k, op.r, op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0,
-        BLOCK_M=block_m, BLOCK_K=block_k, **op.meta())
-    return s
+    r_pad = padded_rank(op.r)
+
+    def launch(tile: tuple[int, int, int]) -> torch.Tensor:
+        block_m, block_k, stages = tile
+        _lora_s_kernel[(triton.cdiv(op.m, block_m),)](
+            op.x, op.lora_a, s, op.m, op.k, op.r, op.seed, op.dropout_p, HAS_DROPOUT=op.dropout_p > 0,
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=S_WARPS, num_stages=stages, **op.meta())
+        return s
+
+    if interpreting():
+        return launch(S_INTERPRETER_TILE)
+    tiles = s_kernel_tiles(op.x.element_size(), r_pad, gpu_limits(op.x.device))
+    return launch_first_fitting(("s", op.x.device, op.x.dtype, r_pad, op.dropout_p > 0), tiles, launch)
 
 
 def _launch_fused_kernel(op: Operands, single_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -494,31 +607,65 @@ def skinny_split_k(op: Operands, block_m: int, block_n: int, block_k: int) -> in
                        SKINNY_PROGRAMS_PER_SM * sms)
 
 
-def skinny_default(r_pad: int, m: int = 1) -> dict:
-    """The skinny kernel's default GPU config for a padded rank and ``m`` tokens: up to
-    ``SKINNY_DECODE_MAX_M`` tokens ``SKINNY_DEFAULT`` (uncapped above ``SKINNY_CAPPED_MAX_RANK``),
-    beyond it ``SKINNY_MEDIUM_DEFAULT`` (``S`` first above ``SKINNY_CAPPED_MAX_RANK``)."""
+def _skinny_tile_default(r_pad: int, m: int) -> dict:
+    """The tuned default for a padded rank and ``m`` tokens, before any GPU limit: up to
+    ``SKINNY_DECODE_MAX_M`` tokens ``SKINNY_DEFAULT`` (uncapped above ``SKINNY_CAPPED_MAX_RANK``), beyond
+    it ``SKINNY_MEDIUM_DEFAULT`` (``S`` first above ``SKINNY_CAPPED_MAX_RANK``)."""
     if m > SKINNY_DECODE_MAX_M:
         return dict(SKINNY_MEDIUM_DEFAULT, s_first=r_pad > SKINNY_CAPPED_MAX_RANK)
     return dict(SKINNY_DEFAULT, maxnreg=SKINNY_DEFAULT["maxnreg"] if r_pad <= SKINNY_CAPPED_MAX_RANK else None)
 
 
+def skinny_default_configs(r_pad: int, m: int = 1, elem_bytes: int = 2, limits: GpuLimits | None = None) -> list[dict]:
+    """The configs the skinny launcher tries without a config of its own, in order: the tuned default
+    (``_skinny_tile_default``), its tile with a single stage, then ``SKINNY_INTERPRETER``'s small tile;
+    from the first whose shared-memory bound fits a GPU with ``limits`` (the launcher moves on should
+    Triton still find one too large)."""
+    first = _skinny_tile_default(r_pad, m)
+    configs = [first, dict(first, num_stages=1), dict(SKINNY_INTERPRETER, s_first=first["s_first"])]
+    configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
+    for i, config in enumerate(configs):
+        if skinny_fits(config, elem_bytes, r_pad, limits):
+            return configs[i:]
+    return configs[-1:]
+
+
+def skinny_default(r_pad: int, m: int = 1, elem_bytes: int = 2, limits: GpuLimits | None = None) -> dict:
+    """The skinny kernel's default config on a GPU with ``limits`` (the first of ``skinny_default_configs``)."""
+    return skinny_default_configs(r_pad, m, elem_bytes, limits)[0]
+
+
 def _launch_skinny(op: Operands, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    default = SKINNY_INTERPRETER if interpreting() else skinny_default(padded_rank(op.r), op.m)
-    cfg = dict(default, table=default_table(op.x.device))
-    cfg.update(config or {})
-    if interpreting() and cfg["table"] == "shfl":
-        raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
-    if cfg.get("split_k") is None:
-        cfg["split_k"] = skinny_split_k(op, cfg["block_m"], cfg["block_n"], cfg["block_k"])
-    if cfg.get("s_first"):  # S by the S kernel; the launch only reads it
-        y, s = _new_output((op.m, op.n), op.x.dtype, op.x.device), _launch_s(op)
+    """The skinny launch with ``config`` (over the default), or the default configs for this GPU
+    (``skinny_default_configs``) when there is none."""
+    limits = gpu_limits(op.x.device)
+    elem_bytes, r_pad = op.x.element_size(), padded_rank(op.r)
+    if interpreting():
+        candidates = [SKINNY_INTERPRETER]
+    elif config is None:
+        candidates = skinny_default_configs(r_pad, op.m, elem_bytes, limits)
     else:
-        y, s = op.new_outputs()
-    launch_skinny(op.x, op.weight_args(), op.lora_a, op.lora_b, op.bias, y, s, op.scale, op.dropout_p, op.seed,
-                  blocksize=op.weight.blocksize, double_quant=op.weight.double_quant, r_pad=padded_rank(op.r),
-                  dot_precision=op.meta()["DOT_PRECISION"], **cfg)
-    return y, s
+        candidates = [skinny_default(r_pad, op.m, elem_bytes, limits)]
+    candidates = [{**c, "table": default_table(op.x.device), **(config or {})} for c in candidates]
+    if interpreting() and candidates[0]["table"] == "shfl":
+        raise ValueError("the 'shfl' code table is inline PTX: it runs on a GPU, not in Triton's interpreter")
+
+    def launch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = dict(cfg)
+        if cfg.get("split_k") is None:
+            cfg["split_k"] = skinny_split_k(op, cfg["block_m"], cfg["block_n"], cfg["block_k"])
+        if cfg.get("s_first"):  # S by the S kernel; the launch only reads it
+            y, s = _new_output((op.m, op.n), op.x.dtype, op.x.device), _launch_s(op)
+        else:
+            y, s = op.new_outputs()
+        launch_skinny(op.x, op.weight_args(), op.lora_a, op.lora_b, op.bias, y, s, op.scale, op.dropout_p, op.seed,
+                      blocksize=op.weight.blocksize, double_quant=op.weight.double_quant, r_pad=r_pad,
+                      dot_precision=op.meta()["DOT_PRECISION"], **cfg)
+        return y, s
+
+    key = ("skinny", op.x.device, op.x.dtype, r_pad, op.m > SKINNY_DECODE_MAX_M, op.n, op.k, repr(config),
+           op.weight.blocksize, op.weight.double_quant, op.bias is not None, op.dropout_p > 0)
+    return launch_first_fitting(key, candidates, launch)
 
 
 LAUNCHERS = {"fused": _launch_fused, "split": _launch_split, "decode": _launch_decode, "dequant": _launch_dequant,
@@ -575,7 +722,8 @@ def lora_forward_triton(
     widen = lambda t: None if t is None else t.to(kdt)  # noqa: E731
     op = Operands(widen(x2d), weight, widen(lora_a), widen(lora_b), widen(bias), float(scale),
                   float(dropout_p), int(seed))
-    y, s = LAUNCHERS[method](op, config)
+    with on_device(x2d.device):
+        y, s = LAUNCHERS[method](op, config)
     return y.to(x2d.dtype), s.to(x2d.dtype)
 
 

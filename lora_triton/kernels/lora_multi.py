@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .checks import ACTIVATION_DTYPES, check_tensor
-from .runtime import kernel_dtype, require_launchable
+from .runtime import kernel_dtype, on_device, require_launchable
 
 ID_DTYPES = (torch.int32, torch.int64)
 SHRINK_BLOCK_K = 128
@@ -120,12 +120,13 @@ def multi_lora_add_(x: torch.Tensor, y: torch.Tensor, bank_a: torch.Tensor, bank
     sk = s if kdt == s.dtype else s.to(kdt)
     r_pad = max(16, triton.next_power_of_2(r))
     ids = adapter_ids.contiguous()
-    _shrink_kernel[(m,)](xk, ak, ids, sk, k, r, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K)
-    if sk is not s:
-        s.copy_(sk)
-        sk = s.to(kdt)  # the expand reads S rounded to x's dtype, as the GPU path does
-    _expand_kernel[(m, triton.cdiv(n, EXPAND_BLOCK_N))](sk, bk, ids, scales, yk, n, r, R_PAD=r_pad,
-                                                        BLOCK_N=EXPAND_BLOCK_N)
+    with on_device(x.device):
+        _shrink_kernel[(m,)](xk, ak, ids, sk, k, r, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K)
+        if sk is not s:
+            s.copy_(sk)
+            sk = s.to(kdt)  # the expand reads S rounded to x's dtype, as the GPU path does
+        _expand_kernel[(m, triton.cdiv(n, EXPAND_BLOCK_N))](sk, bk, ids, scales, yk, n, r, R_PAD=r_pad,
+                                                            BLOCK_N=EXPAND_BLOCK_N)
     if yk is not y:
         y.copy_(yk)
     return s

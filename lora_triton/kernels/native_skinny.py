@@ -26,7 +26,7 @@ from ..format import NF4Weight
 from ..format.nf4 import num_blocks
 from . import native_lib
 from .checks import check_tensor
-from .runtime import multiprocessors, tile_counters
+from .runtime import multiprocessors, on_device
 from .lora_forward import validate_operands
 
 NATIVE_DTYPES = (torch.bfloat16, torch.float16)
@@ -130,24 +130,36 @@ def _native_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_a
             raise ValueError(f"the native kernels read {name} with 16-byte loads: it must start on a 16-byte "
                              f"boundary, got address {t.data_ptr():#x} (a sliced view?); pass a .clone()")
     lib = native_lib.require_library()
-    config = native_lib.Config(split_k, row_tiles, table)
-    plan = native_lib.Plan()
-    _check_status(lib, lib.lt_nf4_lora_plan(m, n, k, r, ctypes.byref(config), multiprocessors(x.device),
-                                            ctypes.byref(plan)))
-    workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
-    counters = tile_counters(x.device, plan.counters)
-    double_quant = nested_absmax is not None
-    weight = native_lib.Nf4Weight(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
-                                  nested_absmax.data_ptr() if double_quant else None,
-                                  nested_code.data_ptr() if double_quant else None,
-                                  offset_value if double_quant else 0.0, int(double_quant), n, k, blocksize)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    _check_status(lib, lib.lt_nf4_lora_forward(
-        _DTYPE_CODES[x.dtype], x.data_ptr(), m, ctypes.byref(weight), lora_a.data_ptr(), lora_b.data_ptr(), r,
-        scale, None if bias is None else bias.data_ptr(), y.data_ptr(), s.data_ptr(), ctypes.byref(config),
-        multiprocessors(x.device), workspace.data_ptr(), plan.workspace_bytes, counters.data_ptr(),
-        counters.numel(), x.device.index, stream))
+    launch_native(lib, x, packed, absmax, code, nested_absmax, nested_code, offset_value, n, k, blocksize, lora_a,
+                  lora_b, scale, bias, y, s, native_lib.Config(split_k, row_tiles, table))
     return y, s
+
+
+def launch_native(lib, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                  nested_code: Optional[Tensor], offset_value: float, n: int, k: int, blocksize: int, lora_a: Tensor,
+                  lora_b: Tensor, scale: float, bias: Optional[Tensor], y: Tensor, s: Tensor,
+                  config: native_lib.Config) -> None:
+    """Fill ``y [M, N]`` and ``S [M, r]`` through the library ``lib`` (validated operands on one device): the
+    call runs with x's device current and on its current stream, with a workspace and tile counters of
+    its own (zeroed on that stream), so no state is shared with another call."""
+    m, r = x.shape[0], lora_a.shape[0]
+    with on_device(x.device):
+        plan = native_lib.Plan()
+        _check_status(lib, lib.lt_nf4_lora_plan(m, n, k, r, ctypes.byref(config), multiprocessors(x.device),
+                                                ctypes.byref(plan)))
+        workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
+        counters = torch.zeros(max(1, plan.counters), dtype=torch.int32, device=x.device)
+        double_quant = nested_absmax is not None
+        weight = native_lib.Nf4Weight(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                                      nested_absmax.data_ptr() if double_quant else None,
+                                      nested_code.data_ptr() if double_quant else None,
+                                      offset_value if double_quant else 0.0, int(double_quant), n, k, blocksize)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        _check_status(lib, lib.lt_nf4_lora_forward(
+            _DTYPE_CODES[x.dtype], x.data_ptr(), m, ctypes.byref(weight), lora_a.data_ptr(), lora_b.data_ptr(), r,
+            scale, None if bias is None else bias.data_ptr(), y.data_ptr(), s.data_ptr(), ctypes.byref(config),
+            multiprocessors(x.device), workspace.data_ptr(), plan.workspace_bytes, counters.data_ptr(),
+            counters.numel(), -1 if x.device.index is None else x.device.index, stream))
 
 
 @_native_op.register_fake

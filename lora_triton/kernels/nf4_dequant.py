@@ -20,7 +20,8 @@ import triton.language as tl
 from ..format import NF4Weight
 from .checks import check_nf4_weight, check_tensor, nf4_kernel_args, packed_words
 from .nf4_decode import TABLES, code_table, decode_words, load_block_absmax
-from .runtime import default_table, kernel_dtype, padded_rank, require_launchable
+from .runtime import (GpuLimits, default_table, gpu_limits, kernel_dtype, launch_first_fitting, on_device, padded_rank,
+                      pipelined_smem, require_launchable)
 
 #: Packed bytes per program (more when one block is larger).
 DEQUANT_BYTES = 16384
@@ -60,10 +61,11 @@ def launch_dequant(weight_args: tuple, out: torch.Tensor, n_blocks: int, *, bloc
     ``weight_args``: ``(words, code, absmax, nested_absmax, nested_code, offset)`` (words: the packed
     bytes viewed as int32)."""
     per_program = blocks_per_program(blocksize)
-    _dequant_kernel[(triton.cdiv(n_blocks, per_program),)](
-        *weight_args, out, n_blocks, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table,
-        BLOCKS_PER_PROGRAM=per_program,
-        enable_fp_fusion=False)  # no FMA: absmax = code * nested + offset rounds twice, as in torch
+    with on_device(out.device):
+        _dequant_kernel[(triton.cdiv(n_blocks, per_program),)](
+            *weight_args, out, n_blocks, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table,
+            BLOCKS_PER_PROGRAM=per_program,
+            enable_fp_fusion=False)  # no FMA: absmax = code * nested + offset rounds twice, as in torch
     return out
 
 
@@ -126,9 +128,30 @@ def _dequant_merged_kernel(words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                  mask=row_ok[:, None])
 
 
-def merged_block_k(blocksize: int) -> int:
-    """Columns per tile of the merged kernel: one absmax block, at most ``MERGED_MAX_BLOCK_K``."""
-    return min(blocksize, MERGED_MAX_BLOCK_K)
+def merged_smem(block_k: int, elem_bytes: int, r_pad: int) -> int:
+    """Upper bound of the merged kernel's shared memory: its ``[r_pad, BLOCK_K]`` slice of A, the
+    ``[BLOCK_N, r_pad]`` tile of B of a step (two buffers) and the step's ``[BLOCK_N, BLOCK_K]`` fp32
+    product, each once in shared memory for the dot's operand layouts."""
+    return pipelined_smem(2, MERGED_BLOCK_N * r_pad * elem_bytes,
+                          r_pad * block_k * elem_bytes + MERGED_BLOCK_N * block_k * 4)
+
+
+def merged_block_ks(blocksize: int, elem_bytes: int = 2, r_pad: int = 16, limits: GpuLimits | None = None
+                    ) -> list[int]:
+    """Columns per tile the merged kernel tries, in order: one absmax block, at most ``MERGED_MAX_BLOCK_K``,
+    then halved down to 16; from the first whose shared-memory bound fits a GPU with ``limits``."""
+    block_ks = []
+    block_k = min(blocksize, MERGED_MAX_BLOCK_K)
+    while block_k >= 16:
+        block_ks.append(block_k)
+        block_k //= 2
+    fitting = [b for b in block_ks if limits is None or limits.fits(merged_smem(b, elem_bytes, r_pad))]
+    return block_ks[block_ks.index(fitting[0]):] if fitting else block_ks[-1:]
+
+
+def merged_block_k(blocksize: int, elem_bytes: int = 2, r_pad: int = 16, limits: GpuLimits | None = None) -> int:
+    """The tile width the merged kernel launches with first (``merged_block_ks``)."""
+    return merged_block_ks(blocksize, elem_bytes, r_pad, limits)[0]
 
 
 def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -165,13 +188,18 @@ def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch
     out = _new_output(weight.shape, kdt, weight.device)
     if out.numel() == 0:
         return out.to(dtype)
-    block_k = merged_block_k(weight.blocksize)
-    grid = (k // block_k, triton.cdiv(n, MERGED_ROWS_PER_PROGRAM))
-    _dequant_merged_kernel[grid](
-        packed_words(weight), *nf4_kernel_args(weight)[1:], lora_a.to(kdt), lora_b.to(kdt), out, n, k, r,
-        float(scale), BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
-        TABLE=table or default_table(weight.device), BLOCK_N=MERGED_BLOCK_N, BLOCK_K=block_k,
-        ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=padded_rank(r),
-        DOT_PRECISION="ieee" if kdt == torch.float32 else "tf32",
-        enable_fp_fusion=False)  # as in dequantize_nf4: the absmax rounds as torch rounds it
+    a, b, r_pad, table = lora_a.to(kdt), lora_b.to(kdt), padded_rank(r), table or default_table(weight.device)
+
+    def launch(block_k: int) -> None:
+        _dequant_merged_kernel[(k // block_k, triton.cdiv(n, MERGED_ROWS_PER_PROGRAM))](
+            packed_words(weight), *nf4_kernel_args(weight)[1:], a, b, out, n, k, r, float(scale),
+            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TABLE=table, BLOCK_N=MERGED_BLOCK_N,
+            BLOCK_K=block_k, ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad,
+            DOT_PRECISION="ieee" if kdt == torch.float32 else "tf32",
+            enable_fp_fusion=False)  # as in dequantize_nf4: the absmax rounds as torch rounds it
+
+    block_ks = merged_block_ks(weight.blocksize, out.element_size(), r_pad, gpu_limits(weight.device))
+    with on_device(weight.device):
+        launch_first_fitting(("merged", weight.device, kdt, r_pad, weight.blocksize, weight.double_quant, table),
+                             block_ks, launch)
     return out.to(dtype)

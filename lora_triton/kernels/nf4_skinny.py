@@ -31,17 +31,17 @@ Design (memory-bound: the packed weight is read once, at full width):
   groups); one fp32 multiply per weight element instead. A GPU run times the two.
 * **Masks only where a tile can be ragged**: ``EVEN_N`` / ``EVEN_K`` (N, K multiples of the
   tile) drop the bound tests from the K loop.
-* **Deterministic reduction, no zero fill**: each split writes its fp32 partial to a
-  workspace, then bumps the tile's counter; the program that sees ``SPLIT_K - 1`` sums the
-  partials in split order (the same order whichever program is last), adds the bias, stores
-  ``y`` and resets the counter to 0 for the next launch. No fp32 atomics on data.
-  ``S`` is reduced the same way by the programs of the first N tile.
+* **Deterministic reduction**: each split writes its fp32 partial to a workspace, then bumps
+  the tile's counter; the program that sees ``SPLIT_K - 1`` sums the partials in split order (the
+  same order whichever program is last), adds the bias and stores ``y``. No fp32 atomics on
+  data. ``S`` is reduced the same way by the programs of the first N tile.
 * **S first** (``S_FIRST``, config ``s_first``): ``S`` comes from the S kernel, launched before;
   the K loop is the base product alone and the last program of each output tile adds the LoRA
   expand and the bias (fewer registers at ranks above 16, where the in-loop shrink needs 255).
 
-Counters live in a per-device int32 buffer that stays zero between launches (each launch
-leaves it as it found it); two launches must not run concurrently on different streams.
+Each launch gets its own counters, zeroed on its stream just before it (``launch_skinny``): no
+state outlives a call, so launches on different streams, and CUDA graphs captured at different
+times, never share a counter (the caching allocator, or the graph's pool, owns the memory).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_codes, load_tile_absmax
-from .runtime import tile_counters
+from .runtime import GpuLimits, on_device, pipelined_smem
 
 BLOCK_M = 16  # default tokens per program: the wgmma N dimension (>= 16 on every MMA)
 BLOCK_MS = (16, 32, 64)  # the token tiles a config may name
@@ -232,7 +232,6 @@ def _skinny_kernel(
                 acc = _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION)
             _store_outputs(acc, s_acc, bias_ptr, y_ptr, s_ptr, offs_n, N, y_offs, y_mask, s_offs, s_mask,
                            pid_n == 0, HAS_BIAS, not S_FIRST)
-            tl.atomic_xchg(counter_ptr + tile, 0)  # the buffer is zero again for the next launch
     else:
         if S_FIRST:
             acc = _lora_expand_of_s(acc, s_ptr, b_ptr, offs_n, offs_r, N, R, scale, s_offs, s_mask, DOT_PRECISION)
@@ -290,6 +289,27 @@ def lora_chunks(block_k: int, r_pad: int, blocksize: int | None = None) -> int:
     accumulators stay small next to the weight tile."""
     sub = block_k if blocksize is None else min(block_k, blocksize)
     return max(1, min(4, sub // 16, 64 // r_pad))
+
+
+def skinny_smem(config: dict, elem_bytes: int, r_pad: int) -> int:
+    """Upper bound of the skinny kernel's shared memory for ``config`` (``check_config``'s keys), activations of
+    ``elem_bytes`` and padded rank ``r_pad``: the packed weight tile (half a byte per element, one absmax
+    byte per 32 columns) once per pipeline stage, the ``[r_pad, BLOCK_K]`` A chunks of the in-loop
+    shrink once per stage after the first, and once the ``x^T`` tile, the epilogue's B tile and the
+    ``S`` tile (its fp32 accumulator with the shrink in the loop)."""
+    bm, bn, bk, stages = config["block_m"], config["block_n"], config["block_k"], config["num_stages"]
+    once = (bm * bk + r_pad * bn) * elem_bytes
+    if config.get("s_first", False):
+        once += r_pad * bm * elem_bytes
+    else:
+        once += max(1, stages - 1) * r_pad * bk * elem_bytes + r_pad * bm * 4
+    return pipelined_smem(stages, bn * bk // 2 + bn * max(1, bk // 32), once)
+
+
+def skinny_fits(config: dict, elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> bool:
+    """True when ``config`` can launch on a GPU with ``limits`` (None: no limits known, the interpreter)."""
+    return limits is None or limits.fits(skinny_smem(config, elem_bytes, r_pad), config.get("maxnreg"),
+                                         config["num_warps"])
 
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first",
@@ -350,18 +370,20 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
                          f"(at most {MAX_TILE_OFFSET})")
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
-    if split_k > 1:
-        partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
-        partial_s = y if s_first else torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, n_tiles * m_tiles)
-    else:
-        partial_y = partial_s = counters = y  # never read
-    _skinny_kernel[(n_tiles, split_k, m_tiles)](
-        x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
-        m, n, k, r, float(scale), int(seed), float(dropout_p),
-        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
-        HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),
-        EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, SCALE_WEIGHTS=scale_weights,
-        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-        enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize
+    with on_device(x.device):
+        if split_k > 1:
+            partial_y = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
+            partial_s = y if s_first else torch.empty(split_k * m * r, dtype=torch.float32, device=x.device)
+            # The launch's own counters, zeroed on its stream: no other launch ever reads them.
+            counters = torch.zeros(n_tiles * m_tiles, dtype=torch.int32, device=x.device)
+        else:
+            partial_y = partial_s = counters = y  # never read
+        _skinny_kernel[(n_tiles, split_k, m_tiles)](
+            x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
+            m, n, k, r, float(scale), int(seed), float(dropout_p),
+            BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
+            HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, S_FIRST=s_first, SCALE_WEIGHTS=scale_weights,
+            num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+            enable_fp_fusion=False)  # absmax = nested * q + offset rounds twice, as NF4Weight.dequantize

@@ -1,9 +1,17 @@
-"""Where kernels can run, the one place that decides "interpreting", and the interpreter's bf16 shim.
+"""Where kernels run: the interpreter switch, the GPU's limits, the device guard every launch runs under.
 
-Triton's CPU interpreter mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise
-math gives garbage; see shared/TRITON_CPU.md). Our answer: under the interpreter only,
-launchers widen bf16 operands to fp32 before the launch (exact) and round the fp32 result
-back to bf16 with torch (round-to-nearest-even) afterwards. On a GPU nothing is widened.
+* ``interpreting()`` is the one place that decides "interpreting". Triton's CPU interpreter
+  mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise math gives garbage; see
+  shared/TRITON_CPU.md). Our answer: under the interpreter only, launchers widen bf16 operands to
+  fp32 before the launch (exact) and round the fp32 result back to bf16 with torch
+  (round-to-nearest-even) afterwards. On a GPU nothing is widened.
+* ``gpu_limits(device)`` reads what one block may use on the GPU (shared memory per block opt-in,
+  registers) from ``torch.cuda.get_device_properties``; ``NAMED_ARCHS`` holds the same numbers for
+  the GPUs the package is built for, which the static report compiles for. Kernel modules choose
+  their configs per GPU from them, and ``launch_first_fitting`` moves to the next config should
+  Triton still find one too large (``OutOfResources``, raised before anything runs).
+* ``on_device(device)`` makes the tensors' device current for a launch: Triton and the native
+  library launch on the *current* device and stream.
 
 Nothing here reads the environment at import: ``interpreting()`` reads ``TRITON_INTERPRET``
 at call time, the switch ``triton.jit`` obeys when it decorates a kernel (a plain ``os.environ``
@@ -15,10 +23,30 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+
+class _NoTriton(RuntimeError):
+    """Stands in for Triton's ``OutOfResources`` where triton is not installed (nothing raises it)."""
+
+
+def out_of_resources() -> type[Exception]:
+    """Triton's ``OutOfResources`` (a compiled kernel needs more of a resource than the GPU has), imported
+    at call time: importing triton here would fix the interpreter switch before a caller sets it."""
+    if not TRITON_INSTALLED:
+        return _NoTriton
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
 
 
 def interpreting() -> bool:
@@ -72,16 +100,141 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# ----------------------------------------------------------------------------- GPU limits
+@dataclass(frozen=True)
+class GpuLimits:
+    """What one block of a kernel may use on a GPU: a config that needs more fails at launch with
+    Triton's ``OutOfResources``.
+
+    ``arch``: compute capability as ``10 * major + minor``; ``smem_per_block``: shared memory per
+    block in bytes, the opt-in maximum (``cudaDevAttrMaxSharedMemoryPerBlockOptin``);
+    ``regs_per_block``: 32-bit registers per block; ``max_threads``: threads per block.
+    """
+
+    arch: int
+    smem_per_block: int
+    regs_per_block: int = 65536
+    max_threads: int = 1024
+
+    def fits(self, smem_bytes: int, regs_per_thread: int | None = None, num_warps: int = 4) -> bool:
+        """True when a block of ``num_warps`` warps, ``smem_bytes`` of shared memory and
+        ``regs_per_thread`` registers per thread (None: not known) can launch."""
+        threads = 32 * num_warps
+        regs_ok = regs_per_thread is None or regs_per_thread * threads <= self.regs_per_block
+        return smem_bytes <= self.smem_per_block and regs_ok and threads <= self.max_threads
 
 
-def tile_counters(device: torch.device, count: int) -> torch.Tensor:
-    """The per-device int32 counter buffer of the split-K kernels' last-program reductions (the
-    Triton skinny kernel and the native one), at least ``count`` long. It is zero between launches:
-    each launch leaves it as it found it, so launches on one stream may share it; two launches
-    must not run concurrently on different streams."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+#: The GPUs the package is built for (shared/GPUS.md, NVIDIA's compute capability tables):
+#: A100 (sm_80), RTX 3090 / A10 / A40 (sm_86), RTX 4090 / L4 / L40S (sm_89), H100 / H200 (sm_90).
+#: The static report compiles every launchable config for each of them.
+NAMED_ARCHS: dict[int, GpuLimits] = {
+    80: GpuLimits(80, 166_912),
+    86: GpuLimits(86, 101_376),
+    89: GpuLimits(89, 101_376),
+    90: GpuLimits(90, 232_448),
+}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:<current>``), so one GPU has one cache key."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def gpu_limits(device: torch.device) -> GpuLimits | None:
+    """The limits of the CUDA device ``device``, read from the device (``torch.cuda.get_device_properties``,
+    once per device); None off CUDA (the interpreter has no such limits)."""
+    if device.type != "cuda":
+        return None
+    return _device_limits(_indexed(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device) -> GpuLimits:
+    props = torch.cuda.get_device_properties(device)
+    return GpuLimits(arch=10 * props.major + props.minor, smem_per_block=int(props.shared_memory_per_block_optin),
+                     regs_per_block=min(65536, int(props.regs_per_multiprocessor)),
+                     max_threads=int(getattr(props, "max_threads_per_block", 1024)))
+
+
+_FIRST_FITTING: dict[tuple, int] = {}
+
+
+def launch_first_fitting(key: tuple, configs: Sequence[T], launch: Callable[[T], R]) -> R:
+    """``launch(config)`` with the first of ``configs`` that the GPU can run.
+
+    Triton raises ``OutOfResources`` when a compiled kernel needs more shared memory than the device
+    allows, before it runs anything, so the next config is tried; the last one's error propagates.
+    The index that launched is remembered per ``key``, which must name the kernel, the device and
+    everything else its compile depends on (dtypes, constexprs), so later calls start there."""
+    start, too_large = _FIRST_FITTING.get(key, 0), out_of_resources()
+    for i in range(start, len(configs)):
+        try:
+            out = launch(configs[i])
+        except too_large:
+            if i == len(configs) - 1:
+                raise
+            continue
+        if i != start:
+            _FIRST_FITTING[key] = i
+        return out
+    raise ValueError("launch_first_fitting needs at least one config")
+
+
+def pipelined_smem(stages: int, stage_bytes: int, scratch_bytes: int = 0) -> int:
+    """An upper bound of the shared memory of a Triton loop: every tile it loads is buffered once per
+    pipeline stage (Triton keeps at most ``num_stages`` copies), plus ``scratch_bytes`` for layout
+    conversions outside the pipeline. The static report checks the bound against the compiled kernels."""
+    return max(1, stages) * stage_bytes + scratch_bytes
+
+
+# ----------------------------------------------------------------------------- device guard
+_ACTIVE = threading.local()
+
+
+class on_device:  # noqa: N801 - used like torch.cuda.device
+    """``with on_device(device):`` - kernel launches inside run on ``device``: Triton and the native
+    library launch on the *current* CUDA device and its current stream, so a layer on ``cuda:1``
+    must make ``cuda:1`` current first. The caller's current device is restored on exit. On the CPU
+    (the interpreter) there is nothing to switch; the device is only recorded (``launch_device``)."""
+
+    __slots__ = ("device", "_cuda")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._cuda = None
+
+    def __enter__(self) -> "on_device":
+        stack = _active_stack()
+        stack.append(self.device)
+        if self.device.type == "cuda":
+            self._cuda = torch.cuda.device(self.device)
+            try:
+                self._cuda.__enter__()
+            except BaseException:
+                stack.pop()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._cuda is not None:
+                self._cuda.__exit__(*exc)
+                self._cuda = None
+        finally:
+            _active_stack().pop()
+
+
+def _active_stack() -> list:
+    stack = getattr(_ACTIVE, "stack", None)
+    if stack is None:
+        stack = _ACTIVE.stack = []
+    return stack
+
+
+def launch_device() -> torch.device | None:
+    """The device of the innermost ``on_device`` of this thread (None outside every one): a test
+    checks that every kernel launch happens inside the guard of its tensors' device."""
+    stack = _active_stack()
+    return stack[-1] if stack else None

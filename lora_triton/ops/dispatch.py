@@ -180,9 +180,25 @@ def choose(problem: Problem, operation: str = "forward", table: dict | None = No
         point = _shipped_choice(problem.gpu, operation, m_bucket(max(problem.m, 1)), problem.n, problem.k, problem.r)
     else:
         point = measured_choice(table, problem.gpu, operation, problem)
-    if point is not None and registry[point["candidate"]].supports(problem):
+    if (point is not None and registry[point["candidate"]].supports(problem)
+            and config_fits(point["candidate"], point.get("config"), problem)):
         return point["candidate"], point.get("config")
     return RULE[operation], None
+
+
+def config_fits(candidate: str, config: dict | None, problem: Problem) -> bool:
+    """Whether a table point's config can launch on the problem's GPU (only ``skinny`` points carry
+    one; the other candidates choose their tiles per GPU themselves)."""
+    if candidate != "skinny" or problem.device.type != "cuda":
+        return True
+    from ..kernels.lora_forward import skinny_default
+    from ..kernels.nf4_skinny import skinny_fits
+    from ..kernels.runtime import gpu_limits, padded_rank
+
+    elem_bytes = torch.empty((), dtype=problem.dtype).element_size()
+    limits = gpu_limits(problem.device)
+    full = dict(skinny_default(padded_rank(problem.r), problem.m, elem_bytes, limits), **(config or {}))
+    return skinny_fits(full, elem_bytes, padded_rank(problem.r), limits)
 
 
 def choose_method(device: torch.device, m: int, n: int, k: int, r: int) -> str:
@@ -225,11 +241,21 @@ def table_from_rows(rows: list[dict], operation: str | None = None) -> dict:
     return {"format": TABLE_FORMAT, "gpus": gpus}
 
 
+def _point_key(point: dict) -> tuple:
+    return point["m_bucket"], point["n"], point["k"], point["r"]
+
+
 def merge_tables(old: dict, new: dict) -> dict:
-    """``old`` with every (gpu, operation) that ``new`` measured replaced by ``new``'s points."""
-    merged = {"format": TABLE_FORMAT, "gpus": {gpu: dict(ops) for gpu, ops in old.get("gpus", {}).items()}}
-    for gpu, ops in new["gpus"].items():
-        merged["gpus"].setdefault(gpu, {}).update(ops)
+    """``old`` with each point that ``new`` measured: a point of ``new`` replaces the point of ``old``
+    with the same (GPU, operation, M bucket, n, k, r) and adds itself where there was none; every other
+    point of ``old`` stays (a run that measured a few shapes keeps the rest of the table)."""
+    merged = {"format": TABLE_FORMAT, "gpus": {}}
+    for gpu in sorted(set(old.get("gpus", {})) | set(new.get("gpus", {}))):
+        old_ops, new_ops = old.get("gpus", {}).get(gpu, {}), new.get("gpus", {}).get(gpu, {})
+        for op in sorted(set(old_ops) | set(new_ops)):
+            points = {_point_key(p): p for p in old_ops.get(op, [])}
+            points.update({_point_key(p): p for p in new_ops.get(op, [])})
+            merged["gpus"].setdefault(gpu, {})[op] = [points[key] for key in sorted(points)]
     return merged
 
 

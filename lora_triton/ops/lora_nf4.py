@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -84,11 +85,28 @@ def _reference_dropout_mask(seed: int, p: float, m: int, k: int, like: Tensor) -
 
 
 # ----------------------------------------------------------------------------- the computation
+_WARNED_OUT_OF_RESOURCES: set[tuple] = set()
+
+
+def _fall_back_to_dequant(kernel: str, config, device: torch.device, err: Exception) -> None:
+    """Warn, once per (kernel, config, GPU), that a launch did not fit the GPU and the dequant path runs."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    key = (kernel, repr(config), gpu)
+    if key not in _WARNED_OUT_OF_RESOURCES:
+        _WARNED_OUT_OF_RESOURCES.add(key)
+        warnings.warn(f"lora-triton: the {kernel!r} kernel (config {config}) does not fit {gpu}: {err}; running "
+                      "dequantize + cuBLAS instead (warned once per kernel, config and GPU)", RuntimeWarning,
+                      stacklevel=4)
+
+
 def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
                   dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
-    """``(y [M, N], S [M, r])`` for ``x [M, K]`` on ``backend``; both paths (op and eager) call it."""
+    """``(y [M, N], S [M, r])`` for ``x [M, K]`` on ``backend``; both paths (op and eager) call it. A
+    candidate whose launch does not fit the GPU (Triton's ``OutOfResources``, raised before the kernel
+    runs) gives way to the dequant path with one warning."""
     if backend == "triton":
         from ..kernels.lora_forward import lora_forward_triton
+        from ..kernels.runtime import out_of_resources
 
         method, config = choose(Problem(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0],
                                         x.dtype))
@@ -98,7 +116,13 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
 
                 return lora_forward_native(x, weight, lora_a, lora_b, scale, bias, config)
             method, config = "skinny", None  # the native kernels have no dropout; the Triton one does
-        return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, method, config)
+        try:
+            return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, method, config)
+        except out_of_resources() as err:
+            if method == "dequant":
+                raise
+            _fall_back_to_dequant(method, config, x.device, err)
+            return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, "dequant", None)
     k = weight.shape[1]
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
     y, s = dense_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
@@ -112,9 +136,18 @@ def _backward_impl(dy: Tensor, x: Tensor, saved_s: Tensor, weight: NF4Weight, lo
     dy = dy.contiguous()  # the expanded (stride-0) gradient of .sum() lands here
     if backend == "triton":
         from ..kernels.lora_dx import lora_backward_triton
+        from ..kernels.runtime import out_of_resources
 
         dx_method = choose_dx(x.device, x.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0])
-        return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, saved_s, dropout_p, seed, needs, dx_method)
+        try:
+            return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, saved_s, dropout_p, seed, needs,
+                                        dx_method)
+        except out_of_resources() as err:
+            if dx_method == "dequant":
+                raise
+            _fall_back_to_dequant(f"dx:{dx_method}", None, x.device, err)
+            return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, saved_s, dropout_p, seed, needs,
+                                        "dequant")
     mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
     dense = dequantize_dense(weight, x.dtype) if needs[0] else None  # only dx reads W
     return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, saved_s, mask, needs)
@@ -300,6 +333,10 @@ def _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
         if want is not None and tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {list(want)}, got {list(t.shape)}")
+    for name, t in (("weight", weight.packed), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: the layer's tensors must share one "
+                             "device (move the module with .to(device))")
     r = lora_a.shape[0] if lora_a.dim() == 2 else -1
     if lora_a.dim() != 2 or lora_a.shape[1] != k or r < 1 or tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_a must be [r, in_features={k}] and lora_b [out_features={n}, r] with r >= 1, got "
