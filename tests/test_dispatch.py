@@ -77,7 +77,7 @@ def test_a_corrupt_table_warns_and_gives_the_rule(tmp_path, text, problem):
     dispatch.load_table.cache_clear()
     with pytest.warns(RuntimeWarning, match=problem):
         table = dispatch.load_table(str(path))
-    assert table["gpus"] == {}
+    assert not any(points for ops in table["gpus"].values() for points in ops.values())  # nothing usable
 
 
 def test_a_missing_table_warns_and_gives_the_rule(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from lora_triton import LoRALinear4bit, disable_adapters, inject_lora, merge_into_nf4, set_adapter
 from lora_triton.integration import (adapter_ids, adapter_slots, load_adapter, lora_layers, save_adapters,
                                      set_trainable_adapters)
+from lora_triton.integration.mixed_batch import route_adapters
 from lora_triton.ops import nf4_linear
 from lora_triton.testing import REL_TOL, relative_error, tiny_llama
 
@@ -107,15 +108,20 @@ def test_two_dim_input_and_empty_batch():
         assert layer(torch.randn(0, 4, layer.in_features), adapter_names=[]).shape == (0, 4, layer.out_features)
 
 
-def test_cached_bank_follows_adapter_changes():
-    """The serving bank is cached; an in-place update, a replaced weight, a new scale, a new
-    adapter or a dtype change must all show in the next mixed batch."""
+def test_mixed_batches_follow_adapter_changes():
+    """An in-place update (also through ``.data``, which moves neither the address nor the version
+    counter), a replaced weight, a new scale, a new adapter or a dtype change must all show in the
+    next mixed batch, each row equal to the row run alone."""
     layer = _layer()
     names = ["a1", "a0", BASE, "a2"]
     x = torch.randn(len(names), 2, layer.in_features)
     _check_rows(layer, x, names, torch.float32)
     with torch.no_grad():
         layer.lora_B["a1"].weight.mul_(3.0)  # what an optimizer step does: in place
+    _check_rows(layer, x, names, torch.float32)
+    layer.lora_B["a2"].weight.data.copy_(torch.randn_like(layer.lora_B["a2"].weight))
+    _check_rows(layer, x, names, torch.float32)
+    layer.lora_A["a1"].weight.data = torch.randn_like(layer.lora_A["a1"].weight)
     _check_rows(layer, x, names, torch.float32)
     layer.lora_A["a0"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["a0"].weight))
     _check_rows(layer, x, names, torch.float32)
@@ -325,10 +331,14 @@ def test_several_adapters_trained_in_one_pass_equal_one_by_one(checkpointing, tm
 
     groups = {n: [i for i, m in enumerate(names) if m == n] for n in ("x", "y")}
     opt = torch.optim.AdamW([p for p in mixed.parameters() if p.requires_grad], lr=1e-2)
-    logits = mixed(input_ids=IDS, adapter_names=names).logits
-    loss = sum(torch.nn.functional.cross_entropy(logits[rows, :-1].flatten(0, 1), IDS[rows, 1:].flatten())
-               for rows in groups.values())
-    loss.backward()
+    if checkpointing:  # the recomputation in backward must see the routing: forward and backward in one scope
+        with pytest.raises(ValueError, match="route_adapters"):
+            mixed(input_ids=IDS, adapter_names=names)
+    with route_adapters(mixed, names) if checkpointing else contextlib.nullcontext():
+        logits = mixed(input_ids=IDS).logits if checkpointing else mixed(input_ids=IDS, adapter_names=names).logits
+        loss = sum(torch.nn.functional.cross_entropy(logits[rows, :-1].flatten(0, 1), IDS[rows, 1:].flatten())
+                   for rows in groups.values())
+        loss.backward()
     opt.step()
     for name, rows in groups.items():
         set_adapter(alone, name)

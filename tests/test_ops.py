@@ -10,7 +10,7 @@ import torch
 
 from lora_triton.format import NF4Weight
 from lora_triton.ops import lora_nf4_linear, resolve_backend
-from lora_triton.ops.lora_nf4 import _reference_dropout_mask
+from lora_triton.ops.lora_nf4 import _dropout_mask
 from lora_triton.reference import lora_backward, lora_forward
 from lora_triton.testing import REL_TOL, random_lora_problem, relative_error
 
@@ -40,8 +40,8 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
     m, k = p["x"].shape
     mask = None
     if dropout_p > 0:
-        make = _triton_dropout_mask if backend == "triton" else _reference_dropout_mask
-        mask = make(seed, dropout_p, m, k, as64["x"]).double()
+        mask = (_triton_dropout_mask(seed, dropout_p, m, k, as64["x"]) if backend == "triton"
+                else _dropout_mask("torch", seed, dropout_p, m, k, as64["x"])).double()
     y, s = lora_forward(as64["x"], p["weight"], as64["lora_a"], as64["lora_b"], p["scale"], as64["bias"], mask)
     grads = lora_backward(dy.double(), as64["x"], p["weight"], as64["lora_a"], as64["lora_b"], p["scale"], s, mask)
     return y, grads

@@ -75,13 +75,24 @@ def _layers_to_merge(model: nn.Module) -> dict:
     return layers
 
 
-def merge_to_linear(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> MergeReport:
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the model's parameters outside its ``LoRALinear4bit`` layers (None: none)."""
+    inside = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in inside}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def merge_to_linear(model: nn.Module, dtype: torch.dtype | None = None) -> MergeReport:
     """Replace every ``LoRALinear4bit`` of ``model`` in place by an ``nn.Linear`` of ``dtype``
     holding ``dequant(W) + s*B@A`` of its active adapter (computed in float32, rounded once).
 
-    One-way (the NF4 base and adapters are dropped). Cast the rest of the model to ``dtype``
-    yourself (``model.to(dtype)``) if it should run in ``dtype`` end to end.
+    ``dtype`` (float16, bfloat16 or float32; default: the dtype of the model's other parameters, or
+    bfloat16 when they have none or several): when it differs from the rest of the model's, the rest
+    is cast to it too, so the model runs in ``dtype`` end to end (a bf16 layer among fp32 activations
+    would fail at the next forward). One-way: the NF4 base and the adapters are dropped.
     """
+    rest = _model_dtype(model)
+    dtype = dtype or rest or torch.bfloat16
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"merge dtype must be float16, bfloat16 or float32, got {dtype}")
     if isinstance(model, LoRALinear4bit):
@@ -93,6 +104,8 @@ def merge_to_linear(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Me
         linear = layer.merge_to_linear(dtype)
         errors.append(merge_error(name, linear.weight, target, update))
         replace_module(model, name, linear)
+    if rest is not None and rest != dtype:
+        model.to(dtype)
     return MergeReport(str(dtype).removeprefix("torch."), tuple(errors))
 
 

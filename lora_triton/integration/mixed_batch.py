@@ -17,15 +17,18 @@ trains that row's adapter only (``set_trainable_adapters`` makes several trainab
 base), from ``adapter_ids(model, names)``: under ``torch.compile`` a list of names is a constant
 that recompiles when it changes, a tensor is data.
 
-The routing of a forward call lasts until the model's next forward call, so the recomputation of
-gradient checkpointing (during backward) sees it: run backward before the next forward, as with
-PEFT's aLoRA hooks.
+The routing lasts exactly as long as the call that asked for it: a forward's ends when the forward
+returns (or raises), ``generate``'s when it returns, and nothing a call routed is seen by the
+next. Gradient checkpointing recomputes a forward during backward, after the forward returned: to
+train a mixed batch with it, route both inside ``with route_adapters(model, names):`` (forward
+and backward), which the recomputation then sees; a training forward of a checkpointed model given
+``adapter_names`` as a keyword is refused with a ``ValueError`` saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import types
 
 import torch
 from torch import nn
@@ -38,12 +41,16 @@ _ROUTER_ATTR = "_lora_triton_router"
 
 
 class AdapterRouter:
-    """The model's current mixed batch (``current``: a ``MixedBatch`` or None), read by its layers."""
+    """The model's current mixed batch (``current``: a ``MixedBatch`` or None), read by its layers
+    while a call that routed one runs (``_route_forward``, ``_generate_with_adapter_names``,
+    ``route_adapters``)."""
 
     def __init__(self, model: nn.Module):
         self.layers: list[LoRALinear4bit] = []
         self.current: MixedBatch | None = None
         self.generating = False
+        self.scoped = False  # inside route_adapters
+        self._previous: list[MixedBatch | None] = []  # what each routed forward in progress replaced
         self.attach(model)
 
     def attach(self, model: nn.Module) -> None:
@@ -73,6 +80,10 @@ class AdapterRouter:
             mixed.for_batch(batch)  # raises PEFT's length error before any layer runs
         return mixed
 
+    def __getstate__(self) -> dict:
+        # a copy or pickle of the model is taken between calls: no routing travels with it
+        return dict(self.__dict__, current=None, generating=False, scoped=False, _previous=[])
+
 
 def _batch_and_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int | None, torch.device]:
     """The batch size and device of a forward / generate call, from its first tensor input."""
@@ -83,20 +94,50 @@ def _batch_and_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int 
     return None, param.device if param is not None else torch.device("cpu")
 
 
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """True when a forward of ``model`` would be recomputed during backward: the model is training
+    with gradients on and a module's ``gradient_checkpointing`` flag (``transformers``' gradient
+    checkpointing) is set."""
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def refuse_unscoped_recomputation(model: nn.Module, where: str) -> None:
+    """``ValueError`` when ``adapter_names`` given to ``where`` would be lost to gradient checkpointing's
+    recomputation (module docstring)."""
+    if gradient_checkpointing_on(model):
+        raise ValueError(f"adapter_names passed to {where} of a training model with gradient checkpointing: the "
+                         "recomputation during backward runs after the call returned and would not see the "
+                         "routing. Route forward and backward together: `with lora_triton.route_adapters(model, "
+                         "adapter_names): loss = model(...).loss; loss.backward()`")
+
+
 def _route_forward(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: take ``adapter_names`` out of the keywords and route it (or clear)."""
+    """Forward pre-hook: take ``adapter_names`` out of the keywords and route it for this call."""
     router: AdapterRouter = getattr(model, _ROUTER_ATTR)
     adapter_names = kwargs.pop("adapter_names", None)
-    if router.generating:
-        if adapter_names is not None:
-            raise ValueError("adapter_names was given to generate(); do not pass it to forward as well")
-        return args, kwargs
-    if adapter_names is None:
-        router.current = None
-    else:
-        batch, device = _batch_and_device(model, args, kwargs)
-        router.current = router.route(adapter_names, batch, device)
+    if adapter_names is not None and (router.generating or router.scoped):
+        where = "generate()" if router.generating else "route_adapters()"
+        raise ValueError(f"adapter_names was given to {where}; do not pass it to forward as well")
+    router._previous.append(router.current)
+    if adapter_names is not None:
+        try:
+            refuse_unscoped_recomputation(model, "forward")
+            batch, device = _batch_and_device(model, args, kwargs)
+            router.current = router.route(adapter_names, batch, device)
+        except BaseException:
+            router._previous.pop()
+            raise
     return args, kwargs
+
+
+def _end_forward(model: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook (also when the forward raised): the routing this call set ends with it."""
+    router: AdapterRouter = getattr(model, _ROUTER_ATTR)
+    if router._previous:
+        router.current = router._previous.pop()
+    return output
 
 
 def _generate_with_adapter_names(model: nn.Module, *args, adapter_names=None, **kwargs):
@@ -105,6 +146,8 @@ def _generate_with_adapter_names(model: nn.Module, *args, adapter_names=None, **
     if adapter_names is None:
         return generate(*args, **kwargs)
     router: AdapterRouter = getattr(model, _ROUTER_ATTR)
+    if router.scoped:
+        raise ValueError("adapter_names was given to route_adapters(); do not pass it to generate as well")
     batch, device = _batch_and_device(model, args, kwargs)
     mixed = router.route(adapter_names, batch, device, expandable=True)
     previous = router.current, router.generating
@@ -113,6 +156,47 @@ def _generate_with_adapter_names(model: nn.Module, *args, adapter_names=None, **
         return generate(*args, **kwargs)
     finally:
         router.current, router.generating = previous
+
+
+@contextlib.contextmanager
+def routed_call(model: nn.Module, adapter_names, batch: int | None, device: torch.device, where: str):
+    """The routing of one call that runs the model's layers without its forward (``causal_lm_loss``
+    runs the decoder body): ``adapter_names`` (None: nothing routed) for the block, checked as a
+    forward checks it."""
+    if adapter_names is None:
+        yield None
+        return
+    router = enable_adapter_names(model)
+    if router.scoped or router.generating:
+        raise ValueError(f"adapter_names was given to {'generate()' if router.generating else 'route_adapters()'}; "
+                         f"do not pass it to {where} as well")
+    refuse_unscoped_recomputation(model, where)
+    mixed = router.route(adapter_names, batch, device)
+    previous = router.current
+    router.current = mixed
+    try:
+        yield mixed
+    finally:
+        router.current = previous
+
+
+@contextlib.contextmanager
+def route_adapters(model: nn.Module, adapter_names):
+    """``with route_adapters(model, names):`` - every forward of ``model`` in the block runs the mixed
+    batch ``names`` (one adapter name per row, ``"__base__"`` for none; or ``adapter_ids``), and so does
+    the recomputation of gradient checkpointing during a ``backward()`` in the block. The names are
+    checked against the model here (PEFT's errors), the batch size at each forward."""
+    router = enable_adapter_names(model)
+    if router.scoped or router.generating:
+        raise ValueError("route_adapters() blocks do not nest, nor run inside generate()")
+    _, device = _batch_and_device(model, (), {})
+    mixed = router.route(adapter_names, None, device)
+    previous = router.current
+    router.current, router.scoped = mixed, True
+    try:
+        yield mixed
+    finally:
+        router.current, router.scoped = previous, False
 
 
 def enable_adapter_names(model: nn.Module) -> AdapterRouter:
@@ -126,8 +210,10 @@ def enable_adapter_names(model: nn.Module) -> AdapterRouter:
     router = AdapterRouter(model)
     object.__setattr__(model, _ROUTER_ATTR, router)  # a plain attribute: not a sub-module or state
     model.register_forward_pre_hook(_route_forward, with_kwargs=True)
+    model.register_forward_hook(_end_forward, with_kwargs=True, always_call=True)
     if callable(getattr(type(model), "generate", None)):
-        model.generate = types.MethodType(_generate_with_adapter_names, model)
+        # a partial, not a bound method: it pickles (a bound method pickles as getattr(model, its name))
+        model.generate = functools.partial(_generate_with_adapter_names, model)
     return router
 
 

@@ -3,7 +3,8 @@
 Shapes and dtypes: ``x [M, K]``, NF4 ``W [N, K]`` (bitsandbytes' packed layout, plain or
 double-quantized absmax), ``A [r, K]``, ``B [N, r]``, ``b [N]``; activations, adapter and bias
 share one dtype (fp16, bf16 or fp32); accumulation is fp32; ``y [M, N]`` and ``S [M, r]`` come
-back in ``x``'s dtype. Ranks 1..128 (padded inside to a power of two >= 16, masked). ``K`` must
+back in ``x``'s dtype. Ranks 1..128 for the tile kernels (``RANK_LIMITED``: padded inside to a
+power of two >= 16, masked), any rank for ``dequant`` and ``merged``. ``K`` must
 be a multiple of the NF4 block size (kernels read whole blocks); other weights use the
 plain-torch path (``method="torch"``; ``"reference"`` is its old name, still accepted).
 
@@ -58,7 +59,10 @@ METHODS = ("fused", "split", "decode", "dequant", "merged", "skinny")
 #: Names of the plain-torch path: ``"torch"`` and its old name.
 TORCH_METHODS = ("torch", "reference")
 
+#: Largest adapter rank of the candidates that hold a ``[.., R_PAD]`` rank tile in registers
+#: (``RANK_LIMITED``); ``dequant`` and ``merged`` take any rank.
 MAX_RANK = 128
+RANK_LIMITED = ("fused", "split", "decode", "skinny")
 
 
 # ====================================================================== configs
@@ -690,7 +694,8 @@ def lora_forward_triton(
     Args:
         x2d: ``[M, K]`` activations, fp16 / bf16 / fp32, contiguous.
         weight: ``NF4Weight`` ``[N, K]`` on x's device, ``K`` a multiple of its block size.
-        lora_a: ``[r, K]``, lora_b: ``[N, r]``, bias: ``[N]`` or None, all in x's dtype; ``1 <= r <= 128``.
+        lora_a: ``[r, K]``, lora_b: ``[N, r]``, bias: ``[N]`` or None, all in x's dtype; ``r >= 1``
+            (``r <= 128`` for the ``RANK_LIMITED`` candidates).
         scale: the LoRA scale ``s``.
         dropout_p: LoRA dropout probability in ``[0, 1)``; the mask is ``dropout.dropout_mask(seed, p, M, K)``.
         seed: dropout seed (ignored when ``dropout_p == 0``).
@@ -713,6 +718,9 @@ def lora_forward_triton(
         raise ValueError(f"method {method!r} takes no config (its kernels autotune), got {config!r}")
     if config is not None:
         check_config({**SKINNY_DEFAULT, "split_k": 1, "table": default_table(x2d.device), **config})
+    if method in RANK_LIMITED and r > MAX_RANK:
+        raise ValueError(f"the {method!r} kernel takes LoRA ranks up to {MAX_RANK} (its rank tile lives in registers), "
+                         f"got r={r}; 'dequant' and 'merged' take any rank")
     if method in TORCH_METHODS:
         return _reference_forward(x2d, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
     require_launchable(x2d.device)
@@ -745,8 +753,8 @@ def validate_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
         raise ValueError(f"mismatched LoRA ranks: lora_a {list(lora_a.shape)} is [r, K] and lora_b "
                          f"{list(lora_b.shape)} is [N, r] with the same r")
     r = lora_a.shape[0]
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"LoRA rank must be in 1..{MAX_RANK}, got r={r}")
+    if r < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got r={r}")
     check_tensor("lora_a", lora_a, (r, k), device, dtypes=(x2d.dtype,))
     check_tensor("lora_b", lora_b, (n, r), device, dtypes=(x2d.dtype,))
     if bias is not None:

@@ -31,6 +31,7 @@ from .lora_forward import validate_operands
 
 NATIVE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_M = 16
+MAX_RANK = 128
 #: ``config["table"]``: where the 16 NF4 code values live while decoding (compile-time variants).
 TABLES = {"shared": 0, "register": 1}
 CONFIG_DEFAULT = {"split_k": 0, "row_tiles": 0, "table": "shared"}  # 0: chosen per shape by the library
@@ -43,9 +44,9 @@ def available() -> bool:
     return native_lib.library() is not None
 
 
-def supports(device: torch.device, m: int, dtype: torch.dtype) -> bool:
-    """Whether the native kernels can run a forward of ``m`` tokens of ``dtype`` on ``device``."""
-    return device.type == "cuda" and 0 <= m <= MAX_M and dtype in NATIVE_DTYPES and available()
+def supports(device: torch.device, m: int, dtype: torch.dtype, r: int = 1) -> bool:
+    """Whether the native kernels can run a forward of ``m`` tokens of ``dtype`` at rank ``r`` on ``device``."""
+    return device.type == "cuda" and 0 <= m <= MAX_M and 1 <= r <= MAX_RANK and dtype in NATIVE_DTYPES and available()
 
 
 def check_config(config: dict | None) -> dict:
@@ -76,6 +77,8 @@ def validate(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, bias:
     validate_operands(x, weight, lora_a, lora_b, bias, scale, 0.0, 0)  # the Triton launchers' checks
     if x.shape[0] > MAX_M:
         raise ValueError(f"the native kernels are for decode sizes, M <= {MAX_M} tokens, got M={x.shape[0]}")
+    if lora_a.shape[0] > MAX_RANK:
+        raise ValueError(f"the native kernels take LoRA ranks up to {MAX_RANK}, got r={lora_a.shape[0]}")
     _check_quant_state(weight, x.device)
 
 

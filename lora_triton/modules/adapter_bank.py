@@ -6,19 +6,19 @@ base model only. Here it becomes a ``MixedBatch``: ``slots`` (the adapter names 
 and ``ids`` int64 ``[B]`` (``-1``: base). Ids are tensor data, so a new mix of adapters is no
 new compile under ``torch.compile``.
 
-``AdapterBank.stacked`` builds the operands of ``ops.multi_lora_add`` from a layer's per-adapter
+``stack_adapters`` builds the operands of ``ops.multi_lora_add`` from a layer's per-adapter
 ``lora_A`` / ``lora_B`` (PEFT's layout stays the storage): ``a [n, R, K]``, ``b [n, N, R]``
 (ranks zero-padded to the largest, cast to the activation dtype), ``scales`` float32 ``[n]``,
 per-adapter dropout, and the rows' ids remapped onto the bank (``-1`` for rows whose adapter this
-layer lacks: PEFT's rule, they get the base output). Without gradients the bank is cached until
-an adapter's weights (their storage or version counter), scale or the dtype change (serving: no
-copy per call; a batch checks the adapters it uses). With gradients
-it is stacked afresh (differentiable), from the adapters the batch uses only, so an adapter
-absent from the batch gets no gradient (``None``) and its optimizer leaves it alone: training
-several adapters in one pass equals training each on its own rows. Under ``torch.compile`` the
-bank is stacked inside the graph from every adapter (choosing the used ones would read the ids):
-an absent adapter then gets a zero gradient, which optimizers with momentum or weight decay
-still step.
+layer lacks: PEFT's rule, they get the base output). It stacks afresh at every call, and only the
+adapters the batch uses: a kept copy could not see an adapter edited in place (``weight.data``
+moves neither its address nor its version counter), and checking every weight would read as much
+as stacking the used ones. With gradients the stack is differentiable, so an adapter absent from
+the batch gets no gradient (``None``) and its optimizer leaves it alone: training several adapters
+in one pass equals training each on its own rows. Under ``torch.compile``, or when the rows are
+given as a tensor of ids without gradients, the bank holds every adapter of the layer (choosing
+the used ones would read the ids): an absent adapter then gets a zero gradient, which optimizers
+with momentum or weight decay still step.
 """
 
 from __future__ import annotations
@@ -110,58 +110,31 @@ class StackedBank:
     dropout: tuple[float, ...]
 
 
-class AdapterBank:
-    """A layer's adapters stacked for mixed batches (module docstring); holds one cached bank."""
-
-    def __init__(self):
-        self._layout = None  # (slots, names, dtype) of the cached bank
-        self._state: dict[str, tuple] = {}  # per adapter: what its slice of the bank was built from
-        self._cached: tuple | None = None
-
-    @staticmethod
-    def _adapter_state(layer, name: str) -> tuple:
-        a, b = layer.lora_A._modules[name].weight, layer.lora_B._modules[name].weight
-        return a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[name]
-
-    def stacked(self, layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype,
-                used: tuple[int, ...] | None = None) -> StackedBank | None:
-        """The bank of ``layer``'s adapters among ``slots`` for the rows ``ids`` (indices into
-        ``slots``) in ``dtype``; None when no row uses an adapter this layer has. ``used``: the
-        slots the rows use, when known without reading ``ids``; only their part of a cached bank
-        is checked for changes (the rest is checked when a batch uses it)."""
-        modules_a = layer.lora_A._modules  # a plain dict: cheap per call
+def stack_adapters(layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype,
+                   used: tuple[int, ...] | None = None) -> StackedBank | None:
+    """The bank of ``layer``'s adapters among ``slots`` for the rows ``ids`` (int64 indices into ``slots``,
+    ``-1``: base) in ``dtype``; None when no row uses an adapter this layer has. ``used``: the slots the
+    rows use, when known without reading ``ids`` (a batch routed by names)."""
+    modules_a = layer.lora_A._modules  # a plain dict: cheap per call
+    compiling = torch.compiler.is_compiling()
+    if used is not None and not compiling:
+        names = [slots[i] for i in used if slots[i] in modules_a]
+    else:
         names = [name for name in slots if name in modules_a]
-        compiling = torch.compiler.is_compiling()
         grad = torch.is_grad_enabled() and any(
             p.requires_grad for name in names for p in (modules_a[name].weight, layer.lora_B._modules[name].weight))
-        if grad and not compiling:
+        if grad and not compiling:  # an absent adapter must get no gradient: read which rows are there
             present = set(ids.unique().tolist())
             names = [name for name in names if slots.index(name) in present]
-        if not names:
-            return None
-        if grad or compiling:
-            a, b, scales, table = self._stack(layer, slots, names, dtype, ids.device)
-        else:
-            checked = names if used is None else [slots[i] for i in used if slots[i] in modules_a]
-            if self._layout != (slots, tuple(names), dtype) or any(
-                    self._state.get(name) != self._adapter_state(layer, name) for name in checked):
-                self._cached = self._stack(layer, slots, names, dtype, ids.device)
-                self._layout = (slots, tuple(names), dtype)
-                self._state = {name: self._adapter_state(layer, name) for name in names}
-            a, b, scales, table = self._cached
-        return StackedBank(a, b, scales, ids if table is None else table[ids + 1],
-                           tuple(layer.lora_dropout[name] for name in names))
-
-    def _stack(self, layer, slots, names, dtype, device):
-        """``(a [n, R, K], b [n, N, R], scales [n], table [len(slots) + 1])``; ``table[i + 1]`` is
-        slot ``i``'s bank index (-1 where the layer lacks it), ``table[0] = -1`` for base rows;
-        ``table`` is None when the bank holds every slot in order (the ids index it as they are)."""
-        weights = [(layer.lora_A[name].weight, layer.lora_B[name].weight) for name in names]
-        rank = max(a.shape[0] for a, _ in weights)
-        a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
-        b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
-        scales = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
+    if not names:
+        return None
+    weights = [(modules_a[name].weight, layer.lora_B._modules[name].weight) for name in names]
+    rank = max(a.shape[0] for a, _ in weights)
+    a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
+    b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
+    scales = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=ids.device)
+    if tuple(names) != tuple(slots):  # slot i -> bank index (-1 where the layer lacks it); -1 (base) stays -1
         position = {name: j for j, name in enumerate(names)}
-        table = None if tuple(names) == tuple(slots) else torch.tensor(
-            [-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=device)
-        return a, b, scales, table
+        table = torch.tensor([-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=ids.device)
+        ids = table[ids + 1]
+    return StackedBank(a, b, scales, ids, tuple(layer.lora_dropout[name] for name in names))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..format import NF4Weight
-from ..ops import lora_nf4_linear, nf4_linear, resolve_backend
+from ..ops import check_backend, lora_nf4_linear, nf4_linear, resolve_backend
 from ..ops.multi_lora import multi_lora_add
-from .adapter_bank import AdapterBank, MixedBatch, per_token_ids
+from .adapter_bank import MixedBatch, per_token_ids, stack_adapters
 from .nf4_linear import NF4Linear
 
 def _is_real(value) -> bool:
@@ -67,6 +67,7 @@ class LoRALinear4bit(nn.Module):
         super().__init__()
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"base_layer must be an NF4Linear, got {type(base_layer).__name__}")
+        check_backend(backend)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -81,7 +82,6 @@ class LoRALinear4bit(nn.Module):
         self.merged_adapter: str | None = None  # set while an adapter is merged into the NF4 base
         self._unmerged_nf4: NF4Weight | None = None
         self.backend = backend
-        self._bank = AdapterBank()
         self.router = None  # set by integration.enable_adapter_names: the model's mixed-batch routing
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
@@ -277,7 +277,7 @@ class LoRALinear4bit(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         base = nf4_linear(x2d, self.base_layer.nf4, self.base_layer.bias, self.backend)
         ids = per_token_ids(mixed.ids, x2d.shape[0])
-        bank = self._bank.stacked(self, mixed.slots, ids, x.dtype, mixed.used)
+        bank = stack_adapters(self, mixed.slots, ids, x.dtype, mixed.used)
         if bank is None:  # none of the batch's adapters lives in this layer
             return base.reshape(*x.shape[:-1], self.out_features)
         x_lora = x2d

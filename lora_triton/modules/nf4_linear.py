@@ -138,10 +138,23 @@ class NF4Linear(nn.Module):
                                                                         requires_grad=False)
         self.register_parameter("weight_nested_absmax", nested)
         self._code, self._nested_code, self._offset = weight.code, weight.nested_code, weight.offset
-        self._nf4_cache = (self._nf4_key(), weight)
+        self._nf4_cache = (self._storage_state(), weight)
 
     def _nf4_key(self) -> tuple:
         return tuple(self._parameters.get(name) for name in NF4_PARAMETERS)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if not self.is_sharded and self.weight.device.type != "meta":
+            self._rebuild_nf4()  # a copy is ready for torch.compile, which cannot build the view itself
+
+    def __getstate__(self) -> dict:
+        # The cached NF4Weight views the int32 storage of the statistics as float32: torch.save refuses
+        # two views of one storage with different dtypes, so copies, pickles and saves leave it out
+        # (it is rebuilt at the next access).
+        state = self.__dict__.copy()
+        state["_nf4_cache"] = (None, None)
+        return state
 
     @property
     def is_sharded(self) -> bool:
@@ -150,9 +163,12 @@ class NF4Linear(nn.Module):
 
     @property
     def nf4(self) -> NF4Weight:
-        """The ``NF4Weight`` over this layer's tensors (views, no copy)."""
+        """The ``NF4Weight`` over this layer's tensors (views, no copy), rebuilt whenever a parameter's
+        storage changed (a new tensor, ``.data =``, a device move)."""
         key, weight = self._nf4_cache
-        if key is not None and all(a is b for a, b in zip(key, self._nf4_key())):
+        if torch.compiler.is_compiling() and weight is not None:  # addresses are not traceable: the eager view
+            return weight
+        if key is not None and key == self._storage_state():
             return weight
         return self._rebuild_nf4()
 
@@ -172,13 +188,18 @@ class NF4Linear(nn.Module):
                                "bytes); it is whole only inside the module's forward/backward. Call unshard() on "
                                "the FSDP module first, or use lora_triton.integration.distributed for checkpoints")
         self._move_constants(packed.device)
-        weight = NF4Weight.from_validated_fields(
+        weight = self._make_nf4()
+        self._nf4_cache = (self._storage_state(), weight)
+        return weight
+
+    def _make_nf4(self) -> NF4Weight:
+        """The ``NF4Weight`` of the current parameters (views), the constants where they are."""
+        packed, absmax, nested = self._nf4_key()
+        return NF4Weight.from_validated_fields(
             packed=packed.view(-1), absmax=_from_storage(absmax), code=self._code,
             nested_absmax=None if nested is None else _from_storage(nested), nested_code=self._nested_code,
             offset=self._offset, shape=(self.out_features, self.in_features), blocksize=self.blocksize,
             dtype=self.quant_dtype, offset_value=self.offset_value)
-        self._nf4_cache = (self._nf4_key(), weight)
-        return weight
 
     def _move_constants(self, device: torch.device) -> None:
         """Put the code books and the offset on ``device`` (from meta: rebuilt, they are constants)."""
@@ -192,13 +213,17 @@ class NF4Linear(nn.Module):
                             else self._offset.to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Base only (no adapter): dequantizes transiently; the LoRA layer uses the fused op.
-        return nn.functional.linear(x, self.nf4.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """``x [..., in] -> [..., out]`` through the same op as the LoRA layer (``ops.nf4_linear``): the
+        weight is decoded inside the kernel or transiently, never saved for backward."""
+        from ..ops import nf4_linear
+
+        return nf4_linear(x, self.nf4, self.bias)
 
     # ---------------------------------------------------------------- device moves
     def _storage_state(self) -> tuple:
-        return tuple(None if p is None else (id(p), p.device, p.data_ptr() if p.device.type != "meta" else 0)
-                     for p in self._nf4_key())
+        """What the cached NF4Weight views: each NF4 parameter's object, device, address and shape."""
+        return tuple(None if p is None else (id(p), p.device, 0 if p.device.type == "meta" or _is_dtensor(p)
+                                             else p.data_ptr(), tuple(p.shape)) for p in self._nf4_key())
 
     def _apply(self, fn, recurse=True):
         # The NF4 parameters are integer tensors: .half()/.to(dtype) leave them alone and only

@@ -72,8 +72,15 @@ def _always(problem: Problem) -> bool:
 SKINNY_MAX_M = 256
 
 
+def _rank_tile_fits(problem: Problem) -> bool:
+    """The candidates that hold the adapter's rank tile in registers take ranks up to their ``MAX_RANK``."""
+    from ..kernels.lora_forward import MAX_RANK
+
+    return problem.r <= MAX_RANK
+
+
 def _skinny_supports(problem: Problem) -> bool:
-    return problem.m <= SKINNY_MAX_M
+    return problem.m <= SKINNY_MAX_M and _rank_tile_fits(problem)
 
 
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
@@ -82,9 +89,9 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
               "Triton W + s * B @ A, then one cuBLAS F.linear (no LoRA pass over [M, N]; dequant with dropout)"),
     Candidate("skinny", "forward", _skinny_supports,
               "swap-AB split-K kernel, LoRA and bias fused (decode and medium M)"),
-    Candidate("fused", "forward", _always, "tile GEMM with in-loop NF4 decode, S in the same loop"),
-    Candidate("split", "forward", _always, "S kernel, then the tile GEMM reading S in its epilogue"),
-    Candidate("decode", "forward", _always, "split-K tile kernel with fp32 atomics (superseded by skinny)"),
+    Candidate("fused", "forward", _rank_tile_fits, "tile GEMM with in-loop NF4 decode, S in the same loop"),
+    Candidate("split", "forward", _rank_tile_fits, "S kernel, then the tile GEMM reading S in its epilogue"),
+    Candidate("decode", "forward", _rank_tile_fits, "split-K tile kernel with fp32 atomics (superseded by skinny)"),
 )}
 
 
@@ -93,7 +100,7 @@ def _native_supports(problem: Problem) -> bool:
     # False without the built library, off CUDA, for fp32 and beyond 16 tokens (kernels/README.md)
     from ..kernels.native_skinny import supports
 
-    return supports(problem.device, problem.m, problem.dtype)
+    return supports(problem.device, problem.m, problem.dtype, problem.r)
 
 
 CANDIDATES["native"] = Candidate("native", "forward", _native_supports,
@@ -102,9 +109,9 @@ CANDIDATES["native"] = Candidate("native", "forward", _native_supports,
 
 
 def _fused_dx_supports(problem: Problem) -> bool:
-    from ..kernels.lora_dx import MAX_FUSED_K  # its weight panels use int32 byte offsets
+    from ..kernels.lora_dx import MAX_FUSED_K, MAX_RANK  # its weight panels use int32 byte offsets
 
-    return problem.k <= MAX_FUSED_K
+    return problem.k <= MAX_FUSED_K and problem.r <= MAX_RANK
 
 
 DX_CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
@@ -120,25 +127,62 @@ RULE = {"forward": "dequant", "dx": "dequant"}
 
 
 # ----------------------------------------------------------------------------- the table
+def point_problem(operation: str, point) -> str | None:
+    """Why a table point cannot be used (None when it can): a missing or bad field, a candidate the
+    operation lacks, or a config its candidate cannot run (only ``skinny`` takes one)."""
+    if not isinstance(point, dict):
+        return f"a point must be an object, got {point!r}"
+    missing = {"m_bucket", "n", "k", "r", "candidate"} - set(point)
+    if missing:
+        return f"point {point} lacks {sorted(missing)}"
+    if not all(isinstance(point[key], int) and not isinstance(point[key], bool) and point[key] > 0
+               for key in ("m_bucket", "n", "k", "r")):
+        return f"m_bucket, n, k, r must be positive ints in {point}"
+    registry = CANDIDATES if operation == "forward" else DX_CANDIDATES
+    candidate, config = point["candidate"], point.get("config")
+    if candidate not in registry:
+        return f"unknown candidate {candidate!r} for {operation} (have {sorted(registry)})"
+    if config is None:
+        return None
+    if candidate != "skinny":
+        return f"candidate {candidate!r} takes no config, got {config!r}"
+    from ..kernels.lora_forward import skinny_default
+    from ..kernels.nf4_skinny import check_config
+    from ..kernels.runtime import padded_rank
+
+    if not isinstance(config, dict):
+        return f"a skinny config must be an object, got {config!r}"
+    try:
+        check_config({**skinny_default(padded_rank(point["r"]), point["m_bucket"]), "split_k": 1, "table": "shfl",
+                      **config})
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def parse_table(text: str) -> dict:
-    """The table of a JSON text, validated (ValueError naming the problem otherwise)."""
+    """The table of a JSON text: ValueError when it is not a dispatch table at all; a point it cannot
+    use (``point_problem``) is dropped with a warning, the rest kept."""
     data = json.loads(text)
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("gpus"), dict):
         raise ValueError(f"expected {{'format': {TABLE_FORMAT}, 'gpus': {{...}}}}")
-    registry = {"forward": CANDIDATES, "dx": DX_CANDIDATES}
+    gpus = {}
     for gpu, ops in data["gpus"].items():
+        if not isinstance(ops, dict):
+            raise ValueError(f"{gpu}: expected {{operation: [points]}}, got {ops!r}")
         for op, points in ops.items():
             if op not in OPERATIONS or not isinstance(points, list):
                 raise ValueError(f"{gpu}: unknown operation {op!r} or points not a list")
+            kept = []
             for point in points:
-                missing = {"m_bucket", "n", "k", "r", "candidate"} - set(point)
-                if missing:
-                    raise ValueError(f"{gpu}/{op}: point {point} lacks {sorted(missing)}")
-                if point["candidate"] not in registry[op]:
-                    raise ValueError(f"{gpu}/{op}: unknown candidate {point['candidate']!r}")
-                if not all(isinstance(point[key], int) and point[key] > 0 for key in ("m_bucket", "n", "k", "r")):
-                    raise ValueError(f"{gpu}/{op}: m_bucket, n, k, r must be positive ints in {point}")
-    return data
+                problem = point_problem(op, point)
+                if problem is None:
+                    kept.append(point)
+                else:
+                    warnings.warn(f"lora-triton: dispatch table point dropped ({gpu}, {op}): {problem}",
+                                  RuntimeWarning, stacklevel=3)
+            gpus.setdefault(gpu, {})[op] = kept
+    return {"format": TABLE_FORMAT, "gpus": gpus}
 
 
 @functools.lru_cache(maxsize=4)
@@ -260,8 +304,13 @@ def merge_tables(old: dict, new: dict) -> dict:
 
 
 def write_table(table: dict, path: str = TABLE_PATH) -> None:
-    """Write ``table`` (validated) as JSON and forget the cached copy."""
+    """Write ``table`` as JSON and forget the cached copy; ValueError, nothing written, when a point is
+    one the loader would drop (``point_problem``)."""
     parse_table(json.dumps(table))
+    bad = [problem for ops in table["gpus"].values() for op, points in ops.items() for point in points
+           if (problem := point_problem(op, point)) is not None]
+    if bad:
+        raise ValueError(f"not a dispatch table to write: {bad[0]}" + (f" (and {len(bad) - 1} more)" if bad[1:] else ""))
     with open(path, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -46,6 +46,14 @@ BACKENDS = ("auto", "triton", "torch")
 BACKEND_ALIASES = {"reference": "torch"}
 _WEIGHT_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_backend(requested: str | None) -> None:
+    """``ValueError`` unless ``requested`` is None or one of ``BACKENDS`` / ``BACKEND_ALIASES`` (checked when a
+    layer is built, so a typo fails there, not at the first forward)."""
+    if requested is not None and BACKEND_ALIASES.get(requested, requested) not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} ('reference' = 'torch') or None, got {requested!r}")
 
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
@@ -77,11 +85,26 @@ def _rebuild_weight(tensors, offset_value: float, n: int, k: int, blocksize: int
                                            dtype=torch.float32, offset_value=offset_value)
 
 
-def _reference_dropout_mask(seed: int, p: float, m: int, k: int, like: Tensor) -> Tensor:
-    """Dropout mask of the torch backend, regenerated from ``seed`` by torch's CPU RNG."""
+def _dropout_mask(backend: str, seed: int, p: float, m: int, k: int, like: Tensor) -> Tensor:
+    """The dropout mask ``[m, k]`` (0 or ``1/(1-p)``) of ``backend``, regenerated from ``seed``: Triton's
+    seeded generator (``kernels.dropout``, the mask every kernel applies) on the Triton backend, torch's
+    CPU generator on the torch backend."""
+    if backend == "triton":
+        from ..kernels.dropout import dropout_mask
+
+        return dropout_mask(seed, p, m, k, like.device, like.dtype)
     gen = torch.Generator().manual_seed(seed)
     keep = torch.rand(m, k, generator=gen) >= p
     return (keep.to(torch.float32) / (1.0 - p)).to(device=like.device, dtype=like.dtype)
+
+
+def kernels_take(weight: NF4Weight, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels compute this layer: fp16 / bf16 / fp32 activations and whole NF4 blocks
+    per row of ``W`` (an even ``K``, a multiple of the block size). Other layers run on the Triton
+    backend too, through plain torch with the Triton dropout mask: every shape and dtype the torch
+    backend takes, the Triton backend takes."""
+    k = weight.shape[1]
+    return dtype in _KERNEL_DTYPES and k % weight.blocksize == 0 and k % 2 == 0
 
 
 # ----------------------------------------------------------------------------- the computation
@@ -104,7 +127,7 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
     """``(y [M, N], S [M, r])`` for ``x [M, K]`` on ``backend``; both paths (op and eager) call it. A
     candidate whose launch does not fit the GPU (Triton's ``OutOfResources``, raised before the kernel
     runs) gives way to the dequant path with one warning."""
-    if backend == "triton":
+    if backend == "triton" and kernels_take(weight, x.dtype):
         from ..kernels.lora_forward import lora_forward_triton
         from ..kernels.runtime import out_of_resources
 
@@ -123,8 +146,7 @@ def _forward_impl(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, 
                 raise
             _fall_back_to_dequant(method, config, x.device, err)
             return lora_forward_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, "dequant", None)
-    k = weight.shape[1]
-    mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], k, x) if dropout_p > 0 else None
+    mask = _dropout_mask(backend, seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
     y, s = dense_forward(x, dequantize_dense(weight, x.dtype), lora_a, lora_b, scale, bias, mask)
     return y, s.contiguous()
 
@@ -134,7 +156,7 @@ def _backward_impl(dy: Tensor, x: Tensor, saved_s: Tensor, weight: NF4Weight, lo
                    needs: tuple[bool, bool, bool, bool]) -> LoRAGrads:
     """``LoRAGrads`` of ``(dx, dA, dB, dbias)``, each only where ``needs`` asks."""
     dy = dy.contiguous()  # the expanded (stride-0) gradient of .sum() lands here
-    if backend == "triton":
+    if backend == "triton" and kernels_take(weight, x.dtype):
         from ..kernels.lora_dx import lora_backward_triton
         from ..kernels.runtime import out_of_resources
 
@@ -148,7 +170,7 @@ def _backward_impl(dy: Tensor, x: Tensor, saved_s: Tensor, weight: NF4Weight, lo
             _fall_back_to_dequant(f"dx:{dx_method}", None, x.device, err)
             return lora_backward_triton(dy, x, weight, lora_a, lora_b, scale, saved_s, dropout_p, seed, needs,
                                         "dequant")
-    mask = _reference_dropout_mask(seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
+    mask = _dropout_mask(backend, seed, dropout_p, x.shape[0], weight.shape[1], x) if dropout_p > 0 else None
     dense = dequantize_dense(weight, x.dtype) if needs[0] else None  # only dx reads W
     return dense_backward(dy.to(x.dtype), x, dense, lora_a, lora_b, scale, saved_s, mask, needs)
 
@@ -273,7 +295,7 @@ def lora_nf4_linear(
         ``[..., N]`` in x's (compute) dtype.
     Raises:
         TypeError / ValueError naming the argument for a bad input (shape, dtype, non-finite
-        scale, dropout outside [0, 1)); float64 ``x`` runs on the torch backend only.
+        scale, dropout outside [0, 1)). Every backend takes every shape and dtype (``kernels_take``).
     """
     _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -321,7 +343,7 @@ def _check_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _X_DTYPES:
-        raise TypeError(f"x must be a float tensor (float16, bfloat16, float32; float64 on the torch backend), "
+        raise TypeError(f"x must be a float tensor (float16, bfloat16, float32 or float64), "
                         f"got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must be [..., in_features={k}], got shape {list(x.shape)}")

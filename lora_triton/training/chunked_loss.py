@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..integration.mixed_batch import routed_call
+
 IGNORE_INDEX = -100
 
 
@@ -55,7 +57,9 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = 
         input_ids: int64 ``[B, T]``; labels: ``[B, T]`` (default: ``input_ids``), ``-100`` ignored.
         chunk_tokens: tokens per chunk (>= 1); num_items_in_batch: divide the summed loss by this
             instead of the number of counted tokens (transformers' gradient-accumulation rule).
-        model_kwargs: passed to the decoder body (``attention_mask``, ``position_ids``, ...).
+        model_kwargs: passed to the decoder body (``attention_mask``, ``position_ids``, ...);
+            ``adapter_names`` (one adapter name per sequence) routes this call's mixed batch as
+            ``model(..., adapter_names=...)`` does (``integration.mixed_batch``).
     Returns: a float32 scalar. Raises ``TypeError`` / ``ValueError`` for a model it cannot
     reproduce, bad shapes, or a batch with no counted token.
     """
@@ -69,7 +73,9 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = 
         raise ValueError(f"labels must have input_ids' shape {list(input_ids.shape)}, got "
                          f"{list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
     body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids, **model_kwargs).last_hidden_state  # [B, T, H]
+    adapter_names = model_kwargs.pop("adapter_names", None)
+    with routed_call(model, adapter_names, input_ids.shape[0], input_ids.device, "causal_lm_loss"):
+        hidden = body(input_ids=input_ids, **model_kwargs).last_hidden_state  # [B, T, H]
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE_INDEX).sum()
