@@ -610,3 +610,18 @@ def test_gradient_weighting_settings_are_validated_and_saved(tmp_path):
     assert float(fresh.penalty()) == pytest.approx(float(cl.penalty()))
     with pytest.raises(ValueError, match="needs loss"):
         fresh.end_task([tasks[1]])  # the loss is code, not state: give it again after loading
+
+
+def test_adapter_names_are_refused_after_the_conversion():
+    """The stacked layers run every block on every row: a mixed batch must fail loudly, not be ignored."""
+    from lora_triton import inject_lora
+    from lora_triton.testing import tiny_llama
+
+    model = tiny_llama(hidden=32, vocab=64)
+    inject_lora(model, r=4, adapter_name="a")
+    ids = torch.randint(0, 64, (2, 5))
+    model(input_ids=ids, adapter_names=["a", "__base__"])  # before the conversion: a mixed batch
+    ContinualLoRA(model, keep_adapters=True, r=4)
+    with pytest.raises(ValueError, match="not supported by ContinualLoRALinear4bit"):
+        model(input_ids=ids, adapter_names=["a", "__base__"])
+    assert model(input_ids=ids).logits.shape == (2, 5, 64)

