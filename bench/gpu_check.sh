@@ -10,8 +10,8 @@
 # Stages, budgets, outputs: lora_triton/bench/gpu_check.py (its docstring); its first stage installs the
 # carried wheels (.whl/, bench/fetch_gpu_wheels.sh) into a private folder. This script only makes the
 # import path: lora_triton from this checkout through a link in a private folder, so the repository
-# root stays off sys.path and the top-level kernels/ folder is never seen as a Python package
-# (shared/DESIGN.md). PYTHON picks the interpreter (default python3).
+# root stays off sys.path and the top-level kernels/ folder is never seen as a Python package.
+# PYTHON picks the interpreter (default python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -23,16 +23,18 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # ruff: noqa: E402 (the logger above is set before anything imports bitsandbytes)
 from .format import NF4Weight, dynamic_map_signed, nf4_code
-from .integration import (delete_adapter, disable_adapters, from_peft, inject_lora, load_adapter, merge_into_nf4,
-                          merge_to_linear, save_adapter, set_adapter, unmerge)
+from .integration import (delete_adapter, disable_adapters, enable_adapter_checkpoints, from_peft, inject_lora,
+                          load_adapter, merge_into_nf4, merge_to_linear, route_adapters, save_adapter, save_adapters,
+                          set_adapter, set_trainable_adapters, unmerge)
 from .modules import LoRALinear4bit, NF4Linear
 from .ops import lora_nf4_linear
 from .reference import lora_backward, lora_forward, lora_linear_reference
-from .training import ContinualLoRA
+from .training import ContinualLoRA, RoutedLoRA, causal_lm_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["NF4Weight", "nf4_code", "dynamic_map_signed", "lora_forward", "lora_backward", "lora_linear_reference",
            "lora_nf4_linear", "NF4Linear", "LoRALinear4bit", "inject_lora", "save_adapter", "load_adapter",
            "from_peft", "merge_to_linear", "merge_into_nf4", "unmerge", "set_adapter", "delete_adapter",
-           "disable_adapters", "ContinualLoRA", "__version__"]
+           "disable_adapters", "save_adapters", "set_trainable_adapters", "route_adapters",
+           "enable_adapter_checkpoints", "ContinualLoRA", "RoutedLoRA", "causal_lm_loss", "__version__"]

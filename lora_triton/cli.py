@@ -1,6 +1,6 @@
 """The ``lora-triton`` command.
 
-    lora-triton demo [--quick] [--out-dir DIR] [--device cuda|cpu]
+    lora-triton demo [--quick] [--out-dir DIR] [--device cuda|cpu] [--steps N]
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--gpus N [--fsdp [--cpu-offload]]] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
@@ -19,14 +19,19 @@ import time
 import torch
 
 from .bench.cli import add_bench_parser
+from .demos.smollm2_demo import MainJobConfig
 from .format import SUPPORTED_BLOCKSIZES, NF4Weight
 from .outputs import default_dir
 from .reference import lora_forward
 from .testing import relative_error
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:8.2f} MiB"
+def _size(nbytes: int) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (B, KiB, MiB, GiB)."""
+    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if nbytes >= unit:
+            return f"{nbytes / unit:.2f} {name}"
+    return f"{nbytes} B"
 
 
 def _compare_with_bitsandbytes(weight: torch.Tensor, ours: NF4Weight) -> str:
@@ -67,8 +72,11 @@ def verify(args: argparse.Namespace) -> int:
     print(f"  reference:   fp32 layer vs float64, relative error {layer_err:.2e} (M={args.tokens}, r={r})")
 
     dense16 = weight.numel() * 2
-    print(f"  memory:      fp16/bf16 {_mib(dense16)} -> NF4 {_mib(ours.nbytes)} "
-          f"({ours.bits_per_weight:.3f} bits/weight, {100 * (1 - ours.nbytes / dense16):.1f}% saved)")
+    saved = 1 - ours.nbytes / dense16
+    effect = (f"{saved:.1%} saved" if saved >= 0 else
+              f"{-saved:.1%} larger: at {weight.numel()} weights the code tables outweigh the 4-bit savings")
+    print(f"  memory:      fp16/bf16 {_size(dense16)} -> NF4 {_size(ours.nbytes)} "
+          f"({ours.bits_per_weight:.3f} bits/weight, {effect})")
     ok = "MISMATCH" not in bnb_status and layer_err < 1e-5 and quant_err < 0.15
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
@@ -156,22 +164,49 @@ def _memory_distributed(shape, setup, args: argparse.Namespace) -> None:
         print(f"  without CPU offload: {pub['gpu_gb_no_offload']:.1f} GB measured, {ours[0]:.1f} GB estimated here")
         print(f"  with CPU offload:    {pub['gpu_gb_cpu_offload']:.1f} GB measured, {ours[1]:.1f} GB estimated here "
               f"(CPU RAM {pub['cpu_ram_gb_cpu_offload']:.0f} GB measured)")
-        print(f"  source: {pub['source']}; differences: README 'Multi-GPU'")
+        print(f"  source: {pub['source']}; differences: docs/distributed.md")
 
 
 def forgetting(args: argparse.Namespace) -> int:
     """Run the forgetting benchmark (lora_triton/demos/forgetting.py)."""
     from .demos.forgetting import run_forgetting_benchmark
 
+    writable_dir(args.out_dir, "forgetting")
     run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs, args.full)
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Run the end-to-end demo (lora_triton/demos/end_to_end.py)."""
-    from .demos.end_to_end import run_demo
+    """Run the main job on SmolLM2-135M-Instruct (lora_triton/demos/smollm2_demo.py), or with
+    ``--quick`` the toy model's smoke test (lora_triton/demos/end_to_end.py)."""
+    device = usable_device(args.device, "demo")
+    writable_dir(args.out_dir, "demo")
+    set_threads(args.threads)
+    if args.quick:
+        if args.steps is not None:
+            raise SystemExit("lora-triton demo: --steps sets the SmolLM2 demo's training steps; --quick runs the toy "
+                             "model, whose budgets are fixed")
+        from .demos.end_to_end import run_demo
 
-    run_demo(args.out_dir, args.quick, args.device)
+        run_demo(args.out_dir, quick=True, device=device)
+        return 0
+    import logging
+    import os
+
+    # The demo needs nothing from the Hugging Face Hub; set before huggingface_hub is imported,
+    # which reads it once. bitsandbytes otherwise asks the Hub about an optional CPU kernel.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # In offline mode the `kernels` package logs that it skipped that check; nothing is wrong.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+    from .demos.smollm2 import check_installed
+    from .demos.smollm2_demo import run_smollm2_demo
+
+    try:
+        check_installed()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise SystemExit(f"lora-triton demo: {err}") from None
+    cfg = MainJobConfig() if args.steps is None else MainJobConfig(steps=args.steps)
+    run_smollm2_demo(args.out_dir, device, cfg=cfg)
     return 0
 
 
@@ -180,20 +215,72 @@ DESCRIPTION = ("lora-triton: QLoRA layers (a bitsandbytes NF4 base weight plus a
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
+def writable_dir(path: str, command: str) -> str:
+    """``path`` created if needed and writable, checked before any work; ``SystemExit`` saying so otherwise."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SystemExit(f"lora-triton {command}: cannot write to the output folder {path!r} "
+                         f"({err.strerror or err}); pass a writable folder with --out-dir") from None
+    return path
+
+
+def usable_device(device: str | None, command: str) -> str | None:
+    """``device`` (None: the command's default) if this torch can run on it; ``SystemExit`` saying why not."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise SystemExit(f"lora-triton {command}: --device {device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise SystemExit(f"lora-triton {command}: --device {device} needs a CUDA build of torch; this one "
+                             f"({torch.__version__}) is CPU-only. Leave --device out to run on the CPU.")
+        if not torch.cuda.is_available():
+            raise SystemExit(f"lora-triton {command}: --device {device}: torch sees no CUDA GPU here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"lora-triton {command}: --device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise SystemExit(f"lora-triton {command}: --device takes cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (default: torch's choice, one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-triton", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="quantize a small LM, fine-tune it on two domains with forgetting protection")
+    d = sub.add_parser("demo", help="quantize SmolLM2-135M-Instruct to NF4, fine-tune two LoRA adapters, save them for "
+                       "PEFT, serve both in one batch")
     d.add_argument("--out-dir", default=default_dir("demo"), metavar="DIR",
-                   help="folder for the saved adapter (default: %(default)s)")
-    d.add_argument("--quick", action="store_true", help="tiny model and budgets, seconds: a smoke test (CI)")
+                   help="folder for the saved adapters (default: %(default)s)")
+    d.add_argument("--quick", action="store_true",
+                   help="a toy model pretrained from scratch instead, seconds: a smoke test (CI)")
     d.add_argument("--device", default=None, help="torch device to train on (default: cuda when available, else cpu)")
+    d.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help=f"training steps of the SmolLM2 demo (default: {MainJobConfig.steps})")
+    d.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: one per core; fewer on a loaded machine)")
     d.set_defaults(func=demo)
     v = sub.add_parser("verify", help="quantize a weight, check it against bitsandbytes and the reference")
     v.add_argument("--out-features", type=_positive_int, default=4096, metavar="N",

@@ -1,6 +1,6 @@
 """Layer 2 - the plain-PyTorch reference of the QLoRA layer: the oracle and the CPU path.
 
-Math (shared/DESIGN.md), for ``x [M, K]``, NF4 ``W [N, K]``, ``A [r, K]``, ``B [N, r]``,
+Math, for ``x [M, K]``, NF4 ``W [N, K]``, ``A [r, K]``, ``B [N, r]``,
 scale ``s`` and optional bias ``b [N]``; ``drop(x) = x * mask`` where ``mask`` already holds
 ``0`` or ``1 / (1 - p)``:
 

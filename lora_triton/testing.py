@@ -1,8 +1,10 @@
 """Helpers shared by tests, benchmarks and docs: error measures, random problems, a tiny model.
 
 The error measure is the one the project promises: ``||out - ref|| / ||ref||`` with the
-reference computed in float64. Bounds per activation dtype come from the unit roundoff of
-the output dtype times a small factor for the reduction length (see ``REL_TOL``).
+reference computed in float64. A kernel is held to flash-attention's rule (``assert_like_torch``):
+its error at most ``TORCH_FACTOR`` times plain torch's own error at the same dtype and shape, on the
+same rounded inputs. ``REL_TOL`` (fixed bounds per dtype) is for the layers and models, where no
+plain-torch twin of the same computation exists.
 """
 
 from __future__ import annotations
@@ -41,6 +43,30 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | 
     tol = REL_TOL[dtype or out.dtype]
     err = relative_error(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.1e} for {dtype or out.dtype}"
+    return err
+
+
+#: A kernel's error may be this many times plain torch's own at the same dtype and shape.
+TORCH_FACTOR = 2.0
+#: Relative error below which two correct fp32 results of a few thousand-term sums cannot be told apart.
+TORCH_SLACK = 1e-6
+
+
+def torch_error_bound(plain: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(plain torch's relative error, the bound a kernel's error must keep)`` against ``ref`` (float64)."""
+    torch_error = relative_error(plain, ref)
+    return torch_error, TORCH_FACTOR * torch_error + TORCH_SLACK
+
+
+def assert_like_torch(out: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, what: str = "") -> float:
+    """Assert ``out`` has ``ref``'s shape, is finite, and its error against ``ref`` (float64) is within
+    ``TORCH_FACTOR`` times that of ``plain`` (plain torch at out's dtype on the same inputs) plus
+    ``TORCH_SLACK``. Returns the error."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values in output"
+    err = relative_error(out, ref)
+    torch_error, bound = torch_error_bound(plain, ref)
+    assert err <= bound, f"{what}: relative error {err:.3e} > {TORCH_FACTOR} x plain torch's {torch_error:.3e}"
     return err
 
 

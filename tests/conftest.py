@@ -44,13 +44,11 @@ def _seed_everything():
 
 @pytest.fixture
 def poisoned_kernel_outputs(monkeypatch):
-    """Every output buffer a forward launcher or a dequant kernel allocates starts as NaN (a kernel that skips an
-    element fails the comparison instead of passing on stale memory). Kernel modules are
-    imported here, not at the top: ``pytest_configure`` must set the interpreter first."""
-    from lora_triton.kernels import lora_forward as lf
-    from lora_triton.kernels import nf4_dequant
+    """Every buffer a kernel candidate hands a launcher to fill starts as NaN (a kernel that skips an
+    element fails the comparison instead of passing on stale memory). Imported here, not at the top:
+    ``pytest_configure`` must set the interpreter first."""
+    from lora_triton.ops import candidates
     from lora_triton.testing import poison_
 
-    for module in (lf, nf4_dequant):
-        original = module._new_output
-        monkeypatch.setattr(module, "_new_output", lambda *args, original=original: poison_(original(*args)))
+    original = candidates.new_output
+    monkeypatch.setattr(candidates, "new_output", lambda *shape, **kw: poison_(original(*shape, **kw)))

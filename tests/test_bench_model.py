@@ -85,3 +85,36 @@ def test_model_table_settings_and_selection():
     assert selected_tables("model", cuda=False) == ["model"]
     with pytest.raises(ValueError, match="impl must be one of"):
         model_table.build_model("nope", model_table.PLANS[("cpu", True)], torch.device("cpu"), False)
+
+
+def test_smollm2_plans_have_its_real_shapes():
+    """``--model smollm2`` times SmolLM2-135M's shapes (checked against the GGUF file in
+    tests/test_real_model.py); ``--quick`` keeps its widths and vocabulary with two layers."""
+    from lora_triton.demos.smollm2 import CONFIG
+
+    for device in ("cpu", "cuda"):
+        assert model_table.plan_for(device, False, "smollm2")["config"] == CONFIG
+        assert model_table.plan_for(device, True, "smollm2")["config"] == {**CONFIG, "num_hidden_layers": 2}
+        assert model_table.plan_for(device, False)["config"] == model_table.PLANS[(device, False)]["config"]
+    with pytest.raises(ValueError, match="model must be one of"):
+        model_table.plan_for("cpu", True, "smollm3")
+
+
+def test_quick_smollm2_table(capsys):
+    """The quick SmolLM2-shaped table's first setting (a 1 s budget is spent by it, so the others
+    are skipped, and named): every contender runs, the model is named, the embedding stays tied, and the chunked
+    loss equals the model's own."""
+    from lora_triton.bench.environment import environment
+
+    device = torch.device("cpu")
+    rows = model_table.run(device, environment(device, True), quick=True, budget_s=1, model="smollm2")
+    assert "budget of 1s spent, skipping" in capsys.readouterr().err
+    impls = {"ours", "ours_chunked", "peft_lora"} | ({"bnb_peft"} if _bnb_and_peft() else set())
+    assert sorted(row["impl"] for row in rows) == sorted(impls)
+    for row in rows:
+        assert row["model"] == "smollm2-135m shapes h=576 L=2 ff=1536 V=49152", row["model"]
+        assert (row["compile"], row["checkpointing"], row["dtype"], row["seq"]) == (0, 0, "float32", 32), row
+        assert _number(row["tokens_per_s"]) > 0 and _number(row["peak_alloc_mib"]) > 0, row
+        assert row["params_m"] == "35.4", row  # 2 layers of 3.54 M + the 28.3 M embedding once (tied), + norms
+    loss = {row["impl"]: float(row["loss"]) for row in rows}
+    assert abs(loss["ours_chunked"] - loss["ours"]) < 1e-4 * abs(loss["ours"]), loss

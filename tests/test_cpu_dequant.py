@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_triton.format import NF4Weight
-from lora_triton.ops.cpu_dequant import _native_path_applies, dequantize_dense
+from lora_triton.ops.dense import _native_path_applies, dequantize_dense
 
 
 @pytest.mark.parametrize("shape, blocksize", [((96, 320), 64), ((40, 256), 128), ((7, 100), 32), ((8, 4096), 4096),

@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from lora_triton.ops import dispatch
+from lora_triton.ops import candidates, dispatch
+
+CUDA = torch.device("cuda")  # Problems are data: a GPU problem needs no GPU to be chosen for
+
+
+@pytest.fixture
+def some_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch.Problem, "gpu", property(lambda self: "Some GPU"))
 
 
 def _table(points, gpu="Some GPU"):
@@ -21,7 +28,7 @@ def _point(m_bucket, candidate, n=4096, k=4096, r=16, config=None):
 def test_shipped_table_parses_and_names_the_h200():
     table = dispatch.load_table()
     assert "NVIDIA H200" in table["gpus"]
-    assert all(p["candidate"] in dispatch.CANDIDATES for p in table["gpus"]["NVIDIA H200"]["forward"])
+    assert all(p["candidate"] in candidates.FORWARD for p in table["gpus"]["NVIDIA H200"]["forward"])
 
 
 def test_nearest_m_bucket_of_the_same_shape_decides():
@@ -34,31 +41,33 @@ def test_nearest_m_bucket_of_the_same_shape_decides():
     assert dispatch.measured_choice(table, "Other GPU", "forward", problem(8)) is None
 
 
-def test_choose_uses_the_rule_without_a_table_and_reference_without_triton(device, monkeypatch):
-    problem = dispatch.Problem(device, 3, 64, 128, 8)
-    assert dispatch.choose(problem, table=_table([])) == (dispatch.RULE["forward"], None)
-    import lora_triton.kernels.runtime as runtime
+def test_choose_uses_the_rule_without_a_table_and_torch_where_triton_cannot_run(some_gpu, monkeypatch):
+    rule = candidates.FORWARD[candidates.RULE["forward"][0]]
+    assert dispatch.choose("forward", dispatch.Problem(CUDA, 3, 64, 128, 8), table=_table([])) == (rule, None)
+    cpu = dispatch.Problem(torch.device("cpu"), 3, 64, 128, 8)
+    monkeypatch.setattr(candidates, "can_launch", lambda device: device.type == "cuda")
+    assert dispatch.choose("forward", cpu)[0].name == "torch"
+    assert dispatch.choose("forward", dispatch.Problem(CUDA, 3, 64, 128, 8, backend="torch"))[0].name == "torch"
 
-    monkeypatch.setattr(runtime, "interpreting", lambda: False)
-    assert dispatch.choose(dispatch.Problem(torch.device("cpu"), 3, 64, 128, 8))[0] == "torch"
 
-
-def test_a_winner_that_does_not_support_the_problem_falls_back_to_the_rule(monkeypatch, device):
-    monkeypatch.setattr(dispatch.Problem, "gpu", property(lambda self: "Some GPU"))
+def test_a_winner_that_does_not_support_the_problem_falls_back_to_the_rule(some_gpu):
     table = _table([_point(64, "skinny", n=64, k=128, r=8)])
-    assert dispatch.choose(dispatch.Problem(device, 64, 64, 128, 8), table=table)[0] == "skinny"
-    assert dispatch.choose(dispatch.Problem(device, 512, 64, 128, 8), table=table)[0] == dispatch.RULE["forward"]
+    assert dispatch.choose("forward", dispatch.Problem(CUDA, 64, 64, 128, 8), table=table)[0].name == "skinny"
+    chosen = dispatch.choose("forward", dispatch.Problem(CUDA, 512, 64, 128, 8), table=table)[0]
+    assert chosen.name == candidates.RULE["forward"][0]
 
 
-def test_fused_dx_is_not_chosen_beyond_its_int32_panel_offsets(monkeypatch, device):
-    from lora_triton.kernels.lora_dx import MAX_FUSED_K
+def test_fused_dx_is_not_chosen_beyond_its_int32_panel_offsets(some_gpu):
+    from lora_triton.kernels.lora_dx import max_k
+    from lora_triton.ops import configs
 
-    monkeypatch.setattr(dispatch.Problem, "gpu", property(lambda self: "Some GPU"))
-    big = MAX_FUSED_K + 4096
+    widest = max(t.blocks["BLOCK_N"] for t in (*configs.tuned_tiles("dx"), *configs.configs().dx["fixed"]))
+    big = max_k(widest) + 4096
     table = {"format": 1, "gpus": {"Some GPU": {"dx": [_point(64, "fused", n=64, k=128, r=8),
                                                         _point(64, "fused", n=64, k=big, r=8)]}}}
-    assert dispatch.choose(dispatch.Problem(device, 64, 64, 128, 8), "dx", table=table)[0] == "fused"
-    assert dispatch.choose(dispatch.Problem(device, 64, 64, big, 8), "dx", table=table)[0] == dispatch.RULE["dx"]
+    assert dispatch.choose("dx", dispatch.Problem(CUDA, 64, 64, 128, 8), table=table)[0].name == "fused"
+    chosen = dispatch.choose("dx", dispatch.Problem(CUDA, 64, 64, big, 8), table=table)[0]
+    assert chosen.name == candidates.RULE["dx"][0]
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -105,11 +114,12 @@ def test_table_from_benchmark_rows_keeps_the_fastest_correct_candidate(tmp_path)
 
 def test_the_fastest_skinny_config_is_kept_and_chosen(tmp_path):
     from lora_triton.bench import forward
-    from lora_triton.kernels import lora_forward as lf, nf4_skinny
+    from lora_triton.ops import configs
 
-    cuda = torch.device("cuda")  # the benchmark's GPU rows: the default plus every SKINNY_CONFIGS entry
+    cuda = torch.device("cuda")  # the benchmark's GPU rows: the default plus every benchmark config
+    bench_configs = configs.skinny_bench_configs()
     names = list(forward.skinny_configs(cuda))
-    assert names[0] == "skinny" and len(names) == 1 + len(lf.SKINNY_CONFIGS)
+    assert names[0] == "skinny" and len(names) == 1 + len(bench_configs)
     assert forward.method_and_config("skinny", cuda) == ("skinny", "")
     rows = []
     for name in names:
@@ -121,8 +131,8 @@ def test_the_fastest_skinny_config_is_kept_and_chosen(tmp_path):
     table = dispatch.load_table(str(path))
     dispatch.load_table.cache_clear()
     point = dispatch.measured_choice(table, "G", "forward", dispatch.Problem(torch.device("cpu"), 1, 4096, 4096, 16))
-    assert point["candidate"] == "skinny" and point["config"] == lf.SKINNY_CONFIGS[1]
-    nf4_skinny.check_config({**point["config"], "split_k": 1, "table": "gather"})  # a config the kernel takes
+    assert point["candidate"] == "skinny" and point["config"] == dict(bench_configs[1])
+    configs.check_skinny_config({**point["config"], "split_k": 1, "table": "gather"})  # a config the kernel takes
 
 
 def test_dx_rows_become_dx_points_and_forward_rows_forward_points():
@@ -167,12 +177,12 @@ def test_dx_rows_of_the_sweep_are_correct_and_name_one_fastest(device):
     problem = forward.make_problem(17, 40, 128, 4, torch.float16, device)
     meta = dict(device="test", peak_matmul_tflops="1", peak_copy_gbps="1")
     rows = forward.bench_dx(problem, meta, device, quick=True)
-    assert {r["method"] for r in rows} == {f"dx:{name}" for name in dispatch.DX_CANDIDATES}
+    assert {r["method"] for r in rows} == {f"dx:{name}" for name in candidates.DX}
     assert all(r["op"] == "dx" and float(r["rel_err"]) < 1e-2 and float(r["ms"]) > 0 for r in rows), rows
     assert sum(r["fastest_candidate"] for r in rows) == 1
     assert all(r["dispatch"] == "dx:dequant" for r in rows)  # no table point for this shape: the rule
     points = dispatch.table_from_rows(rows)["gpus"]["test"]["dx"]
-    assert len(points) == 1 and points[0]["candidate"] in dispatch.DX_CANDIDATES
+    assert len(points) == 1 and points[0]["candidate"] in candidates.DX
 
 
 def test_a_run_that_measured_a_few_points_replaces_only_those_points():

@@ -89,6 +89,12 @@ def test_summaries_on_a_known_trajectory():
     assert "prose → arithmetic → code" in fb.order_table(results)
 
 
+def _without_diagnostics(results: dict) -> dict:
+    strip = lambda row: {k: v for k, v in row.items() if k not in ("free_energy", "free_variation")}  # noqa: E731
+    return {key: {**value, "layers": [strip(row) for row in value.get("layers", [])]}
+            for key, value in results.items()}
+
+
 def test_worker_processes_do_not_change_the_numbers():
     """``--jobs`` only spreads the runs over processes: every loss is identical."""
     import torch
@@ -111,7 +117,14 @@ def test_worker_processes_do_not_change_the_numbers():
     finally:
         torch.set_num_threads(threads)
     assert list(in_process) == list(in_workers) == keys
-    assert in_process == in_workers
+    # losses bit for bit; the free-energy diagnostics (a small difference of traces in float32) to
+    # BLAS rounding, which may follow a buffer's memory alignment
+    assert _without_diagnostics(in_process) == _without_diagnostics(in_workers)
+    for key in keys:
+        for ours, theirs in zip(*(r[key].get("layers", []) for r in (in_process, in_workers))):
+            for field in ("free_energy", "free_variation"):
+                if field in ours:
+                    assert ours[field] == pytest.approx(theirs[field], rel=1e-2, abs=1e-6), (key, field)
     naive = [k for k in keys if k[0] == "naive"]
     assert in_process[naive[0]] != in_process[naive[1]]  # the seeds differ, so equality above is no accident
     # one first stage per (domain, seed) is shared: the oracle's adapter for a domain is a sequential

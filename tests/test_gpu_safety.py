@@ -3,19 +3,21 @@ that belong to one launch, configs chosen per GPU, and the dequant path when a l
 
 On CPU the kernels run through Triton's interpreter: every launch is checked to happen inside the
 device guard (``runtime.on_device``) of its tensors' device, ``torch.cuda.device`` and the native
-library are replaced by recorders, and the GPUs' limits come from ``runtime.NAMED_ARCHS``. The
+library are replaced by recorders, and the GPUs' limits come from ``ops.configs.named_archs``. The
 tests marked ``cuda`` run on a GPU (``pytest --device cuda``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 from lora_triton.kernels import runtime
+from lora_triton.ops import configs
 from lora_triton.testing import random_lora_problem
 
 
@@ -48,35 +50,36 @@ def launches(monkeypatch):
 
 
 def _every_launcher(device: torch.device, dtype=torch.float32):
-    """Call each public launcher of the kernels package once (forward candidates with and without
-    dropout, the backward with each dx method, dequant, merged, dropout mask, mixed batch)."""
-    from lora_triton.kernels import dropout, lora_dx, lora_forward as lf, lora_multi, nf4_dequant
+    """Run each candidate of ``ops.candidates`` that supports the problem once (the forward ones with and
+    without dropout, each dx one), the experimental fused forward, the dropout uniforms and a mixed batch."""
+    from lora_triton.ops import candidates, multi_lora_add
+    from lora_triton.ops.dropout import uniforms
 
-    p = random_lora_problem(5, 72, 128, 8, dtype, 64, True, True, device, seed=3)
-    args = (p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"])
-    for method in lf.METHODS:
-        for dropout_p in (0.0, 0.25):
-            lf.lora_forward_triton(*args, dropout_p, 5, method)
-    y, s = lf.lora_forward_triton(*args, 0.25, 5, "dequant")
-    dy = torch.randn_like(y)
-    for dx_method in lora_dx.DX_METHODS:
-        lora_dx.lora_backward_triton(dy, p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], s, 0.25, 5,
-                                     dx_method=dx_method)
-    nf4_dequant.dequantize_nf4(p["weight"], dtype)
-    nf4_dequant.dequantize_nf4_merged(p["weight"], p["lora_a"], p["lora_b"], 0.5, dtype)
-    dropout.dropout_mask(3, 0.5, 4, 64, device)
-    bank_a, bank_b = p["lora_a"][None].repeat(2, 1, 1), p["lora_b"][None].repeat(2, 1, 1)
-    lora_multi.multi_lora_add_(p["x"], y.clone(), bank_a, bank_b, torch.ones(2, device=device),
-                               torch.tensor([0, 1, -1, 0, 1], device=device))
+    m, n, k, r = 5, 72, 128, 8
+    p = random_lora_problem(m, n, k, r, dtype, 64, True, True, device, seed=3)
+    x, weight, a, b = p["x"], p["weight"], p["lora_a"], p["lora_b"]
+    dy = torch.randn(m, n, dtype=dtype, device=device)
+    for dropout_p in (0.0, 0.25):
+        problem = candidates.Problem(device, m, n, k, r, dtype, dropout_p > 0, weight.blocksize)
+        for name, candidate in candidates.FORWARD.items():
+            if candidate.supports(problem):
+                candidates.run_forward(name, x, weight, a, b, p["scale"], p["bias"], dropout_p, 5)
+        for name, candidate in candidates.DX.items():
+            if candidate.supports(problem):
+                candidates.run_dx(name, dy, x, weight, a, b, p["scale"], dropout_p, 5)
+    candidates.run_experimental_fused(x, weight, a, b, p["scale"], p["bias"])
+    uniforms(3, 4, 64, device)
+    bank_a, bank_b = a[None].repeat(2, 1, 1), b[None].repeat(2, 1, 1)
+    multi_lora_add(dy.clone(), x, bank_a, bank_b, torch.ones(2, device=device),
+                   torch.tensor([0, 1, -1, 0, 1], device=device), backend="triton")
 
 
 def test_every_triton_launch_runs_under_the_guard_of_its_tensors_device(launches, device):
     _every_launcher(device)
     names = {name for name, _, _ in launches}
-    # the S kernel, the dequant and merged kernels, skinny, fused, decode, dx, the mask, the mixed batch
+    # the S kernel, the dequant and merged kernels, skinny, the fused forward, dx, the uniforms, the mixed batch
     assert {"_lora_s_kernel", "_dequant_kernel", "_dequant_merged_kernel", "_skinny_kernel", "_fused_forward_kernel",
-            "_decode_partial_kernel", "_decode_epilogue_kernel", "_lora_dx_kernel", "_dropout_mask_kernel",
-            "_shrink_kernel", "_expand_kernel"} <= names
+            "_lora_dx_kernel", "_uniform_kernel", "_shrink_kernel", "_expand_kernel"} <= names
     unguarded = [(name, guard, dev) for name, guard, dev in launches if guard != dev]
     assert not unguarded, f"launched outside the guard of their tensors' device: {unguarded}"
     assert runtime.launch_device() is None  # every guard was left
@@ -140,7 +143,7 @@ class _FakeNativeLibrary:
 
 
 def test_native_calls_run_under_the_guard_with_zeroed_counters_of_their_own(monkeypatch):
-    from lora_triton.kernels import native_lib, native_skinny
+    from lora_triton.kernels import native
 
     class _Stream:
         cuda_stream = 0
@@ -151,9 +154,8 @@ def test_native_calls_run_under_the_guard_with_zeroed_counters_of_their_own(monk
     lib = _FakeNativeLibrary()
     y, s = p["x"].new_empty(2, 64), p["x"].new_empty(2, 4)
     for _ in range(2):
-        native_skinny.launch_native(lib, p["x"], w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code,
-                                    w.offset_value, 64, 128, 64, p["lora_a"], p["lora_b"], 0.5, None, y, s,
-                                    native_lib.Config(0, 0, 0))
+        native.launch_native(lib, p["x"], w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset_value,
+                             64, 128, 64, p["lora_a"], p["lora_b"], 0.5, None, y, s, native.Config(0, 0, 0))
     assert [device for device, _ in lib.calls] == [torch.device("cpu")] * 2
     assert all(counters == [0, 0, 0] for _, counters in lib.calls), lib.calls
 
@@ -161,7 +163,8 @@ def test_native_calls_run_under_the_guard_with_zeroed_counters_of_their_own(monk
 def test_each_skinny_launch_counts_in_zeroed_counters_of_its_own(monkeypatch, device):
     """A counter left non-zero (by a launch stopped half-way, or one on another stream) is never read
     by a later launch: each starts from counters of its own, zeroed on its stream."""
-    from lora_triton.kernels import lora_forward as lf, nf4_skinny
+    from lora_triton.kernels import nf4_skinny
+    from lora_triton.ops import candidates
 
     kernel = nf4_skinny._skinny_kernel
     names = list(getattr(kernel, "arg_names", None) or [p.name for p in kernel.params])
@@ -177,10 +180,8 @@ def test_each_skinny_launch_counts_in_zeroed_counters_of_its_own(monkeypatch, de
     monkeypatch.setattr(kernel, "run", run)
     p = random_lora_problem(17, 130, 256, 4, torch.float32, 64, True, False, device, seed=2)
     config = dict(split_k=4, block_k=32, block_m=16, block_n=64, num_warps=4, num_stages=1)
-    first = lf.lora_forward_triton(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], None, method="skinny",
-                                   config=config)
-    again = lf.lora_forward_triton(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], None, method="skinny",
-                                   config=config)
+    first = candidates.run_forward("skinny", p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], config=config)
+    again = candidates.run_forward("skinny", p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], config=config)
     assert seen == [0, 0]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
@@ -196,27 +197,24 @@ def test_inputs_on_different_devices_get_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- configs per GPU
-@pytest.mark.parametrize("arch", sorted(runtime.NAMED_ARCHS))
+@pytest.mark.parametrize("arch", sorted(configs.named_archs()))
 @pytest.mark.parametrize("elem_bytes, r", [(2, 16), (2, 128), (4, 16), (4, 128)])
 def test_every_config_the_package_offers_fits_the_gpu_by_its_estimate(arch, elem_bytes, r):
     """The configs chosen for each named GPU fit it by the kernels' own shared-memory bounds (the static
-    report checks those bounds against the compiled kernels), and every autotuned kernel keeps configs."""
-    from lora_triton.kernels import lora_dx, lora_forward as lf, nf4_dequant, nf4_skinny
+    report checks those bounds against the compiled kernels), and every autotuned kernel keeps tiles."""
+    from lora_triton.kernels import lora_dx, lora_s, nf4_dequant
+    from lora_triton.kernels.experimental import fused
 
-    limits, r_pad = runtime.NAMED_ARCHS[arch], runtime.padded_rank(r)
-    assert limits.fits(lf.s_kernel_smem(*lf.s_kernel_tile(elem_bytes, r_pad, limits), elem_bytes, r_pad))
+    limits, r_pad = configs.named_archs()[arch], runtime.padded_rank(r)
+    assert limits.fits(lora_s.s_kernel_smem(*configs.s_kernel_tile(elem_bytes, r_pad, limits), elem_bytes, r_pad))
     for m in (1, 64):
-        assert nf4_skinny.skinny_fits(lf.skinny_default(r_pad, m, elem_bytes, limits), elem_bytes, r_pad, limits)
-    for name in ("fused", "decode"):
-        fixed = lf.fixed_gpu_config(name, elem_bytes, r_pad, limits)
-        assert limits.fits(lf.tile_kernel_smem(name, fixed.kwargs, fixed.num_stages, elem_bytes, r_pad))
-    fixed = lora_dx.fixed_gpu_config(elem_bytes, r_pad, limits)
-    assert limits.fits(lora_dx.dx_smem(fixed.kwargs, fixed.num_stages, elem_bytes, r_pad))
-    if elem_bytes == 2:  # the autotuners keep configs to time (fp32 at rank 128 may keep none: dequant runs)
-        assert lora_dx.offered_configs(elem_bytes, r_pad, limits)
-        assert lf.offered_configs("fused", elem_bytes, r_pad, limits) and lf.offered_configs("decode", elem_bytes,
-                                                                                             r_pad, limits)
-    block_k = nf4_dequant.merged_block_k(64, elem_bytes, r_pad, limits)
+        assert configs.skinny_fits(configs.skinny_default(r_pad, m, elem_bytes, limits), elem_bytes, r_pad, limits)
+    for kernel, smem in (("fused", fused.fused_smem), ("dx", lora_dx.dx_smem)):
+        fixed = configs.fixed_tiles(kernel, elem_bytes, r_pad, limits)[0]
+        assert limits.fits(smem(fixed.blocks, fixed.num_stages, elem_bytes, r_pad), None, fixed.num_warps)
+        if elem_bytes == 2:  # the autotuners keep tiles to time (fp32 at rank 128 may keep none: dequant runs)
+            assert configs.offered_tiles(kernel, elem_bytes, r_pad, limits)
+    block_k = configs.merged_block_ks(64, elem_bytes, r_pad, limits)[0]
     assert limits.fits(nf4_dequant.merged_smem(block_k, elem_bytes, r_pad))
 
 
@@ -224,15 +222,15 @@ def test_the_s_kernel_tile_of_ordinary_qlora_training_fits_an_rtx_4090():
     """With dropout the default forward runs the S kernel. Its 64x128, 3-stage tile needs 114,688 B at rank
     128 in bf16 on sm_80/sm_89 (more than an RTX 4090's 101,376 B, and it spills on an A100): rank 128 takes
     a 32x64 tile everywhere, rank 64 the large tile only where it fits (an H100, not an RTX 4090)."""
-    from lora_triton.kernels import lora_forward as lf
+    from lora_triton.kernels.lora_s import s_kernel_smem
 
-    sm89, sm90 = runtime.NAMED_ARCHS[89], runtime.NAMED_ARCHS[90]
+    sm89, sm90 = configs.named_archs()[89], configs.named_archs()[90]
     for limits in (sm89, sm90, None):
-        assert lf.s_kernel_tile(2, 128, limits) == (32, 64, 3)
-        assert sm89.fits(lf.s_kernel_smem(32, 64, 3, 2, 128))
-    assert lf.s_kernel_tile(2, 64, sm90) == (64, 128, 3)
-    assert lf.s_kernel_tile(2, 64, sm89) == (32, 64, 3)
-    assert lf.s_kernel_tiles(4, 128, sm89) == ((16, 32, 1),)
+        assert configs.s_kernel_tile(2, 128, limits) == (32, 64, 3)
+        assert sm89.fits(s_kernel_smem(32, 64, 3, 2, 128))
+    assert configs.s_kernel_tile(2, 64, sm90) == (64, 128, 3)
+    assert configs.s_kernel_tile(2, 64, sm89) == (32, 64, 3)
+    assert configs.s_kernel_tiles(4, 128, sm89) == ((16, 32, 1),)
 
 
 def test_the_next_config_runs_when_triton_finds_one_too_large(monkeypatch):
@@ -246,30 +244,29 @@ def test_the_next_config_runs_when_triton_finds_one_too_large(monkeypatch):
             raise runtime.out_of_resources()(120_000, 101_376, "shared memory")
         return config
 
-    monkeypatch.setattr(runtime, "_FIRST_FITTING", {})
-    assert runtime.launch_first_fitting(("k", 1), ["big", "small"], launch) == "small"
-    assert runtime.launch_first_fitting(("k", 1), ["big", "small"], launch) == "small"
+    monkeypatch.setattr(configs, "_FIRST_FITTING", {})
+    assert configs.first_fitting(("k", 1), ["big", "small"], launch) == "small"
+    assert configs.first_fitting(("k", 1), ["big", "small"], launch) == "small"
     assert tried == ["big", "small", "small"]
     with pytest.raises(runtime.out_of_resources()):
-        runtime.launch_first_fitting(("k", 2), ["big"], launch)
+        configs.first_fitting(("k", 2), ["big"], launch)
 
 
 def test_a_table_config_that_does_not_fit_the_gpu_is_not_chosen(monkeypatch):
-    from lora_triton.kernels import lora_forward as lf
-    from lora_triton.ops import dispatch
+    from lora_triton.ops import candidates, dispatch
 
-    big = dict(lf.SKINNY_CONFIGS[2], num_stages=8)  # 8 stages of a 256 x 128 tile: more than any GPU has
+    big = dict(configs.skinny_bench_configs()[2], num_stages=8)  # 8 stages of a 256 x 128 tile: more than any GPU has
     table = {"format": 1, "gpus": {"G": {"forward": [
         {"m_bucket": 1, "n": 4096, "k": 4096, "r": 128, "candidate": "skinny", "config": big}]}}}
-    monkeypatch.setattr(runtime, "gpu_limits", lambda device: runtime.NAMED_ARCHS[89])
-    monkeypatch.setattr(runtime, "can_launch", lambda device: True)
-    monkeypatch.setattr(dispatch, "can_launch", lambda device: True)
-    monkeypatch.setattr(dispatch, "_gpu_name", lambda device: "G")
-    problem = dispatch.Problem(torch.device("cuda", 0), 1, 4096, 4096, 128, torch.bfloat16)
-    assert dispatch.choose(problem, table=table) == (dispatch.RULE["forward"], None)
-    small = dict(lf.SKINNY_CONFIGS[0])
+    monkeypatch.setattr(candidates, "gpu_limits", lambda device: configs.named_archs()[89])
+    monkeypatch.setattr(candidates, "can_launch", lambda device: True)
+    monkeypatch.setattr(candidates, "gpu_name", lambda device: "G")
+    problem = candidates.Problem(torch.device("cuda", 0), 1, 4096, 4096, 128, torch.bfloat16)
+    rule = candidates.FORWARD[candidates.RULE["forward"][0]]
+    assert dispatch.choose("forward", problem, table=table) == (rule, None)
+    small = configs.skinny_bench_configs()[0]
     table["gpus"]["G"]["forward"][0]["config"] = small
-    assert dispatch.choose(problem, table=table) == ("skinny", small)
+    assert dispatch.choose("forward", problem, table=table) == (candidates.FORWARD["skinny"], small)
 
 
 # ----------------------------------------------------------------------------- OutOfResources
@@ -277,39 +274,52 @@ def _out_of_resources(*args, **kwargs):
     raise runtime.out_of_resources()(262144, 101376, "shared memory")
 
 
+def _table_chooses(monkeypatch, operation: str, candidate, config) -> None:
+    """Make the dispatcher pick ``candidate`` with ``config`` for ``operation`` as a shipped table point would
+    (an explicit table, the one the fallback asks with, is answered as before)."""
+    from lora_triton.ops import dispatch
+
+    original = dispatch.choose
+
+    def choose(op, problem, table=None):
+        if op == operation and table is None:
+            return candidate, config
+        return original(op, problem, table)
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+
+
 def test_a_launch_that_does_not_fit_falls_back_to_dequant_with_one_warning(monkeypatch, device):
-    from lora_triton.kernels import lora_forward as lf
-    from lora_triton.ops import lora_nf4
+    from lora_triton.ops import candidates, lora_nf4
 
     p = random_lora_problem(4, 64, 128, 8, torch.float32, 64, True, True, device, seed=6)
-    args = (p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"], 0.0, 0, "triton")
-    expected = lora_nf4._forward_impl(*args)  # the rule: dequant
-    monkeypatch.setitem(lf.LAUNCHERS, "skinny", _out_of_resources)
-    monkeypatch.setattr(lora_nf4, "choose", lambda problem, *a: ("skinny", {"split_k": 2}))
-    monkeypatch.setattr(lora_nf4, "_WARNED_OUT_OF_RESOURCES", set())
-    with pytest.warns(RuntimeWarning, match="'skinny' kernel .*does not fit") as caught:
-        y, s = lora_nf4._forward_impl(*args)
+    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["bias"], p["scale"], 0.0, 0)
+    expected = lora_nf4.layer_forward(op, "triton")  # the rule: dequant
+    too_large = dataclasses.replace(candidates.FORWARD["skinny"], launch=_out_of_resources)
+    _table_chooses(monkeypatch, "forward", too_large, {"split_k": 2})
+    monkeypatch.setattr(lora_nf4, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="candidate 'skinny' .*does not fit") as caught:
+        y, s = lora_nf4.layer_forward(op, "triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call warns no more
-        again = lora_nf4._forward_impl(*args)
+        again = lora_nf4.layer_forward(op, "triton")
     assert len([w for w in caught if "does not fit" in str(w.message)]) == 1
     assert torch.equal(y, expected[0]) and torch.equal(s, expected[1]) and torch.equal(again[0], y)
 
 
 def test_a_dx_launch_that_does_not_fit_falls_back_to_dequant(monkeypatch, device):
-    from lora_triton.kernels import lora_dx
-    from lora_triton.ops import lora_nf4
+    from lora_triton.ops import candidates, lora_nf4
 
     p = random_lora_problem(4, 64, 128, 8, torch.float32, 64, True, False, device, seed=7)
-    y, s = lora_nf4._forward_impl(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], None, 0.0, 0, "triton")
+    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], None, p["scale"], 0.0, 0)
+    y, s = lora_nf4.layer_forward(op, "triton")
     dy = torch.randn_like(y)
-    call = lambda: lora_nf4._backward_impl(dy, p["x"], s, p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
-                                           p["scale"], 0.0, 0, "triton", (True, True, True, False))
+    call = lambda: lora_nf4.layer_backward(op, dy, s, "triton", (True, True, True, False))  # noqa: E731
     expected = call()
-    monkeypatch.setattr(lora_dx, "lora_dx_triton", _out_of_resources)
-    monkeypatch.setattr(lora_nf4, "choose_dx", lambda *a: "fused")
-    monkeypatch.setattr(lora_nf4, "_WARNED_OUT_OF_RESOURCES", set())
-    with pytest.warns(RuntimeWarning, match="'dx:fused' kernel"):
+    too_large = dataclasses.replace(candidates.DX["fused"], launch=_out_of_resources)
+    _table_chooses(monkeypatch, "dx", too_large, None)
+    monkeypatch.setattr(lora_nf4, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="dx candidate 'fused'"):
         grads = call()
     assert torch.equal(grads.dx, expected.dx) and torch.equal(grads.dA, expected.dA)
 
@@ -322,20 +332,20 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def test_launches_on_two_streams_at_once_give_each_its_own_result(device):
     if device.type != "cuda":
         pytest.skip("GPU test")
-    from lora_triton.kernels import lora_forward as lf
+    from lora_triton.ops import candidates
 
     problems = [random_lora_problem(8, 4096, 4096, 16, torch.bfloat16, 64, True, True, device, seed=s) for s in (1, 2)]
     config = dict(split_k=8)
-    expected = [lf.lora_forward_triton(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"],
-                                       method="skinny", config=config) for p in problems]
+    skinny = lambda p: candidates.run_forward("skinny", p["x"], p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
+                                              p["scale"], p["bias"], config=config)
+    expected = [skinny(p) for p in problems]
     streams = [torch.cuda.Stream() for _ in problems]
     torch.cuda.synchronize()
     results = [[], []]
     for _ in range(20):
         for i, (p, stream) in enumerate(zip(problems, streams)):
             with torch.cuda.stream(stream):
-                results[i].append(lf.lora_forward_triton(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"],
-                                                         p["bias"], method="skinny", config=config))
+                results[i].append(skinny(p))
     torch.cuda.synchronize()
     for i in range(2):
         assert all(torch.equal(y, expected[i][0]) for y, _ in results[i])
@@ -345,11 +355,11 @@ def test_launches_on_two_streams_at_once_give_each_its_own_result(device):
 def test_a_captured_cuda_graph_replays_the_split_k_kernel_exactly(device):
     if device.type != "cuda":
         pytest.skip("GPU test")
-    from lora_triton.kernels import lora_forward as lf
+    from lora_triton.ops import candidates
 
     p = random_lora_problem(4, 4096, 4096, 16, torch.bfloat16, 64, True, True, device, seed=3)
-    call = lambda x: lf.lora_forward_triton(x, p["weight"], p["lora_a"], p["lora_b"], p["scale"],  # noqa: E731
-                                            p["bias"], method="skinny", config=dict(split_k=8))[0]
+    call = lambda x: candidates.run_forward("skinny", x, p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
+                                            p["scale"], p["bias"], config=dict(split_k=8))[0]
     x_static = p["x"].clone()
     eager = call(x_static)
     side = torch.cuda.Stream()

@@ -58,11 +58,12 @@ def test_saved_activations_are_x_and_s_only(backend, device):
 
 @pytest.fixture
 def in_register_kernels(monkeypatch):
-    """Dispatch every forward to the fused kernel and every dx to the fused dx kernel."""
-    from lora_triton.ops import dispatch
+    """Dispatch every forward to the skinny kernel and every dx to the fused dx kernel (both decode NF4
+    in registers)."""
+    from lora_triton.ops import candidates
 
-    monkeypatch.setitem(dispatch.RULE, "forward", "fused")
-    monkeypatch.setitem(dispatch.RULE, "dx", "fused")
+    monkeypatch.setitem(candidates.RULE, "forward", ("skinny",))
+    monkeypatch.setitem(candidates.RULE, "dx", ("fused",))
 
 
 def test_in_register_kernels_never_create_a_dense_weight(device, in_register_kernels):

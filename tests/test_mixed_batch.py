@@ -410,11 +410,14 @@ def test_op_gradients_in_float64():
 
 def test_op_registration_passes_opcheck():
     """The custom op's schema, fake kernel and autograd registration (torch.compile's view of it)."""
-    from lora_triton.ops.multi_lora import _multi_lora_op
+    from lora_triton.ops.multi_lora import _forward_op
 
     base, x, bank_a, bank_b, scales, ids = _op_operands(torch.float32)
-    args = (base, x, bank_a.requires_grad_(), bank_b.requires_grad_(), scales, ids, "torch")
-    torch.library.opcheck(_multi_lora_op, args)
+    seed = torch.tensor(7, dtype=torch.int64)
+    for dropout in (None, torch.tensor([0.0, 0.5, 0.1, 0.25])):
+        args = (base, x.requires_grad_(), bank_a.requires_grad_(), bank_b.requires_grad_(), scales, ids, dropout,
+                seed, "torch")
+        torch.library.opcheck(_forward_op, args)
 
 
 def test_op_bad_operands():

@@ -182,3 +182,38 @@ def test_state_dict_of_several_layers_saves_and_loads_with_safetensors(tmp_path)
     assert torch.equal(dst(x), src(x))
     tables = [m.base_layer.nf4.nested_code for m in dst]
     assert tables[0].data_ptr() != tables[1].data_ptr()
+
+
+def test_peft_layer_names_follow_a_peft_lora_layer_through_the_same_steps():
+    """``update_layer`` / ``active_adapters`` / ``disable_adapters`` / ``enable_adapters`` /
+    ``merged_adapters`` read as on a real PEFT ``LoraLayer`` after the same calls."""
+    peft = pytest.importorskip("peft")
+    linear = torch.nn.Linear(64, 32)
+    wrapped = peft.get_peft_model(torch.nn.Sequential(linear), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    theirs = wrapped.base_model.model[0]
+    ours = LoRALinear4bit.from_linear(linear, adapter_name=None)
+    assert ours.active_adapters == [] and not ours.lora_A  # no placeholder adapter
+    ours.update_layer("default", r=4, lora_alpha=8)
+    names = ("active_adapters", "disable_adapters", "merged_adapters", "merged")
+    assert [getattr(ours, n) for n in names] == [getattr(theirs, n) for n in names] == [["default"], False, [], False]
+    config = peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True)
+    for layer in (ours, theirs):
+        layer.update_layer("other", r=2, lora_alpha=4, config=config)
+        layer.set_adapter("other")
+    assert ours.active_adapters == theirs.active_adapters == ["other"]
+    assert ours.r == {"default": 4, "other": 2} and ours.scaling == theirs.scaling
+    x = torch.randn(3, 64)
+    for layer in (ours, theirs):
+        layer.lora_B["other"].weight.data.normal_()
+    adapted = ours(x)
+    ours.enable_adapters(False)
+    theirs.enable_adapters(False)
+    assert ours.disable_adapters is theirs.disable_adapters is True
+    torch.testing.assert_close(ours(x), ours.base_layer(x))
+    ours.enable_adapters(True)
+    torch.testing.assert_close(ours(x), adapted)
+    ours.merge_nf4()
+    assert ours.merged_adapters == ["other"] and ours.merged
+    with pytest.raises(ValueError, match="use_dora"):
+        ours.update_layer("dora", r=2, lora_alpha=4, config=peft.LoraConfig(use_dora=True))
+    assert "dora" not in ours.lora_A

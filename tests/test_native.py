@@ -1,4 +1,4 @@
-"""The native CUDA kernels (top-level kernels/, issue 20).
+"""The native CUDA kernels (top-level kernels/).
 
 Any machine with nvcc (skipped, with the reason, without it): one nvcc call per session builds
 the library for sm_90 with ``-Xptxas -v`` and its resource report is checked (no spills, no
@@ -29,8 +29,8 @@ import torch
 
 from lora_triton.format import NF4Weight
 from lora_triton.format.codebooks import dynamic_map_signed, nf4_code
-from lora_triton.kernels import native_lib, native_skinny, runtime
-from lora_triton.ops import dispatch
+from lora_triton.kernels import native
+from lora_triton.ops import candidates, configs, dispatch, native_op
 from lora_triton.reference import lora_forward
 from lora_triton.testing import random_lora_problem
 
@@ -91,8 +91,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-#: What CMake builds by default: every arch the package names (runtime.NAMED_ARCHS).
-ARCHS = sorted(runtime.NAMED_ARCHS)
+#: What CMake builds by default: every arch the package names (ops.configs.named_archs()).
+ARCHS = sorted(configs.named_archs())
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +101,7 @@ def native_build(tmp_path_factory) -> tuple[Path, list[KernelUsage]]:
     ptxas report."""
     if NVCC is None:
         pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compiled here")
-    out = tmp_path_factory.mktemp("native") / native_lib.LIBRARY_FILE
+    out = tmp_path_factory.mktemp("native") / native.LIBRARY_FILE
     targets = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     done = _run([NVCC, "-std=c++17", "-O3", *targets, "--threads=0", "-shared", "-Xcompiler",
                  "-fPIC,-fvisibility=hidden", "-cudart", "static", "-Xptxas", "-v", "-o", str(out),
@@ -123,8 +123,8 @@ def decode_check(tmp_path_factory) -> Path:
 @pytest.fixture
 def built_library(native_build, monkeypatch) -> ctypes.CDLL:
     """The session's library, found through LORA_TRITON_NATIVE_LIB (read at call time)."""
-    monkeypatch.setenv(native_lib.ENV_VAR, str(native_build[0]))
-    return native_lib.require_library()
+    monkeypatch.setenv(native.ENV_VAR, str(native_build[0]))
+    return native.require_library()
 
 
 # ============================================================================ ptxas resource usage
@@ -146,7 +146,7 @@ def test_no_kernel_spills_or_uses_local_memory(native_build):
         assert u.stack_bytes == 0, f"{u.name}: {u.stack_bytes} bytes of stack frame (local memory)"
 
 
-#: Shared memory per SM (shared/GPUS.md): 4 CTAs of the largest variant fit sm_80 and sm_90, 3 fit sm_86 / sm_89.
+#: Shared memory per SM (the limits in ops/kernel_configs.json): 4 CTAs of the largest variant fit sm_80 and sm_90, 3 fit sm_86 / sm_89.
 SMEM_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
 
 
@@ -157,7 +157,7 @@ def test_registers_and_shared_memory_fit_every_named_gpu(native_build):
     for u in native_build[1]:
         arch = int(u.arch.removeprefix("sm_").rstrip("a"))
         assert u.registers <= 65536 // (THREADS * MIN_BLOCKS_PER_SM), f"{u.name} ({u.arch}): {u.registers} registers"
-        assert u.smem_bytes <= 48 * 1024 and runtime.NAMED_ARCHS[arch].fits(u.smem_bytes, u.registers, THREADS // 32), u
+        assert u.smem_bytes <= 48 * 1024 and configs.named_archs()[arch].fits(u.smem_bytes, u.registers, THREADS // 32), u
         ctas = MIN_BLOCKS_PER_SM if arch in (80, 90) else 3
         assert ctas * (u.smem_bytes + 1024) <= SMEM_PER_SM[arch], u
 
@@ -226,8 +226,8 @@ def test_host_decode_is_bit_identical_to_nf4weight_dequantize(decode_check, dtyp
 
 # ============================================================================ the C interface's checks
 def _plan(lib, m, n, k, r, config=None, sms=132):
-    plan = native_lib.Plan()
-    cfg = None if config is None else ctypes.byref(native_lib.Config(*config))
+    plan = native.Plan()
+    cfg = None if config is None else ctypes.byref(native.Config(*config))
     return lib.lt_nf4_lora_plan(m, n, k, r, cfg, sms, ctypes.byref(plan)), plan
 
 
@@ -244,49 +244,49 @@ def _plan(lib, m, n, k, r, config=None, sms=132):
 ])
 def test_the_plan_refuses_bad_shapes_and_configs(built_library, shape, config, message):
     status, _ = _plan(built_library, *shape, config=config)
-    assert status == native_lib.LT_ERR_INVALID
-    assert re.search(message, native_lib.last_error(built_library))
+    assert status == native.LT_ERR_INVALID
+    assert re.search(message, native.last_error(built_library))
 
 
 @needs_nvcc
 def test_the_plan_fills_the_gpu_and_sizes_its_scratch(built_library):
     status, plan = _plan(built_library, 1, 4096, 4096, 16)
-    assert status == native_lib.LT_OK and plan.row_tiles == 4
+    assert status == native.LT_OK and plan.row_tiles == 4
     tiles = 4096 // 64
     assert tiles * plan.split_k >= 132 * 2  # split-K brings 64 tiles to several CTAs per SM
     shrink_tiles, m = 1, 1  # fp32 partials [split][tile][rows of a tile][m] of both kernels
     assert plan.workspace_bytes == 4 * m * (plan.split_k * tiles * 64 + plan.shrink_split_k * shrink_tiles * 16)
     assert plan.counters == tiles + shrink_tiles
     status, plan = _plan(built_library, 16, 64, 128, 16, config=(1, 2, 1))  # one chunk of K: no split anywhere
-    assert status == native_lib.LT_OK and (plan.split_k, plan.shrink_split_k, plan.row_tiles) == (1, 1, 2)
+    assert status == native.LT_OK and (plan.split_k, plan.shrink_split_k, plan.row_tiles) == (1, 1, 2)
     assert plan.workspace_bytes == 0 and plan.counters == 0
     status, plan = _plan(built_library, 2, 4096, 4096, 16, config=(3, 0, 0))  # 32 chunks in 3 splits of 11
-    assert status == native_lib.LT_OK and plan.split_k == 3
+    assert status == native.LT_OK and plan.split_k == 3
 
 
-def _forward_status(lib, *, dtype=native_lib.LT_BF16, x=4096, packed=4096, lora_a=4096, blocksize=64,
+def _forward_status(lib, *, dtype=native.LT_BF16, x=4096, packed=4096, lora_a=4096, blocksize=64,
                     double_quant=0, nested=4096, workspace_bytes=1 << 20, counters=1024, m=1, n=64, k=128):
     """lt_nf4_lora_forward on fake (never dereferenced) addresses: every check below runs before
     the library touches CUDA (device -1: leave the current device alone)."""
-    weight = native_lib.Nf4Weight(packed, 4096, 4096, nested, nested, 0.0, double_quant, n, k, blocksize)
+    weight = native.Nf4Weight(packed, 4096, 4096, nested, nested, 0.0, double_quant, n, k, blocksize)
     status = lib.lt_nf4_lora_forward(dtype, x, m, ctypes.byref(weight), lora_a, 4096, 4, 1.0, None, 4096, 4096,
                                      None, 132, 4096 if workspace_bytes else None, workspace_bytes, 4096, counters,
                                      -1, None)
-    return status, native_lib.last_error(lib)
+    return status, native.last_error(lib)
 
 
 @needs_nvcc
 @pytest.mark.parametrize("args,status,message", [
-    (dict(dtype=7), native_lib.LT_ERR_INVALID, "dtype"),
-    (dict(x=0), native_lib.LT_ERR_INVALID, "pointer is NULL"),
-    (dict(blocksize=48), native_lib.LT_ERR_INVALID, "power of two in 32..4096"),
-    (dict(blocksize=8192), native_lib.LT_ERR_INVALID, "power of two in 32..4096"),
-    (dict(double_quant=1, nested=0), native_lib.LT_ERR_INVALID, "nested_absmax"),
-    (dict(x=4104), native_lib.LT_ERR_INVALID, "16-byte boundaries"),
-    (dict(packed=4097), native_lib.LT_ERR_INVALID, "16-byte boundaries"),
-    (dict(m=20), native_lib.LT_ERR_INVALID, "1..16"),
-    (dict(workspace_bytes=0, k=4096), native_lib.LT_ERR_WORKSPACE, "workspace"),
-    (dict(counters=0, k=4096), native_lib.LT_ERR_WORKSPACE, "counters"),
+    (dict(dtype=7), native.LT_ERR_INVALID, "dtype"),
+    (dict(x=0), native.LT_ERR_INVALID, "pointer is NULL"),
+    (dict(blocksize=48), native.LT_ERR_INVALID, "power of two in 32..4096"),
+    (dict(blocksize=8192), native.LT_ERR_INVALID, "power of two in 32..4096"),
+    (dict(double_quant=1, nested=0), native.LT_ERR_INVALID, "nested_absmax"),
+    (dict(x=4104), native.LT_ERR_INVALID, "16-byte boundaries"),
+    (dict(packed=4097), native.LT_ERR_INVALID, "16-byte boundaries"),
+    (dict(m=20), native.LT_ERR_INVALID, "1..16"),
+    (dict(workspace_bytes=0, k=4096), native.LT_ERR_WORKSPACE, "workspace"),
+    (dict(counters=0, k=4096), native.LT_ERR_WORKSPACE, "counters"),
 ])
 def test_the_forward_entry_point_checks_its_arguments(built_library, args, status, message):
     got, text = _forward_status(built_library, **args)
@@ -296,7 +296,7 @@ def test_the_forward_entry_point_checks_its_arguments(built_library, args, statu
 # ============================================================================ the Python side
 @pytest.fixture
 def no_library(monkeypatch, tmp_path):
-    monkeypatch.setenv(native_lib.ENV_VAR, str(tmp_path / "nothing-here.so"))
+    monkeypatch.setenv(native.ENV_VAR, str(tmp_path / "nothing-here.so"))
 
 
 def _problem(m=2, n=72, k=128, r=8, dtype=torch.bfloat16):
@@ -307,32 +307,31 @@ def _native(p, **over):
     args = dict(x=p["x"], weight=p["weight"], lora_a=p["lora_a"], lora_b=p["lora_b"], scale=p["scale"],
                 bias=p["bias"])
     args.update(over)
-    return native_skinny.lora_forward_native(**args)
+    return native_op.native_forward(**args)
 
 
 def test_without_the_library_nothing_claims_it_and_asking_says_how_to_build(no_library):
-    assert not native_skinny.available()
-    assert not native_skinny.supports(torch.device("cuda"), 1, torch.bfloat16)
-    problem = dispatch.Problem(torch.device("cuda"), 1, 4096, 4096, 16, torch.bfloat16)
-    assert not dispatch.CANDIDATES["native"].supports(problem)
+    assert native.library() is None
+    problem = candidates.Problem(torch.device("cuda"), 1, 4096, 4096, 16, torch.bfloat16)
+    assert not candidates.FORWARD["native"].supports(problem)
     with pytest.raises(RuntimeError, match="cmake -S . -B build/native") as err:
         _native(_problem())
-    assert native_lib.ENV_VAR in str(err.value) and "nothing-here.so" in str(err.value)
+    assert native.ENV_VAR in str(err.value) and "nothing-here.so" in str(err.value)
 
 
 def test_the_library_path_is_read_at_call_time(monkeypatch, tmp_path):
-    monkeypatch.setenv(native_lib.ENV_VAR, str(tmp_path / "a.so"))
-    assert native_lib.search_paths() == [tmp_path / "a.so"]
-    monkeypatch.delenv(native_lib.ENV_VAR)
-    assert native_lib.search_paths()[0] == native_lib.checkout_root() / "build" / "native" / native_lib.LIBRARY_FILE
+    monkeypatch.setenv(native.ENV_VAR, str(tmp_path / "a.so"))
+    assert native.search_paths() == [tmp_path / "a.so"]
+    monkeypatch.delenv(native.ENV_VAR)
+    assert native.search_paths()[0] == native.checkout_root() / "build" / "native" / native.LIBRARY_FILE
 
 
 def test_a_file_that_is_not_a_library_is_reported(monkeypatch, tmp_path):
     bogus = tmp_path / "liblora_triton_native.so"
     bogus.write_text("not an ELF file")
-    monkeypatch.setenv(native_lib.ENV_VAR, str(bogus))
-    assert native_lib.library() is None
-    assert "cannot be loaded" in native_lib.missing_message()
+    monkeypatch.setenv(native.ENV_VAR, str(bogus))
+    assert native.library() is None
+    assert "cannot be loaded" in native.missing_message()
 
 
 def _sliced_weight(p):
@@ -351,12 +350,12 @@ def _sliced_weight(p):
     (lambda p: dict(x=p["x"][:1].expand(2, 128)), ValueError, "zero stride"),
     (lambda p: dict(x=p["x"][:, :64]), ValueError, "shape"),
     (lambda p: dict(lora_a=p["lora_a"].half()), TypeError, "lora_a must have dtype"),
-    (lambda p: dict(lora_b=p["lora_b"][:, :4]), ValueError, "mismatched LoRA ranks"),
+    (lambda p: dict(lora_b=p["lora_b"][:, :4]), ValueError, r"lora_b \[out_features=72, r\]"),
     (lambda p: dict(lora_a=torch.zeros(0, 128, dtype=torch.bfloat16), lora_b=torch.zeros(72, 0, dtype=torch.bfloat16)),
-     ValueError, "rank must be in 1..128"),
+     ValueError, "with r >= 1"),
     (lambda p: dict(bias=p["bias"][:10]), ValueError, "bias must have shape"),
-    (lambda p: dict(x=p["x"].to("meta")), ValueError, "must be on meta"),
-    (lambda p: dict(scale=torch.tensor(1.0)), TypeError, "scale must be a Python float"),
+    (lambda p: dict(x=p["x"].to("meta")), ValueError, "but x is on meta"),
+    (lambda p: dict(scale=torch.tensor(1.0)), TypeError, "scale must be a Python number"),
     (lambda p: dict(weight=p["weight"].dequantize()), TypeError, "must be an NF4Weight"),
     (lambda p: dict(weight=_sliced_weight(p)), TypeError, "absmax \\(double-quantized\\) must have dtype"),
 ])
@@ -368,7 +367,7 @@ def test_bad_inputs_get_clear_errors(make_bad, error, message):
 
 def test_k_must_hold_whole_blocks_like_the_triton_path():
     p = random_lora_problem(1, 8, 96, 4, torch.bfloat16, 64, True, False, "cpu", seed=1)
-    with pytest.raises(ValueError, match="divisible by the NF4 block size"):
+    with pytest.raises(ValueError, match="K=96 is not a multiple of the block size 64"):
         _native(p)
 
 
@@ -378,7 +377,7 @@ def test_k_must_hold_whole_blocks_like_the_triton_path():
 ])
 def test_bad_configs_are_refused(config, message):
     with pytest.raises(ValueError, match=message):
-        native_skinny.check_config(config)
+        native_op.check_config(config)
 
 
 @needs_nvcc
@@ -390,7 +389,7 @@ def test_valid_inputs_off_cuda_say_where_it_runs(built_library):
 def test_the_fake_kernel_gives_shapes_without_running():
     p = _problem(m=3, n=40, r=5)
     w = p["weight"].to("meta")
-    y, s = native_skinny._native_op(p["x"].to("meta"), w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code,
+    y, s = native_op._native_op(p["x"].to("meta"), w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code,
                                     0.5, 40, 128, 64, p["lora_a"].to("meta"), p["lora_b"].to("meta"), 1.0, None,
                                     0, 0, 0)
     assert (y.shape, s.shape, y.device.type, y.dtype) == ((3, 40), (3, 5), "meta", torch.bfloat16)
@@ -402,8 +401,8 @@ def cuda_library(device):
     """The library on a GPU run; skipped (or failed, with LORA_TRITON_REQUIRE_NATIVE=1) when absent."""
     if device.type != "cuda":
         pytest.skip("runs with --device cuda")
-    if not native_skinny.available():
-        message = native_lib.missing_message()
+    if native.library() is None:
+        message = native.missing_message()
         if os.environ.get("LORA_TRITON_REQUIRE_NATIVE") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -457,7 +456,7 @@ def test_every_gpu_case_is_a_problem_the_kernels_take(case):
     """Checked on CPU: a GPU case that the validation refuses would only fail in the rare GPU run."""
     m, n, k, r, blocksize, double_quant, bias = case
     p = random_lora_problem(m, n, k, r, torch.bfloat16, blocksize, double_quant, bias, "cpu", seed=0)
-    native_skinny.validate(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["bias"], p["scale"])
+    native_op.validate(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["bias"], p["scale"])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "default")
@@ -466,12 +465,12 @@ def test_every_gpu_case_is_a_problem_the_kernels_take(case):
 def test_matches_the_float64_reference(cuda_library, device, dtype, case, config):
     m, n, k, r, blocksize, double_quant, bias = case
     p = random_lora_problem(m, n, k, r, dtype, blocksize, double_quant, bias, device, seed=sum(case))
-    y, s = native_skinny.lora_forward_native(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"],
+    y, s = native_op.native_forward(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"],
                                              config)
     _check_against_float64(p, y, s)
 
 
-@pytest.mark.parametrize("table", list(native_skinny.TABLES))
+@pytest.mark.parametrize("table", list(native.TABLES))
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_the_kernel_decodes_w_bit_identical_to_dequantize(cuda_library, device, dtype, double_quant, table):
@@ -483,14 +482,14 @@ def test_the_kernel_decodes_w_bit_identical_to_dequantize(cuda_library, device, 
     for first in range(0, k, 16):
         x = torch.zeros(16, k, dtype=dtype, device=device)
         x[torch.arange(16), first + torch.arange(16)] = 1
-        y, _ = native_skinny.lora_forward_native(x, p["weight"], lora_a, p["lora_b"], 1.0, None,
+        y, _ = native_op.native_forward(x, p["weight"], lora_a, p["lora_b"], 1.0, None,
                                                  dict(table=table, split_k=2))
         assert torch.equal(y.t(), expected[:, first:first + 16]), f"columns {first}..{first + 15} differ"
 
 
 def test_split_k_is_deterministic_and_leaves_the_current_device(cuda_library, device):
     p = random_lora_problem(4, 1000, 4096, 16, torch.bfloat16, 64, True, True, device, seed=5)
-    run = lambda: native_skinny.lora_forward_native(p["x"], p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
+    run = lambda: native_op.native_forward(p["x"], p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
                                                     p["scale"], p["bias"], dict(split_k=7))
     before = torch.cuda.current_device()
     first, again = run(), run()
@@ -500,7 +499,7 @@ def test_split_k_is_deterministic_and_leaves_the_current_device(cuda_library, de
 
 def test_runs_in_a_cuda_graph_and_under_torch_compile(cuda_library, device):
     p = random_lora_problem(2, 513, 1024, 16, torch.float16, 64, True, True, device, seed=9)
-    call = lambda x: native_skinny.lora_forward_native(x, p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
+    call = lambda x: native_op.native_forward(x, p["weight"], p["lora_a"], p["lora_b"],  # noqa: E731
                                                        p["scale"], p["bias"])[0]
     eager = call(p["x"])
     graph, x_static = torch.cuda.CUDAGraph(), p["x"].clone()
@@ -515,27 +514,24 @@ def test_runs_in_a_cuda_graph_and_under_torch_compile(cuda_library, device):
 
 
 def test_the_dispatch_candidate_supports_decode_sizes_only(cuda_library, device):
-    supports = dispatch.CANDIDATES["native"].supports
-    assert supports(dispatch.Problem(device, 1, 4096, 4096, 16, torch.bfloat16))
-    assert supports(dispatch.Problem(device, 16, 4096, 4096, 16, torch.float16))
-    assert not supports(dispatch.Problem(device, 17, 4096, 4096, 16, torch.bfloat16))
-    assert not supports(dispatch.Problem(device, 1, 4096, 4096, 16, torch.float32))
+    supports = candidates.FORWARD["native"].refuses
+    assert supports(candidates.Problem(device, 1, 4096, 4096, 16, torch.bfloat16)) is None
+    assert supports(candidates.Problem(device, 16, 4096, 4096, 16, torch.float16)) is None
+    assert supports(candidates.Problem(device, 17, 4096, 4096, 16, torch.bfloat16)) is not None
+    assert supports(candidates.Problem(device, 1, 4096, 4096, 16, torch.float32)) is not None
 
 
-def test_the_op_routes_a_native_choice_and_sends_dropout_to_the_triton_kernel(monkeypatch):
-    """A dispatch table naming ``native`` reaches the native kernels; with dropout (which they do not
-    have) the layer runs the Triton skinny kernel instead of failing."""
-    from lora_triton.ops import lora_nf4
+def test_a_table_naming_native_gives_way_where_native_refuses(monkeypatch):
+    """A dispatch table naming ``native`` reaches it; with dropout or fp32 (which it does not take) the
+    rule's candidate runs instead of a failure."""
+    from dataclasses import replace
 
-    if not runtime.interpreting():
-        pytest.skip("runs the Triton skinny kernel through the interpreter")
-    problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, torch.device("cpu"))
-    monkeypatch.setattr(lora_nf4, "choose", lambda problem, *args: ("native", None))
-    args = (problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"], 0.5, None)
-    y, s = lora_nf4._forward_impl(*args, 0.25, 11, "triton")
-    from lora_triton.kernels.lora_forward import lora_forward_triton
-
-    y_skinny, s_skinny = lora_forward_triton(*args, 0.25, 11, "skinny")
-    assert torch.equal(y, y_skinny) and torch.equal(s, s_skinny)
-    with pytest.raises((TypeError, RuntimeError), match="native kernels"):  # no dropout: the native path
-        lora_nf4._forward_impl(*args, 0.0, 0, "triton")
+    monkeypatch.setattr(candidates, "can_launch", lambda device: True)
+    monkeypatch.setattr(candidates, "gpu_name", lambda device: "GPU")
+    monkeypatch.setattr(native, "library", lambda: object())
+    point = {"m_bucket": 2, "n": 40, "k": 128, "r": 4, "candidate": "native", "config": {"table": "register"}}
+    table = {"format": dispatch.TABLE_FORMAT, "gpus": {"GPU": {"forward": [point]}}}
+    problem = candidates.Problem(torch.device("cuda"), 2, 40, 128, 4, torch.bfloat16)
+    assert dispatch.choose("forward", problem, table) == (candidates.FORWARD["native"], {"table": "register"})
+    for other in (replace(problem, dropout=True), replace(problem, dtype=torch.float32)):
+        assert dispatch.choose("forward", other, table) == (candidates.FORWARD["dequant"], None)

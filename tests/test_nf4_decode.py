@@ -18,8 +18,9 @@ import triton.language as tl
 from lora_triton.format import NF4Weight
 from lora_triton.format.codebooks import nf4_code
 from lora_triton.kernels import nf4_decode
-from lora_triton.kernels.checks import packed_words
-from lora_triton.kernels.nf4_dequant import dequantize_nf4
+from lora_triton.kernels.nf4_decode import word_args
+from lora_triton.ops import lora_nf4_linear
+from lora_triton.ops.candidates import dequantize_kernel
 
 
 @triton.jit
@@ -104,13 +105,19 @@ def test_tile_loader_equals_nf4weight_for_every_byte_value(block_k, blocksize, d
     assert torch.equal(out.cpu(), weight.dequantize(torch.float32).cpu())
 
 
-def test_dequant_refuses_misaligned_packed_bytes(device):
+def test_misaligned_packed_bytes_dequantize_exactly(device):
+    """Packed bytes that are a slice of a larger buffer (not on a 4-byte boundary) cannot be read as
+    words in place: the kernels get an aligned copy, the layer's numbers do not change."""
     weight = NF4Weight.quantize(torch.randn(8, 64), 64, False).to(device)
     shifted = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device=device)[1:]
     shifted.copy_(weight.packed.reshape(-1))
-    weight = dataclasses.replace(weight, packed=shifted.reshape(weight.packed.shape))
-    with pytest.raises(ValueError, match="4-byte boundary"):
-        dequantize_nf4(weight, torch.float32)
+    misaligned = dataclasses.replace(weight, packed=shifted.reshape(weight.packed.shape))
+    assert misaligned.packed.data_ptr() % 4
+    assert torch.equal(dequantize_kernel(misaligned, torch.float32), weight.dequantize(torch.float32))
+    x, a, b = torch.randn(3, 64, device=device), torch.randn(4, 64, device=device), torch.randn(8, 4, device=device)
+    want = lora_nf4_linear(x, weight, a, b, 0.5, backend="torch")
+    got = lora_nf4_linear(x, misaligned, a, b, 0.5, backend="triton")
+    torch.testing.assert_close(got, want)
 
 
 def test_shfl_emulator_on_real_packed_bytes():
@@ -131,12 +138,12 @@ def test_dequant_kernel_equals_nf4weight_for_every_byte_value(double_quant, bloc
     packed = torch.from_numpy(np.resize(_all_byte_values(), weight.packed.numel())).reshape(weight.packed.shape)
     weight = dataclasses.replace(weight, packed=packed).to(device)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert torch.equal(dequantize_nf4(weight, dtype), weight.dequantize(dtype)), dtype
+        assert torch.equal(dequantize_kernel(weight, dtype), weight.dequantize(dtype)), dtype
 
 
 def test_packed_words_view_the_bytes_without_a_copy():
     weight = NF4Weight.quantize(torch.randn(8, 64), 64, True)
-    words = packed_words(weight)
+    words = word_args(weight)[0]
     assert words.dtype == torch.int32 and words.data_ptr() == weight.packed.data_ptr()
     assert words.numel() * 4 == weight.packed.numel()
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lora_triton.format import NF4Weight
-from lora_triton.ops import lora_nf4_linear, resolve_backend
-from lora_triton.ops.lora_nf4 import _dropout_mask
+from lora_triton.ops import candidates, lora_nf4_linear, resolve_backend
+from lora_triton.ops.dropout import dropout_mask
 from lora_triton.reference import lora_backward, lora_forward
-from lora_triton.testing import REL_TOL, random_lora_problem, relative_error
+from lora_triton.testing import REL_TOL, assert_like_torch, random_lora_problem, relative_error
 
 COMBOS = [c for c in itertools.product([True, False], [True, False], [True, False], ["none", "frozen", "train"])
           if any(c[:3]) or c[3] == "train"]
@@ -26,24 +26,19 @@ def _leaves(p, need_x, need_a, need_b, bias_mode):
     return x, a, b, bias
 
 
-def _triton_dropout_mask(seed, p, m, k, like):
-    from lora_triton.kernels.dropout import dropout_mask
-
-    return dropout_mask(seed, p, m, k, like.device, torch.float64)
-
-
-def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
-    """float64 reference output and gradients, with the mask the backend regenerates."""
-    as64 = {key: v.double() if isinstance(v, torch.Tensor) else v for key, v in p.items()}
+def _expected(p, dy, seed, dropout_p, backend=None, with_bias=True, plain=False):
+    """float64 reference output and gradients, with the mask every backend regenerates from ``seed``
+    (``plain``: the same in plain torch at the problem's dtype)."""
+    dtype = p["x"].dtype if plain else torch.float64
+    as_dtype = {key: v.to(dtype) if isinstance(v, torch.Tensor) else v for key, v in p.items()}
     if not with_bias:
-        as64["bias"] = None
+        as_dtype["bias"] = None
     m, k = p["x"].shape
-    mask = None
-    if dropout_p > 0:
-        mask = (_triton_dropout_mask(seed, dropout_p, m, k, as64["x"]) if backend == "triton"
-                else _dropout_mask("torch", seed, dropout_p, m, k, as64["x"])).double()
-    y, s = lora_forward(as64["x"], p["weight"], as64["lora_a"], as64["lora_b"], p["scale"], as64["bias"], mask)
-    grads = lora_backward(dy.double(), as64["x"], p["weight"], as64["lora_a"], as64["lora_b"], p["scale"], s, mask)
+    mask = dropout_mask(seed, dropout_p, m, k, p["x"].device, dtype) if dropout_p > 0 else None
+    y, s = lora_forward(as_dtype["x"], p["weight"], as_dtype["lora_a"], as_dtype["lora_b"], p["scale"],
+                        as_dtype["bias"], mask)
+    grads = lora_backward(dy.to(dtype), as_dtype["x"], p["weight"], as_dtype["lora_a"], as_dtype["lora_b"],
+                          p["scale"], s, mask)
     return y, grads
 
 
@@ -54,15 +49,13 @@ def _expected(p, dy, seed, dropout_p, backend, with_bias=True):
 def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, need_b, bias_mode, dtype, device,
                                          monkeypatch):
     """``triton-skinny``: the Triton backend with every forward dispatched to the skinny kernel;
-    ``triton-merged``: forward and dx dispatched to the merged weight ``W + s * B @ A``;
-    ``triton-fused``: the fused tile forward and the fused dx kernel (in-loop NF4 decode)."""
+    ``triton-merged``: forward and dx dispatched to the merged weight ``W + s * B @ A`` (plain torch where
+    dropout rules it out); ``triton-fused``: the fused dx kernel (in-loop NF4 decode)."""
     if backend != "triton" and backend.startswith("triton-"):
-        from lora_triton.ops import dispatch
-
         candidate = backend.removeprefix("triton-")
-        monkeypatch.setitem(dispatch.RULE, "forward", candidate)
-        if candidate in dispatch.DX_CANDIDATES:
-            monkeypatch.setitem(dispatch.RULE, "dx", candidate)
+        for operation, registry in (("forward", candidates.FORWARD), ("dx", candidates.DX)):
+            if candidate in registry:
+                monkeypatch.setitem(candidates.RULE, operation, (candidate, "torch"))
         backend = "triton"
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)
@@ -71,16 +64,17 @@ def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, nee
     y = lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, dropout_p, training=True, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
-    y_ref, ref = _expected(p, dy, seed, dropout_p, backend, with_bias=bias is not None)
-    assert relative_error(y, y_ref) < REL_TOL[dtype]
-    for tensor, wanted, expected in [(x, need_x, ref.dx), (a, need_a, ref.dA), (b, need_b, ref.dB)]:
+    y_ref, ref = _expected(p, dy, seed, dropout_p, with_bias=bias is not None)
+    y_plain, plain = _expected(p, dy, seed, dropout_p, with_bias=bias is not None, plain=True)
+    assert_like_torch(y, y_ref, y_plain, what="y")
+    for name, tensor, wanted in [("dx", x, need_x), ("dA", a, need_a), ("dB", b, need_b)]:
         if wanted:
-            assert relative_error(tensor.grad, expected) < REL_TOL[dtype]
+            assert_like_torch(tensor.grad, getattr(ref, name), getattr(plain, name), what=name)
         else:
             assert tensor.grad is None
     if bias is not None:
         if bias_mode == "train":
-            assert relative_error(bias.grad, ref.dbias) < REL_TOL[dtype]
+            assert_like_torch(bias.grad, ref.dbias, plain.dbias, what="dbias")
         else:
             assert bias.grad is None
 
@@ -92,10 +86,13 @@ def test_half_precision_on_the_triton_backend(dtype, device):
     y = lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, backend="triton")
     dy = torch.randn_like(y)
     y.backward(dy)
-    y_ref, ref = _expected(p, dy, 0, 0.0, "triton")
-    assert y.dtype == dtype and relative_error(y, y_ref) < REL_TOL[dtype]
-    for got, expected in [(x.grad, ref.dx), (a.grad, ref.dA), (b.grad, ref.dB), (bias.grad, ref.dbias)]:
-        assert got.dtype == dtype and relative_error(got, expected) < REL_TOL[dtype]
+    y_ref, ref = _expected(p, dy, 0, 0.0)
+    y_plain, plain = _expected(p, dy, 0, 0.0, plain=True)
+    assert y.dtype == dtype
+    assert_like_torch(y, y_ref, y_plain, what="y")
+    for name, got in [("dx", x.grad), ("dA", a.grad), ("dB", b.grad), ("dbias", bias.grad)]:
+        assert got.dtype == dtype
+        assert_like_torch(got, getattr(ref, name), getattr(plain, name), what=name)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -117,13 +114,13 @@ def test_opcheck_forward_and_backward_ops():
     p = random_lora_problem(5, 24, 64, 4, bias=True, seed=4)
     w = p["weight"]
     seed = torch.tensor(3)
-    fwd_args = (p["x"].requires_grad_(), *_weight_tensors(w), w.offset_value, 24, 64, 64,
-                p["lora_a"].requires_grad_(), p["lora_b"].requires_grad_(), p["scale"], p["bias"], 0.1, seed,
-                "torch")
+    nf4, meta = _weight_tensors(w), [24, 64, 64]
+    fwd_args = (p["x"].requires_grad_(), p["lora_a"].requires_grad_(), p["lora_b"].requires_grad_(),
+                p["bias"].requires_grad_(), nf4, meta, w.offset_value, p["scale"], 0.1, seed, "torch")
     torch.library.opcheck(_forward_op, fwd_args)
     _, s = lora_forward(p["x"].detach(), w, p["lora_a"].detach(), p["lora_b"].detach(), p["scale"])
-    bwd_args = (torch.randn(5, 24), p["x"].detach(), s, *_weight_tensors(w), w.offset_value, 24, 64, 64,
-                p["lora_a"].detach(), p["lora_b"].detach(), p["scale"], 0.1, seed, "torch", [True, False, True, True])
+    bwd_args = (torch.randn(5, 24), s, p["x"].detach(), p["lora_a"].detach(), p["lora_b"].detach(), nf4, meta,
+                w.offset_value, p["scale"], 0.1, seed, "torch", [True, False, True, True])
     torch.library.opcheck(_backward_op, bwd_args)
 
 
@@ -254,9 +251,7 @@ def test_empty_batch_forward_and_backward(backend, dx_method, lead, device, monk
     """M = 0 on every backend and dx path: the gradient of .sum() of an empty output is an
     expanded tensor with all-zero strides, which holds no element to read."""
     if dx_method is not None:
-        from lora_triton.ops import lora_nf4
-
-        monkeypatch.setattr(lora_nf4, "choose_dx", lambda *args: dx_method)
+        monkeypatch.setitem(candidates.RULE, "dx", (dx_method, "torch"))
     p = random_lora_problem(1, 24, 64, 4, bias=True, seed=9, device=device)
     x = torch.randn(*lead, 64, device=device, requires_grad=True)
     a, b, bias = (p[k].clone().requires_grad_() for k in ("lora_a", "lora_b", "bias"))
@@ -269,16 +264,16 @@ def test_empty_batch_forward_and_backward(backend, dx_method, lead, device, monk
 
 
 def test_kernel_launchers_take_empty_expanded_operands(device):
-    from lora_triton.kernels.lora_dx import lora_dx_triton
-    from lora_triton.kernels.lora_forward import lora_forward_triton
-
     p = random_lora_problem(1, 24, 64, 4, seed=9, device=device)
     empty_x = torch.ones((), device=device).expand(0, 64)
-    y, s = lora_forward_triton(empty_x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], method="fused")
-    assert y.shape == (0, 24) and s.shape == (0, 4)
+    args = (p["weight"], p["lora_a"], p["lora_b"], p["scale"])
+    for name in candidates.FORWARD:
+        if name != "native":
+            y, s = candidates.run_forward(name, empty_x, *args)
+            assert y.shape == (0, 24) and s.shape == (0, 4), name
     dy = torch.ones((), device=device).expand(0, 24)
-    dx = lora_dx_triton(dy, p["weight"], p["lora_a"], torch.empty(0, 4, device=device), p["scale"])
-    assert dx.shape == (0, 64)
+    for name in candidates.DX:
+        assert candidates.run_dx(name, dy, empty_x, *args).shape == (0, 64), name
 
 
 def _bad_inputs(p):
@@ -291,13 +286,13 @@ def _bad_inputs(p):
         "complex x": ((x.to(torch.complex64), w, a, b, 1.0), TypeError, "x must be a float tensor.*complex64"),
         "list x": ((x.tolist(), w, a, b, 1.0), TypeError, "x must be a torch.Tensor, got list"),
         "dense weight": ((x, w.dequantize(), a, b, 1.0), TypeError, "weight must be an NF4Weight"),
-        "nan scale": ((x, w, a, b, float("nan")), ValueError, "scale must be a finite number, got nan"),
-        "tensor scale": ((x, w, a, b, torch.tensor(1.0)), ValueError, "scale must be a finite number"),
+        "nan scale": ((x, w, a, b, float("nan")), ValueError, "scale must be finite, got nan"),
+        "tensor scale": ((x, w, a, b, torch.tensor(1.0)), TypeError, "scale must be a Python number"),
         "rank mismatch": ((x, w, a, b[:, :1], 1.0), ValueError, r"lora_b \[out_features=8, r\]"),
         "A on wrong K": ((x, w, a[:, :32], b, 1.0), ValueError, "lora_a must be"),
         "int A": ((x, w, a.long(), b, 1.0), TypeError, "lora_a must be a float torch.Tensor, got torch.int64"),
         "bias shape": ((x, w, a, b, 1.0, torch.zeros(9)), ValueError, r"bias must have shape \[8\], got \[9\]"),
-        "dropout 1": ((x, w, a, b, 1.0, None, 1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+        "dropout 1": ((x, w, a, b, 1.0, None, 1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     }
 
 

@@ -42,7 +42,8 @@ def _inside_figure(fig, text) -> bool:
 
 
 def test_forgetting_plot(tmp_path, saved_figures):
-    drift = {"naive": 300.0, "stacked": 350.0, "ours": 0.12, "oracle": 0.0}  # ours' bar is invisible at this scale
+    drift = {"naive": 300.0, "stacked": 350.0, "ours": 0.12, "routed": 0.0, "routed_fresh": 0.0,
+             "oracle": 0.0}  # ours' bar is invisible at this scale
     results = {(m, order, s): {"own": dict.fromkeys(fb.DOMAINS, 2.0), "final": dict.fromkeys(fb.DOMAINS, 2.5),
                                "mean_drift": drift[m]}
                for m in fb.METHODS for order in fb.ORDERS[:2] for s in (100, 101)}

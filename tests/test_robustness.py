@@ -222,24 +222,24 @@ def test_every_backend_runs_what_the_torch_backend_runs(case):
 
 
 def test_a_rank_beyond_the_tile_kernels_is_refused_by_them_and_not_chosen():
-    from lora_triton.kernels.lora_forward import lora_forward_triton
+    from lora_triton.ops import candidates
     from lora_triton.testing import random_lora_problem
 
     p = random_lora_problem(3, 32, 64, 200, seed=1)
     args = (p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"])
-    with pytest.raises(ValueError, match="takes LoRA ranks up to 128"):
-        lora_forward_triton(*args, method="skinny")
-    lora_forward_triton(*args, method="dequant")
+    with pytest.raises(ValueError, match="r <= 128"):
+        candidates.run_forward("skinny", *args)
+    candidates.run_forward("dequant", *args)
     problem = dispatch.Problem(torch.device("cuda", 0), 1, 4096, 4096, 200)
-    assert not dispatch.CANDIDATES["skinny"].supports(problem)
-    assert not dispatch.DX_CANDIDATES["fused"].supports(problem)
-    assert dispatch.CANDIDATES["dequant"].supports(problem)
+    assert not candidates.FORWARD["skinny"].supports(problem)
+    assert not candidates.DX["fused"].supports(problem)
+    assert candidates.FORWARD["dequant"].supports(problem)
 
 
 # ----------------------------------------------------------------------------- class 6: the table
 def test_a_table_point_its_candidate_cannot_run_is_dropped_with_a_warning(tmp_path):
     good = {"m_bucket": 1, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"split_k": 2}}
-    bad = [{"m_bucket": 2, "n": 64, "k": 128, "r": 8, "candidate": "fused", "config": {"BLOCK_M": 32}},
+    bad = [{"m_bucket": 2, "n": 64, "k": 128, "r": 8, "candidate": "torch", "config": {"BLOCK_M": 32}},
            {"m_bucket": 4, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"block_m": 7}},
            {"m_bucket": 8, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"warps": 4}},
            {"m_bucket": 16, "n": 64, "k": 128, "r": 8, "candidate": "dequant", "config": {"split_k": 2}},
@@ -258,22 +258,29 @@ def test_a_table_point_its_candidate_cannot_run_is_dropped_with_a_warning(tmp_pa
 
 
 def test_a_forward_with_a_broken_table_runs_the_rule(tmp_path, monkeypatch):
-    """The module promises a warning and the rule, never a crash: every point of this table is bad."""
-    from lora_triton.ops import lora_nf4
-    from lora_triton.testing import random_lora_problem
+    """The module promises a warning and the rule, never a crash: every point of this table is bad, read
+    through the loader (points dropped) or handed to ``choose`` as it is (points skipped)."""
+    from lora_triton.ops import candidates
 
-    p = random_lora_problem(2, 64, 128, 8, seed=2)
+    from lora_triton.ops import configs
+
+    monkeypatch.setattr(dispatch.Problem, "gpu", property(lambda self: "G"))
+    monkeypatch.setattr(candidates, "gpu_limits", lambda device: configs.named_archs()[89])
+    broken = {"format": 1, "gpus": {"G": {"forward": [
+        {"m_bucket": 2, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"block_m": 7}},
+        {"m_bucket": 4, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"block_m": 4096, "block_n": 4096,
+                                                                                     "block_k": 4096}}]}}}
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"format": 1, "gpus": {"cpu": {"forward": [
-        {"m_bucket": 2, "n": 64, "k": 128, "r": 8, "candidate": "skinny", "config": {"block_m": 7}}]}}}))
+    path.write_text(json.dumps(broken))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = dispatch.load_table(str(path))
+        loaded = dispatch.load_table(str(path))
     dispatch.load_table.cache_clear()
-    monkeypatch.setattr(lora_nf4, "choose", lambda problem, *a: dispatch.choose(problem, table=table))
-    y, _ = lora_nf4._forward_impl(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], None, 0.0, 0, "triton")
-    want, _ = lora_nf4._forward_impl(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], None, 0.0, 0, "torch")
-    assert relative_error(y, want) < 1e-5
+    rule = candidates.FORWARD[candidates.RULE["forward"][0]]
+    for m in (2, 4):
+        problem = dispatch.Problem(torch.device("cuda"), m, 64, 128, 8)
+        assert dispatch.choose("forward", problem, table=loaded) == (rule, None)
+        assert dispatch.choose("forward", problem, table=broken) == (rule, None)
 
 
 # ----------------------------------------------------------------------------- class 7: the front door
@@ -301,3 +308,64 @@ def test_merging_into_another_dtype_leaves_a_model_that_runs():
     same = _model()
     merge_to_linear(same)  # the model's own dtype
     assert next(same.parameters()).dtype == torch.float32
+
+
+def _cli_error(capsys, argv) -> str:
+    from lora_triton.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return f"{exit_info.value.code} {capsys.readouterr().err}"
+
+
+def test_a_bad_number_says_what_is_expected(capsys):
+    assert "--batch: must be a positive integer, got 'abc'" in _cli_error(capsys, ["memory", "--batch", "abc"])
+    assert "must be a positive integer, got 0" in _cli_error(capsys, ["memory", "--seq", "0"])
+
+
+@pytest.mark.parametrize("command", [["demo"], ["demo", "--quick"], ["forgetting", "--quick"]])
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    message = _cli_error(capsys, [*command, "--out-dir", str(blocker / "out")])
+    assert "cannot write to the output folder" in message and "--out-dir" in message
+
+
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="needs a CPU-only build of torch")
+def test_a_cuda_device_on_a_cpu_build_of_torch_says_so(capsys):
+    message = _cli_error(capsys, ["demo", "--quick", "--device", "cuda"])
+    assert "needs a CUDA build of torch" in message and "CPU-only" in message
+    assert "not a torch device" in _cli_error(capsys, ["demo", "--quick", "--device", "gpu0"])
+
+
+def test_the_injection_report_counts_in_words_and_names_what_stays_full_precision():
+    model = tiny_llama(seed=1)
+    report = inject_lora(model, ["q_proj", "v_proj"], r=4)
+    text = str(report)
+    layers = len(report.converted)
+    assert f"{layers} layers converted" in text
+    assert set(report.full_precision) >= {name for name, m in model.named_modules() if name.endswith("o_proj")}
+    assert f"{len(report.full_precision)} other linear layers stay in full precision" in text
+    assert "1 layer converted" in str(inject_lora(tiny_llama(seed=1, layers=1), ["q_proj"], r=4))
+
+
+def test_memory_tables_of_a_tiny_model_print_no_zeros_and_small_weights_say_nf4_is_larger(tmp_path, capsys):
+    from lora_triton.cli import main
+
+    config = tiny_llama(seed=1).config
+    config.save_pretrained(tmp_path)
+    assert main(["memory", str(tmp_path), "--seq", "16"]) == 0
+    table = capsys.readouterr().out
+    totals = next(line for line in table.splitlines() if line.startswith("total")).split()[1:]
+    assert all(float(v) > 0 for v in totals), table
+    main(["verify", "--out-features", "8", "--in-features", "64", "--rank", "4", "--tokens", "3"])
+    out = capsys.readouterr().out
+    assert "larger: at 512 weights" in out and "-" not in out.split("bits/weight, ")[1][:2], out
+
+
+def test_the_readme_names_import_from_the_package():
+    import lora_triton
+
+    for name in ("save_adapters", "save_adapter", "load_adapter", "inject_lora", "route_adapters", "RoutedLoRA",
+                 "causal_lm_loss", "set_trainable_adapters"):
+        assert name in lora_triton.__all__ and getattr(lora_triton, name)

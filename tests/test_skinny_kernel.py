@@ -1,4 +1,5 @@
-"""The decode-size kernel (lora_triton/kernels/nf4_skinny.py) against the float64 reference.
+"""The decode-size kernel (lora_triton/kernels/nf4_skinny.py, the ``skinny`` candidate) against the float64
+reference.
 
 Interpreter shapes stay small; split-K is forced to several values (the GPU picks it from the
 SM count) so the last-program reduction runs on every shape. Outputs are poisoned with NaN.
@@ -13,13 +14,13 @@ import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_triton.kernels import lora_forward as lf
 from lora_triton.kernels import nf4_skinny, runtime
-from lora_triton.kernels.dropout import dropout_mask
+from lora_triton.ops import candidates, configs
+from lora_triton.ops.dropout import dropout_mask
 from lora_triton.reference import lora_forward
 from lora_triton.format import NF4Weight
 from lora_triton.format.nf4 import unpack_nibbles
-from lora_triton.testing import REL_TOL, assert_rel_close, random_lora_problem, relative_error
+from lora_triton.testing import REL_TOL, assert_like_torch, assert_rel_close, random_lora_problem, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, N, K, r, blocksize, double_quant, bias): M 1, 2, 3, 16, 17; N never a multiple of the tile;
@@ -37,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")  # outputs start
 
 
 def _run(problem, config=None, dropout_p=0.0, seed=0):
-    return lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
-                                  problem["scale"], problem["bias"], dropout_p, seed, "skinny", config)
+    return candidates.run_forward("skinny", problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
+                                  problem["scale"], problem["bias"], dropout_p, seed, config)
 
 
 def _check(problem, config=None, dropout_p=0.0, seed=0):
@@ -47,10 +48,12 @@ def _check(problem, config=None, dropout_p=0.0, seed=0):
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     y_ref, s_ref = lora_forward(f64(x), problem["weight"], f64(problem["lora_a"]), f64(problem["lora_b"]),
                                 problem["scale"], f64(problem["bias"]), mask)
+    y_plain, s_plain = lora_forward(x, problem["weight"], problem["lora_a"], problem["lora_b"], problem["scale"],
+                                    problem["bias"], mask)
     y, s = _run(problem, config, dropout_p, seed)
     assert y.dtype == s.dtype == x.dtype
-    assert_rel_close(s, s_ref, x.dtype, what="S (skinny)")
-    assert_rel_close(y, y_ref, x.dtype, what="y (skinny)")
+    assert_like_torch(s, s_ref, s_plain, what="S (skinny)")
+    assert_like_torch(y, y_ref, y_plain, what="y (skinny)")
     return y, s
 
 
@@ -144,8 +147,8 @@ def test_scale_weights_rounds_like_the_dequantized_weight(device):
     config = dict(block_m=32, block_n=32, block_k=128, split_k=2)
     y_weights, s_weights = _run(problem, dict(config, scale_weights=True), dropout_p=0.1, seed=5)
     y_product, s_product = _run(problem, dict(config, scale_weights=False), dropout_p=0.1, seed=5)
-    y_dequant, _ = lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"],
-                                          problem["scale"], problem["bias"], 0.1, 5, "dequant")
+    y_dequant, _ = candidates.run_forward("dequant", problem["x"], problem["weight"], problem["lora_a"],
+                                          problem["lora_b"], problem["scale"], problem["bias"], 0.1, 5)
     assert relative_error(y_weights, y_dequant) < 1e-6 and relative_error(y_product, y_dequant) < 1e-6
     assert torch.equal(s_weights, s_product)
 
@@ -193,22 +196,23 @@ def test_switches_must_be_bools(key, device):
 def test_configs_without_s_first_still_load():
     """Dispatch tables written before ``s_first`` and ``scale_weights`` existed name configs without
     them (False)."""
-    nf4_skinny.check_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
-                                 maxnreg=None, table="gather"))
+    configs.check_skinny_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
+                                     maxnreg=None, table="gather"))
     with pytest.raises(ValueError, match="missing keys \\['table'\\]"):
-        nf4_skinny.check_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
-                                     maxnreg=None))
+        configs.check_skinny_config(dict(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=2,
+                                         maxnreg=None))
 
 
 def test_medium_m_default_is_the_32_token_tile_with_s_first_above_rank_16():
-    assert lf.skinny_default(16, 1) == lf.SKINNY_DEFAULT
-    assert lf.skinny_default(64, 16)["maxnreg"] is None and lf.skinny_default(64, 16)["block_m"] == 16
-    medium = lf.skinny_default(16, 17)
+    skinny = configs.configs().skinny
+    assert configs.skinny_default(16, 1) == skinny["decode"]
+    assert configs.skinny_default(64, 16)["maxnreg"] is None and configs.skinny_default(64, 16)["block_m"] == 16
+    medium = configs.skinny_default(16, 17)
     assert medium["block_m"] == 32 and medium["maxnreg"] == 168 and medium["s_first"] is False
-    assert lf.skinny_default(64, 128)["s_first"] is True and lf.skinny_default(128, 200)["block_m"] == 32
+    assert configs.skinny_default(64, 128)["s_first"] is True and configs.skinny_default(128, 200)["block_m"] == 32
     assert medium["block_k"] == 64  # one absmax per row and K step at bitsandbytes' blocksize 64
-    for config in (lf.SKINNY_DEFAULT, lf.SKINNY_MEDIUM_DEFAULT, lf.SKINNY_INTERPRETER, *lf.SKINNY_CONFIGS):
-        nf4_skinny.check_config(dict(config, split_k=1, table="shfl"))
+    for config in (skinny["decode"], skinny["medium"], skinny["interpreter"], *configs.skinny_bench_configs()):
+        configs.check_skinny_config(dict(config, split_k=1, table="shfl"))
 
 
 @pytest.mark.parametrize("k_steps", range(1, 40))
@@ -249,8 +253,8 @@ def test_empty_batch(device):
 def test_config_is_refused_by_candidates_that_take_none(device):
     problem = random_lora_problem(2, 40, 128, 4, torch.float32, 64, True, False, device)
     with pytest.raises(ValueError, match="takes no config"):
-        lf.lora_forward_triton(problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"], 1.0,
-                               method="fused", config=dict(split_k=2))
+        candidates.run_forward("dequant", problem["x"], problem["weight"], problem["lora_a"], problem["lora_b"], 1.0,
+                               config=dict(split_k=2))
 
 
 def test_shfl_table_is_refused_by_the_interpreter(device):
@@ -281,15 +285,12 @@ def test_lora_chunks_keep_16_columns_per_chunk_of_every_absmax_sub_tile(block_k,
         assert chunks == 1 or chunks * r_pad <= 64
 
 
-def test_output_tiles_too_large_for_int32_offsets_are_refused():
-    """Meta tensors: the check runs before any launch (and needs no memory)."""
-    meta = dict(device="meta", dtype=torch.float16)
-    x, y = torch.empty(64, 128, **meta), torch.empty(64, 2**26, **meta)
-    lora_a, lora_b, s = torch.empty(16, 128, **meta), torch.empty(2**26, 16, **meta), torch.empty(64, 16, **meta)
-    with pytest.raises(ValueError, match="int32 tile offsets"):
-        nf4_skinny.launch_skinny(x, (), lora_a, lora_b, None, y, s, 1.0, 0.0, 0, blocksize=64, double_quant=True,
-                                 r_pad=16, dot_precision="ieee", table="gather", block_m=64, block_n=128,
-                                 block_k=64, split_k=1)
+def test_output_tiles_too_large_for_int32_offsets_are_refused(monkeypatch):
+    """A limit of the candidate (``supports``), known before anything is allocated."""
+    monkeypatch.setattr(candidates, "can_launch", lambda device: True)
+    problem = candidates.Problem(torch.device("cuda"), 64, 2**26, 128, 16)
+    assert "int32 offsets" in candidates.FORWARD["skinny"].refuses(problem)
+    assert candidates.FORWARD["skinny"].refuses(candidates.Problem(torch.device("cuda"), 64, 2**24, 128, 16)) is None
 
 
 @triton.jit

@@ -92,7 +92,7 @@ def test_quick_report_compiles_every_dispatched_kernel_for_the_four_named_gpus(t
     assert set(static.FIELDS) <= set(rows[0])
     assert {r["arch"] for r in rows} == {"sm_80", "sm_86", "sm_89", "sm_90"}
     dispatched = static.dispatched_kernels()
-    assert {"dequant", "s", "dropout_mask", "multi_shrink", "multi_expand"} <= dispatched
+    assert {"dequant", "s", "uniform", "multi_shrink", "multi_expand"} <= dispatched
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
         here = [r for r in rows if r["arch"] == arch]
         assert {r["kernel"] for r in here if r["offered"] == "True"} >= dispatched | {"skinny", "skinny_m"}
@@ -140,9 +140,7 @@ def test_the_report_fails_offered_rows_that_cannot_launch_or_spill():
 def test_skinny_rows_are_dispatched_by_the_config_the_table_ships(monkeypatch):
     """A shipped skinny point makes exactly its config (merged over the default for its rank and M bucket)
     a dispatched row, compiled even in quick mode, under the budget of its token tile."""
-    from lora_triton.kernels import lora_forward as lf
-    from lora_triton.kernels.runtime import NAMED_ARCHS
-    from lora_triton.ops import dispatch
+    from lora_triton.ops import configs, dispatch
 
     shipped = dict(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=2, maxnreg=168, s_first=False,
                    scale_weights=True)
@@ -150,17 +148,46 @@ def test_skinny_rows_are_dispatched_by_the_config_the_table_ships(monkeypatch):
         {"m_bucket": 64, "n": 4096, "k": 4096, "r": 16, "candidate": "skinny", "config": shipped},
         {"m_bucket": 4, "n": 4096, "k": 4096, "r": 16, "candidate": "skinny", "config": {"split_k": 8}}]}}}
     monkeypatch.setattr(dispatch, "load_table", lambda: table)
-    limits = NAMED_ARCHS[90]
-    assert static.shipped_skinny_configs(limits) == [dict(lf.skinny_default(16, 64, 2, limits), **shipped),
-                                                     dict(lf.skinny_default(16, 4, 2, limits), split_k=8)]
+    limits = configs.named_archs()[90]
+    assert static.shipped_skinny_configs(limits) == [dict(configs.skinny_default(16, 64, 2, limits), **shipped),
+                                                     dict(configs.skinny_default(16, 4, 2, limits), split_k=8)]
     variant = dict(dtype="bf16", r=16, table="shfl")
     quick = static._skinny_builds(True, variant, limits)
     dispatched = static.dispatched_kernels()
     marked = [b for b in quick if static.is_dispatched(b, dispatched, limits)]
     assert [(b.kernel, b.config.get("SCALE_WEIGHTS", False)) for b in marked] == [("skinny", False), ("skinny_m", True)]
-    assert marked[0] == static._skinny_build(lf.SKINNY_DEFAULT, variant)  # split_k is not a compile option
-    medium_default = static._skinny_build(lf.skinny_default(16, 17), variant)
+    decode_default = configs.configs().skinny["decode"]
+    assert marked[0] == static._skinny_build(decode_default, variant)  # split_k is not a compile option
+    medium_default = static._skinny_build(configs.skinny_default(16, 17), variant)
     assert medium_default in quick and not static.is_dispatched(medium_default, dispatched, limits)
     gather = static._skinny_build(shipped, dict(variant, table="gather"))
     assert not static.is_dispatched(gather, dispatched, limits)
     assert static.BUDGETS[marked[1].kernel].regs == 168
+
+
+def test_every_candidate_says_which_kernels_it_launches():
+    """The report's map of candidates to kernels covers each registry of ``ops.candidates`` exactly (a new
+    candidate must say what it launches), and names only kernels the report compiles."""
+    from lora_triton.ops import candidates
+
+    assert set(static.OPERATION_KERNELS) == set(candidates.REGISTRIES)
+    for operation, registry in candidates.REGISTRIES.items():
+        assert set(static.OPERATION_KERNELS[operation]) == set(registry), operation
+        assert set(candidates.RULE[operation]) <= set(registry), operation
+        for kernels in static.OPERATION_KERNELS[operation].values():
+            assert kernels <= set(static.KERNELS), (operation, kernels)
+    assert static.ALWAYS_LAUNCHED <= set(static.KERNELS)
+
+
+def test_the_tile_kernels_fixed_tile_is_compiled_and_offered_on_every_arch():
+    """The fused and dx kernels run their fixed tile without autotuning: quick mode compiles it, the full
+    report compiles it beside the autotune tiles, and it is an offered row on every named arch."""
+    from lora_triton.ops import configs
+
+    for limits in configs.named_archs().values():
+        for kernel in ("fused", "dx"):
+            for variant in static.QUICK_VARIANTS:
+                variant = dict(variant, table="shfl")
+                fixed = static.kernel_builds(kernel, True, variant, limits)
+                assert len(fixed) == 1 and static.is_offered(fixed[0], limits), (kernel, variant, limits)
+                assert fixed[0] in static.kernel_builds(kernel, False, variant, limits)

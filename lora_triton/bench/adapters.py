@@ -15,7 +15,7 @@ side by side in one run, medians after warm-up:
 Passes: ``fwd`` (serving, ``no_grad``, eval) and ``fwd+bwd`` (several adapters trained in one pass:
 every adapter trainable, ``dx`` too). Ratios: ``x_vs_peft_mixed`` = PEFT mixed ms / ours ms,
 ``x_vs_ours_single`` = ours single ms / ours mixed ms (the throughput fraction kept when mixing).
-Targets (issue 16): GPU, 16 distinct adapters: ``ours_mixed`` >= 0.8x ``ours_single`` and >= 4x
+Targets: GPU, 16 distinct adapters: ``ours_mixed`` >= 0.8x ``ours_single`` and >= 4x
 ``peft_mixed``; CPU: ``ours_mixed`` not slower than ``peft_mixed`` at any count.
 """
 

@@ -108,7 +108,8 @@ def _kernel_device(quick: bool) -> torch.device | None:
     if not quick:
         return None
     if not interpreting():
-        if any(name in sys.modules for name in ("lora_triton.kernels.lora_forward", "lora_triton.kernels.lora_dx")):
+        jit_free = ("lora_triton.kernels", "lora_triton.kernels.runtime", "lora_triton.kernels.native")
+        if any(name.startswith("lora_triton.kernels") and name not in jit_free for name in sys.modules):
             return None  # kernels were imported for a GPU; the interpreter can no longer be switched on
         os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernel modules are imported
     return torch.device("cpu")

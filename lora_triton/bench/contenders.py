@@ -89,9 +89,9 @@ def _dequant_fn(weight: NF4Weight, bnb_layer: nn.Module | None, bnb):
         packed, state = bnb_layer.weight.data, bnb_layer.weight.quant_state
         return lambda dtype: bnb.functional.dequantize_4bit(packed, state).to(dtype), "bitsandbytes dequantize_4bit"
     if weight.device.type == "cuda":
-        from ..kernels.lora_forward import dequantize_nf4
+        from ..ops.candidates import dequantize_kernel
 
-        return lambda dtype: dequantize_nf4(weight, dtype), "lora-triton dequant kernel"
+        return lambda dtype: dequantize_kernel(weight, dtype), "lora-triton dequant kernel"
     return weight.dequantize, "plain-torch dequantize"
 
 

@@ -1,7 +1,7 @@
 """CPU table: the layer users get on CPU (``LoRALinear4bit`` with the plain-torch reference
 backend) against bitsandbytes' CPU backend + PEFT, and dequantize + ``F.linear`` + LoRA, at
 shapes a CPU handles; inference forward and forward+backward, ratios from the same run.
-Target (issue: ``lora-triton bench``): ours at least as fast as bitsandbytes + PEFT on CPU.
+Target: ours at least as fast as bitsandbytes + PEFT on CPU.
 """
 
 from __future__ import annotations

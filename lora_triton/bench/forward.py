@@ -1,7 +1,8 @@
 """Forward table: every lora-triton forward candidate against the usual baselines.
 
-For each projection shape (K, N), rank r and token count M it times the candidates of
-``lora_forward.METHODS`` and three baselines, all in the same run:
+For each projection shape (K, N), rank r and token count M it times the kernel candidates of
+``ops.candidates.FORWARD`` that support the point, the experimental fused kernel
+(``kernels.experimental``, a row, never dispatched) and three baselines, all in the same run:
 
 ``dense``           ``F.linear`` on a dense bf16 weight + PEFT-style LoRA matmuls
 ``dequant_linear``  dequantize NF4 (bitsandbytes' kernel when installed, else ours) +
@@ -12,8 +13,7 @@ Plans (``--plan``, else ``LORA_TRITON_FORWARD_SWEEP``, else ``default``): ``defa
 ``dispatch`` the points that decide the dispatch table (M in 1, 16, 128, 1024, 8192 on the three
 Llama-7B shapes at r = 16: the GPU check's table); ``crossover`` (crossovers measured, not guessed)
 sweeps M in ``CROSSOVER_MS`` over the three Llama-7B shapes at r in {16, 64} and adds rows of
-``op = dx`` for every way of computing ``dx`` (``ops.dispatch.DX_CANDIDATES``: the fused kernel and
-dequantize + cuBLAS); ``--write-dispatch`` then writes the ``dx`` points of the dispatch table as
+``op = dx`` for every way of computing ``dx`` (``ops.candidates.DX``); ``--write-dispatch`` then writes the ``dx`` points of the dispatch table as
 well. It takes far longer than the default plan: give it its own budget (``bench/gpu_check.sh``
 with ``GPU_SWEEP=crossover``). Every plan has a ``--quick`` twin at toy sizes.
 
@@ -22,7 +22,7 @@ dequantized weight (a fast but wrong kernel shows), median time, TFLOP/s, GB/s, 
 the device peaks measured in the same run, speed-up over each baseline, the dispatcher's
 choice and whether this method was the fastest candidate (``--write-dispatch`` turns the
 fastest per point, with its ``config``, into ``ops/dispatch_table.json``). The skinny kernel
-has a row per config of ``lora_forward.SKINNY_CONFIGS`` on a GPU. GB/s counts the bytes an NF4 forward must move (packed W,
+has a row per benchmark config of ``ops/kernel_configs.json`` on a GPU. GB/s counts the bytes an NF4 forward must move (packed W,
 absmax, x, y, A, B, S) for every row, so rows compare on the same work. Small M is timed
 from CUDA graphs (launch overhead would dominate), the rest with do_bench; L2 flushed in both.
 """
@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from ..ops.dispatch import DX_CANDIDATES, SKINNY_MAX_M, choose_dx, choose_method
+from ..ops import candidates, configs, dispatch
 from .environment import META_FIELDS, import_bitsandbytes
 from .report import Speedup
 from .timing import time_ms, within_budget
@@ -56,15 +56,15 @@ QUICK_CROSSOVER = dict(shapes=[(128, 96)], ranks=[8], ms=[16, 33], dtype=torch.b
 SWEEP_ENV = "LORA_TRITON_FORWARD_SWEEP"
 #: Plan name -> (plan, its ``--quick`` twin).
 PLANS = {"default": (FULL, QUICK), "dispatch": (DISPATCH, QUICK), "crossover": (CROSSOVER, QUICK_CROSSOVER)}
-DECODE_BENCH_MAX_M = 128  # the decode kernel is timed up to here; beyond it is off its design point
 CUDA_GRAPH_MAX_M = 128  # launch-bound below this: time from CUDA graphs
 BASELINES = ("dense", "dequant_linear", "bnb_matmul_4bit")
 #: Kernel-only rows (not layer candidates): each code-table variant of the dequant kernel alone, and
 #: the skinny kernel over a CUDA graph of many layers whose weights exceed the L2 (the bandwidth a
 #: decode step sees; a single 8 MB GEMV is near launch overhead). ``gbps`` there counts bytes read.
 KERNEL_ONLY = ("dequant_only_shfl", "dequant_only_gather", "skinny_many_layers")
+#: Rows that time a kernel outside dispatch: the single-pass fused kernel (``kernels.experimental``).
+EXPERIMENTAL = ("fused",)
 MANY_LAYERS_BYTES = 256 * 2**20  # > the H200's 60 MB L2 several times over
-SKINNY_BENCH_MAX_M = SKINNY_MAX_M  # its 32- and 64-token tiles are medium-M candidates (issue 14: M = 16..256)
 KERNEL_ONLY_MAX_M = 16  # the kernel-only rows: decode-size points only
 FIELDS = META_FIELDS + ["dtype", "K", "N", "r", "M", "op", "method", "config",
                         "rel_err", "ms", "timer", "tflops", "gbps",
@@ -157,50 +157,49 @@ def peft_lora(y: torch.Tensor, p: Problem) -> torch.Tensor:
     return y + torch.nn.functional.linear(torch.nn.functional.linear(p.x, p.lora_a), p.lora_b) * p.scale
 
 
+def _kernel_problem(p: Problem) -> candidates.Problem:
+    return candidates.Problem(p.x.device, p.m, p.n, p.k, p.r, p.x.dtype, False, p.weight.blocksize)
+
+
 def methods_for(p: Problem) -> dict[str, Callable[[], object]]:
     """Every method to time for ``p``: name -> zero-argument callable."""
     import torch.nn.functional as F
 
-    from ..kernels import lora_forward as lf
-    from ..kernels.nf4_dequant import dequantize_nf4
-
     fns = {"dense": lambda: peft_lora(F.linear(p.x, p.dense), p)}
-    dequant = lambda: dequantize_nf4(p.weight, p.x.dtype)  # noqa: E731  (stand-in when bitsandbytes is absent)
+    dequant = lambda: candidates.dequantize_kernel(p.weight, p.x.dtype)  # noqa: E731  (without bitsandbytes)
     quantized = _bnb_quantized(p)
     if quantized is not None:
         bnb, (packed, state) = quantized
         dequant = lambda: bnb.functional.dequantize_4bit(packed, state)  # noqa: E731
         fns["bnb_matmul_4bit"] = lambda: peft_lora(bnb.matmul_4bit(p.x, packed.t(), quant_state=state), p)
     fns["dequant_linear"] = lambda: peft_lora(F.linear(p.x, dequant()), p)
-    for method in lf.METHODS:
-        if (method == "decode" and p.m > DECODE_BENCH_MAX_M) or (method == "skinny" and p.m > SKINNY_BENCH_MAX_M):
+    problem = _kernel_problem(p)
+    for name, candidate in candidates.FORWARD.items():
+        if name == "torch" or not candidate.supports(problem):
             continue
-        for name, config in (skinny_configs(p.x.device) if method == "skinny" else {method: None}).items():
-            fns[name] = (lambda method=method, config=config: lf.lora_forward_triton(
-                p.x, p.weight, p.lora_a, p.lora_b, p.scale, method=method, config=config))
+        variants = skinny_configs(p.x.device) if name == "skinny" else NATIVE_ROWS if name == "native" else {name: None}
+        for row, config in variants.items():
+            fns[row] = (lambda name=name, config=config: candidates.run_forward(
+                name, p.x, p.weight, p.lora_a, p.lora_b, p.scale, config=config))
+    fns.update(experimental_methods(p))
     if p.m <= KERNEL_ONLY_MAX_M:
         for table in ("shfl", "gather") if p.x.is_cuda else ("gather",):  # shfl is inline PTX: GPU only
-            fns[f"dequant_only_{table}"] = lambda table=table: dequantize_nf4(p.weight, p.x.dtype, table)
-        fns["skinny_many_layers"] = many_layers(p, "skinny")
-    fns.update(native_methods(p))
+            fns[f"dequant_only_{table}"] = lambda table=table: candidates.dequantize_kernel(p.weight, p.x.dtype, table)
+        if candidates.FORWARD["skinny"].supports(problem):
+            fns["skinny_many_layers"] = many_layers(p, "skinny")
     return fns
 
 
-# --- native CUDA kernels (top-level kernels/, issue 20): rows only where the library is built ---------
+def experimental_methods(p: Problem) -> dict[str, Callable[[], object]]:
+    """The experimental fused kernel's row where it can run (``kernels.experimental.fused``)."""
+    if candidates.kernels_refuse(_kernel_problem(p)) is not None or p.r > configs.max_rank("fused"):
+        return {}
+    return {"fused": lambda: candidates.run_experimental_fused(p.x, p.weight, p.lora_a, p.lora_b, p.scale)}
+
+
 #: ``native`` is the dispatch candidate (shared-memory code table, the library's per-shape plan);
 #: ``native_register`` the same kernels with the code table in registers (a variant, not a candidate).
-NATIVE_ROWS = {"native": {}, "native_register": {"table": "register"}}
-
-
-def native_methods(p: Problem) -> dict[str, Callable[[], object]]:
-    """The native kernels' rows for ``p`` (none off CUDA, beyond M = 16 or without the library)."""
-    from ..kernels import native_skinny
-
-    if p.m > SKINNY_BENCH_MAX_M or not native_skinny.supports(p.x.device, p.m, p.x.dtype):
-        return {}
-    return {name: (lambda config=config: native_skinny.lora_forward_native(p.x, p.weight, p.lora_a, p.lora_b,
-                                                                           p.scale, config=config))
-            for name, config in NATIVE_ROWS.items()}
+NATIVE_ROWS = {"native": None, "native_register": {"table": "register"}}
 
 
 def print_native_ratios(p: Problem, timings: dict[str, float]) -> None:
@@ -210,16 +209,13 @@ def print_native_ratios(p: Problem, timings: dict[str, float]) -> None:
             dense = f", {timings['dense'] / timings[name]:.2f}x dense" if "dense" in timings else ""
             print(f"K={p.k} N={p.n} r={p.r} M={p.m} {name}: {timings[name]:.4g} ms, "
                   f"{timings['skinny'] / timings[name]:.2f}x the Triton skinny kernel{dense}")
-# --- end of the native rows ----------------------------------------------------------------------------
 
 
 def skinny_configs(device: torch.device) -> dict[str, dict | None]:
     """The skinny kernel's configs timed at each point, by row name: ``skinny`` its default (None),
-    and on a GPU ``skinny#i`` for every ``lora_forward.SKINNY_CONFIGS`` entry, so the dispatch
+    and on a GPU ``skinny#i`` for every benchmark config of ``ops/kernel_configs.json``, so the dispatch
     table can keep the fastest."""
-    from ..kernels import lora_forward as lf
-
-    others = lf.SKINNY_CONFIGS if device.type == "cuda" else ()
+    others = configs.skinny_bench_configs() if device.type == "cuda" else ()
     return {"skinny": None, **{f"skinny#{i}": dict(config) for i, config in enumerate(others, 1)}}
 
 
@@ -228,21 +224,20 @@ def method_and_config(name: str, device: torch.device) -> tuple[str, str]:
     import json
 
     method = name.split("#")[0]
-    config = skinny_configs(device).get(name) if method == "skinny" else None
+    config = (skinny_configs(device).get(name) if method == "skinny" else
+              NATIVE_ROWS.get(name) if method.startswith("native") else None)
     return method, json.dumps(config, sort_keys=True) if config else ""
 
 
 def many_layers(p: Problem, method: str) -> Callable[[], object]:
     """One call runs ``method`` on ``layers`` distinct copies of the weight back to back, enough
     of them to exceed the L2 (``MANY_LAYERS_BYTES``); returns the first layer's output."""
-    from ..kernels import lora_forward as lf
-
     layers = max(1, MANY_LAYERS_BYTES // p.weight.nbytes) if p.x.is_cuda else 2  # 2: the interpreter's smoke run
     weights = [p.weight] + [replace_packed(p.weight) for _ in range(layers - 1)]
     p.layers = layers
 
     def run():
-        outs = [lf.lora_forward_triton(p.x, w, p.lora_a, p.lora_b, p.scale, method=method) for w in weights]
+        outs = [candidates.run_forward(method, p.x, w, p.lora_a, p.lora_b, p.scale) for w in weights]
         return outs[0]
     return run
 
@@ -279,14 +274,12 @@ def output_error(out, expected: torch.Tensor) -> float:
 
 
 def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[dict]:
-    from ..kernels import lora_forward as lf
-
     expected = reference_output(p)
     timings, timers, errors = _time_methods(p, methods_for(p), expected, device, quick)
-    candidates = {name: t for name, t in timings.items() if method_and_config(name, device)[0] in lf.METHODS}
-    fastest = min(candidates, key=candidates.get) if candidates else ""
+    ranked = {name: t for name, t in timings.items() if method_and_config(name, device)[0] in candidates.FORWARD}
+    fastest = min(ranked, key=ranked.get) if ranked else ""
     print_native_ratios(p, timings)
-    dispatch = choose_method(device, p.m, p.n, p.k, p.r)
+    chosen = dispatch.choose("forward", _kernel_problem(p))[0].name
     peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
     rows = []
     for name, ms in timings.items():
@@ -306,8 +299,9 @@ def bench_problem(p: Problem, meta: dict, device: torch.device, quick: bool) -> 
                      "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
                      "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": ratio("dense"),
                      "x_vs_dequant_linear": ratio("dequant_linear"), "x_vs_bnb_matmul_4bit": ratio("bnb_matmul_4bit"),
-                     "dispatch": dispatch, "fastest_candidate": int(name == fastest),
-                     "note": "baseline" if name in BASELINES else ("kernel only" if name in KERNEL_ONLY else "")})
+                     "dispatch": chosen, "fastest_candidate": int(name == fastest),
+                     "note": "baseline" if name in BASELINES else "kernel only" if name in KERNEL_ONLY else
+                     "experimental" if name in EXPERIMENTAL else ""})
     return rows
 
 
@@ -327,13 +321,11 @@ def _time_methods(p: Problem, fns: dict[str, Callable[[], object]], expected: to
 
 # ---------------------------------------------------------------------- dx (the crossover sweep)
 def dx_methods(p: Problem, dy: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """Every ``ops.dispatch.DX_CANDIDATES`` entry, by name: ``dx = dy @ dequant(W) + s * (dy @ B) @ A``
-    through the backward the layer runs (``G = dy @ B`` included, no other gradient)."""
-    from ..kernels.lora_dx import lora_backward_triton
-
-    return {name: (lambda name=name: lora_backward_triton(dy, p.x, p.weight, p.lora_a, p.lora_b, p.scale, None,
-                                                          needs=(True, False, False, False), dx_method=name).dx)
-            for name in DX_CANDIDATES}
+    """Every dx candidate of ``ops.candidates.DX`` that supports ``p``, by name: ``dx = dy @ dequant(W) +
+    s * (dy @ B) @ A`` (``G = dy @ B`` included)."""
+    problem = _kernel_problem(p)
+    return {name: (lambda name=name: candidates.run_dx(name, dy, p.x, p.weight, p.lora_a, p.lora_b, p.scale))
+            for name, candidate in candidates.DX.items() if candidate.supports(problem)}
 
 
 def bench_dx(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[dict]:
@@ -345,7 +337,7 @@ def bench_dx(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[
     expected = dy.float() @ p.dense.float() + p.scale * ((dy.float() @ p.lora_b.float()) @ p.lora_a.float())
     timings, timers, errors = _time_methods(p, dx_methods(p, dy), expected, device, quick)
     fastest = min(timings, key=timings.get) if timings else ""
-    dispatch = f"dx:{choose_dx(device, p.m, p.n, p.k, p.r)}"
+    chosen = f"dx:{dispatch.choose('dx', _kernel_problem(p))[0].name}"
     peak_tflops, peak_gbps = float(meta["peak_matmul_tflops"]), float(meta["peak_copy_gbps"])
     rows = []
     for name, ms in timings.items():
@@ -356,7 +348,7 @@ def bench_dx(p: Problem, meta: dict, device: torch.device, quick: bool) -> list[
                      "pct_peak_tflops": f"{100 * tflops / peak_tflops:.3g}",
                      "pct_peak_gbps": f"{100 * gbps / peak_gbps:.3g}", "x_vs_dense": "",
                      "x_vs_dequant_linear": f"{timings['dequant'] / ms:.4g}" if "dequant" in timings else "",
-                     "x_vs_bnb_matmul_4bit": "", "dispatch": dispatch, "fastest_candidate": int(name == fastest),
+                     "x_vs_bnb_matmul_4bit": "", "dispatch": chosen, "fastest_candidate": int(name == fastest),
                      "note": ""})
     return rows
 

@@ -12,7 +12,7 @@ Per row: time, TFLOP/s (useful FLOPs of the pass) and % of the measured dense-ma
 speed-up over each baseline, and on a GPU the peak memory of ``fwd+bwd`` above what was
 allocated before it (``torch.cuda.max_memory_allocated``) and its ratio to bitsandbytes +
 PEFT's. ``rel_err`` is the largest relative error of y, dx, dA, dB against an fp32 reference
-on the same NF4 weight. Targets (issue: fused backward): ``fwd+bwd`` >= 1.3x faster than
+on the same NF4 weight. Targets: ``fwd+bwd`` >= 1.3x faster than
 bitsandbytes + PEFT at M >= 1024 with peak memory no higher.
 """
 

@@ -1,6 +1,12 @@
 """Model table: whole training steps of a Llama built from a config, ours against PEFT's QLoRA and
 PEFT's 16-bit LoRA, same model, same data, same run.
 
+``model="llama"`` (the default) times the Llamas of ``PLANS``; ``model="smollm2"`` (``lora-triton
+bench --what model --model smollm2``) SmolLM2-135M's shapes (``demos.smollm2.CONFIG``: hidden 576,
+30 layers, 9 query / 3 key-value heads, MLP 1536, vocabulary 49,152, tied embeddings), built from
+the config with random weights: the timings do not depend on the values, and the GPU script runs
+it without the 98 MB GGUF file (``SMOLLM2_PLANS``).
+
 Contenders (rank ``r`` adapters, ``alpha = 2 r``, on the seven projections of every decoder layer):
 
 ``ours``       ``inject_lora``: the projections become ``LoRALinear4bit`` (NF4 base)
@@ -29,7 +35,7 @@ Peak memory: on CUDA ``max_memory_allocated`` / ``max_memory_reserved`` over one
 optimizer state and activations, absolute). On CPU there is no allocator counter: the model's
 bytes and the optimizer state held before the step plus the live-tensor peak of the step
 (``memory.profiling.PeakTensorMemory``, the counter ``lora-triton memory --measure`` uses);
-nothing is "reserved" there. Targets (issue 17, GPU): ours >= 1.0x peft_lora's tokens/s and
+nothing is "reserved" there. Targets (GPU): ours >= 1.0x peft_lora's tokens/s and
 >= 1.3x bnb_peft's, peak memory <= bnb_peft's; on CPU ours >= 1.0x bnb_peft.
 """
 
@@ -48,7 +54,7 @@ from .timing import cpu_ms_interleaved, within_budget
 IMPLS = ("ours", "bnb_peft", "peft_lora", "ours_chunked")
 BASELINES = ("peft_lora", "bnb_peft")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: The issue's ~1B Llama (1.1B parameters, like TinyLlama's shapes).
+#: A ~1B Llama (1.1B parameters, like TinyLlama's shapes).
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000)
 #: What a 2-core CPU steps through in about a second (23M parameters).
@@ -70,6 +76,20 @@ PLANS = {
     ("cpu", True): dict(config=LLAMA_TINY, batch=2, seq=32, dtype=torch.float32, r=8, warmup=1, steps=2,
                         compile=False, chunk_tokens=16),
 }
+#: SmolLM2-135M's plans, by (device kind, quick). CPU: short sequences and no torch.compile, so
+#: that 4 contenders x checkpointing off/on fit the default budget on 2 cores; --quick keeps the
+#: real widths and vocabulary but two layers.
+SMOLLM2_PLANS = {
+    ("cuda", False): dict(batch=8, seq=1024, dtype=torch.bfloat16, r=16, warmup=3, steps=8, compile=True,
+                          chunk_tokens=2048),
+    ("cpu", False): dict(batch=2, seq=128, dtype=torch.float32, r=16, warmup=1, steps=3, compile=False,
+                         chunk_tokens=64),
+    ("cuda", True): dict(batch=2, seq=32, dtype=torch.bfloat16, r=8, warmup=1, steps=2, compile=False,
+                         chunk_tokens=16),
+    ("cpu", True): dict(batch=2, seq=32, dtype=torch.float32, r=8, warmup=1, steps=2, compile=False,
+                        chunk_tokens=16),
+}
+MODELS = ("llama", "smollm2")
 FIELDS = META_FIELDS + ["model", "params_m", "dtype", "batch", "seq", "r", "impl", "compile", "checkpointing",
                         "tokens_per_s", "step_ms", "steps", "x_vs_peft_lora", "x_vs_bnb_peft", "peak_alloc_mib",
                         "peak_reserved_mib", "peak_what", "mem_vs_bnb_peft", "loss", "share_ours_pct",
@@ -77,11 +97,26 @@ FIELDS = META_FIELDS + ["model", "params_m", "dtype", "batch", "seq", "r", "impl
 PLOT_TITLE = "training steps"
 
 _OURS_CPU = ("_EagerLoRANF4", "lora_triton::")
-_OURS_KERNELS = re.compile(r"_(fused_forward|lora_s|decode_partial|decode_epilogue|lora_dx|dequant|skinny|"
-                           r"dropout_mask)_kernel|nf4_lora")
+_OURS_KERNELS = re.compile(r"_(lora_s|dequant|dequant_merged|skinny|lora_dx|uniform|shrink|expand|fused_forward)_kernel|"
+                           r"nf4_lora")
 _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_mkldnn_matmul",
                "aten::mkldnn_linear", "aten::linear_backward"}
 _MATMUL_KERNELS = re.compile(r"gemm|gemv|cublas|cutlass|xmma|matmul", re.IGNORECASE)
+
+
+def plan_for(device_type: str, quick: bool, model: str = "llama") -> dict:
+    """The plan (config, batch, seq, dtype, rank, steps, compile, chunk size, ``name``) of
+    ``model`` (one of ``MODELS``) on a ``"cuda"`` or ``"cpu"`` device; ``ValueError`` otherwise."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if model == "llama":
+        return {**PLANS[(device_type, quick)], "name": "llama"}
+    from ..demos.smollm2 import CONFIG
+
+    config = {**CONFIG, "num_hidden_layers": 2} if quick else dict(CONFIG)
+    return {**SMOLLM2_PLANS[(device_type, quick)], "config": config, "name": "smollm2-135m shapes"}
 
 
 def build_model(impl: str, plan: dict, device: torch.device, checkpointing: bool):
@@ -92,7 +127,8 @@ def build_model(impl: str, plan: dict, device: torch.device, checkpointing: bool
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    config = LlamaConfig(**plan["config"], max_position_embeddings=max(plan["seq"], 128), tie_word_embeddings=False)
+    config = LlamaConfig(**{"tie_word_embeddings": False, **plan["config"]},
+                         max_position_embeddings=max(plan["seq"], 128))
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(plan["dtype"])
@@ -287,11 +323,12 @@ def settings(plan: dict, device_type: str) -> list[tuple[bool, bool, tuple[str, 
     return [(c, ckpt, group) for c in compiles for ckpt in (False, True) for group in groups]
 
 
-def run(device: torch.device, meta: dict, quick: bool, budget_s: float) -> list[dict]:
-    """All rows of the model table (settings past ``budget_s`` seconds are skipped and named)."""
+def run(device: torch.device, meta: dict, quick: bool, budget_s: float, model: str = "llama") -> list[dict]:
+    """All rows of the model table for ``model`` (one of ``MODELS``; settings past ``budget_s``
+    seconds are skipped and named)."""
     from tqdm.auto import tqdm
 
-    plan = PLANS[(device.type, quick)]
+    plan = plan_for(device.type, quick, model)
     todo = settings(plan, device.type)
     measured = {}
     bar = tqdm(total=len(todo), desc="model", ncols=90, file=sys.stderr)
@@ -311,8 +348,8 @@ def _mib(value: float | None) -> str:
 def _rows(measured: dict, plan: dict, meta: dict) -> list[dict]:
     """Table rows, with each row's speed-up and memory ratio against the baselines at its setting."""
     cfg = plan["config"]
-    name = f"llama h={cfg['hidden_size']} L={cfg['num_hidden_layers']} ff={cfg['intermediate_size']} " \
-           f"V={cfg['vocab_size']}"
+    name = f"{plan.get('name', 'llama')} h={cfg['hidden_size']} L={cfg['num_hidden_layers']} " \
+           f"ff={cfg['intermediate_size']} V={cfg['vocab_size']}"
     rows = []
     for (compiled, ckpt, impl), m in measured.items():
         base = lambda b: measured.get((compiled, ckpt, b))  # noqa: E731
@@ -380,7 +417,9 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    first = rows[0]
+    fig.suptitle(f"{title}\n{first['model']}, {first['dtype']}, batch {first['batch']} x {first['seq']}, r={first['r']}",
+                 fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -7,7 +7,8 @@ the checks run there; without one (the dry run) through Triton's interpreter at 
 The rule is flash-attention's: plain torch at the kernel's dtype is the yardstick. For every output
 ``o`` of a check, ``error = ||o - o64|| / ||o64||`` against the float64 reference
 (``lora_triton.reference``), ``torch_error`` the same for plain torch at the kernel's dtype on the
-same (rounded) inputs, and the check passes when ``error <= FACTOR * torch_error + SLACK`` for every
+same (rounded) inputs, and the check passes when ``error <= TORCH_FACTOR * torch_error + TORCH_SLACK``
+(``lora_triton.testing``) for every
 output; the row shows the output nearest its bound. The dequant kernel must match
 ``NF4Weight.dequantize`` bit for bit; the dropout mask has no torch twin: its values, its kept
 fraction (within 5 binomial standard deviations of ``1 - p``) and its dependence on the seed are
@@ -16,7 +17,7 @@ checked instead.
 Checks, in order of value (``checks``): the default forward (dequantize + cuBLAS) without and with
 dropout (the ``S`` kernel: ranks 16 and 128, bf16, fp16, fp32), the dropout mask, the dequant kernel
 per dtype and code table, the backward per ``dx`` method, the layer through the dispatcher with
-autograd, the mixed-adapter batch with autograd, then one shape per other forward candidate. The
+autograd, the mixed-adapter batch with autograd, then one shape per other forward candidate and the experimental fused kernel. The
 native kernels (``--part native``) are checked when their library is built.
 
     python -m lora_triton.bench.smoke --csv smoke.csv [--environment env.txt] [--toy] [--part native]
@@ -40,10 +41,6 @@ import torch
 from .report import CsvRows
 
 FIELDS = ["device", "check", "shape", "dtype", "error", "torch_error", "bound", "ok", "seconds", "note"]
-#: A kernel's error may be this many times plain torch's own at the same dtype and shape.
-FACTOR = 2.0
-#: Relative error below which two correct fp32 results of a few thousand-term sums cannot be told apart.
-SLACK = 1e-6
 SEED = 1234  # dropout seed of every check: the mask kernel regenerates the kernels' mask from it
 DROPOUT_P = 0.1
 
@@ -95,15 +92,14 @@ def compare(got: dict[str, torch.Tensor], plain: dict[str, torch.Tensor], ref: d
             note: str = "") -> Outcome:
     """Each output of ``got`` (kernel) against ``ref`` (float64), bounded by ``plain`` (torch at the
     kernel's dtype) as the module docstring says; the row reports the output nearest its bound."""
-    from ..testing import relative_error
+    from ..testing import relative_error, torch_error_bound
 
     measured, fails = [], []
     for name, out in got.items():
         finite = bool(torch.isfinite(out).all())
         same_shape = out.shape == ref[name].shape
         error = relative_error(out, ref[name]) if finite and same_shape else float("inf")
-        torch_error = relative_error(plain[name], ref[name])
-        bound = FACTOR * torch_error + SLACK
+        torch_error, bound = torch_error_bound(plain[name], ref[name])
         if not same_shape:
             fails.append(f"{name}: shape {list(out.shape)}, expected {list(ref[name].shape)}")
         elif not error <= bound:
@@ -126,7 +122,7 @@ def _problem(sizes: Sizes, dtype: torch.dtype, device: torch.device, m: int | No
 
 
 def _mask(p: float, m: int, k: int, device: torch.device) -> torch.Tensor | None:
-    from ..kernels.dropout import dropout_mask
+    from ..ops.dropout import dropout_mask
 
     return dropout_mask(SEED, p, m, k, device) if p > 0 else None
 
@@ -152,23 +148,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------- the checks
 def forward_check(p: dict, method: str, dropout_p: float = 0.0) -> Outcome:
-    """``lora_forward_triton(method)``'s ``(y, S)`` for problem ``p`` (its default config), dropout
-    from ``SEED``."""
-    from ..kernels.lora_forward import lora_forward_triton
+    """The forward candidate ``method``'s ``(y, S)`` for problem ``p`` (its default config), dropout from
+    ``SEED``; ``method`` ``"fused"``: the experimental single-pass kernel (no dropout)."""
+    from ..ops import candidates
 
     x = p["x"]
     mask = _mask(dropout_p, *x.shape, x.device)
-    y, s = lora_forward_triton(x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"], dropout_p, SEED,
-                               method)
+    if method == "fused":
+        y, s = candidates.run_experimental_fused(x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"])
+    else:
+        y, s = candidates.run_forward(method, x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"],
+                                      dropout_p, SEED)
     plain, ref = _forward_refs(p, mask)
     return compare({"y": y, "S": s}, plain, ref)
 
 
 def native_check(p: dict) -> Outcome:
     """The native kernels' ``(y, S)`` for problem ``p`` (no dropout: they have none)."""
-    from ..kernels.native_skinny import lora_forward_native
+    from ..ops import candidates
 
-    y, s = lora_forward_native(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"])
+    y, s = candidates.run_forward("native", p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"])
     plain, ref = _forward_refs(p, None)
     return compare({"y": y, "S": s}, plain, ref)
 
@@ -195,22 +194,26 @@ def _output_grad(p: dict, seed: int = 7) -> torch.Tensor:
 
 
 def backward_check(p: dict, dx_method: str, dropout_p: float) -> Outcome:
-    """``lora_backward_triton(dx_method)``'s four gradients, ``S`` from the default forward."""
-    from ..kernels.lora_dx import lora_backward_triton
-    from ..kernels.lora_forward import lora_forward_triton
+    """The four gradients: ``dx`` from the dx candidate ``dx_method``, the rest from the layer's backward,
+    ``S`` from the default forward."""
+    from ..ops import candidates
+    from ..ops.lora_nf4 import layer_backward
 
     x, dy = p["x"], _output_grad(p)
     mask = _mask(dropout_p, *x.shape, x.device)
-    _, s = lora_forward_triton(x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], p["bias"], dropout_p, SEED)
-    grads = lora_backward_triton(dy, x, p["weight"], p["lora_a"], p["lora_b"], p["scale"], s, dropout_p, SEED,
-                                 dx_method=dx_method)
+    args = (x, p["weight"], p["lora_a"], p["lora_b"], p["scale"])
+    _, s = candidates.run_forward("dequant", *args, p["bias"], dropout_p, SEED)
+    op = candidates.Operands(*args[:4], p["bias"], args[4], dropout_p, SEED)
+    grads = layer_backward(op, dy, s, "triton", (False, True, True, True))
+    got = {"dx": candidates.run_dx(dx_method, dy, *args, dropout_p, SEED), "dA": grads.dA, "dB": grads.dB,
+           "dbias": grads.dbias}
     plain, ref = _layer_refs(p, dy, mask)
-    return compare({n: getattr(grads, n) for n in GRADS}, plain, ref)
+    return compare(got, plain, ref)
 
 
 def layer_check(p: dict) -> Outcome:
     """``ops.lora_nf4_linear`` with autograd, as a model runs it: the dispatcher picks forward and dx."""
-    from ..ops import dispatch
+    from ..ops import candidates, dispatch
     from ..ops.lora_nf4 import lora_nf4_linear
 
     x, dy = p["x"], _output_grad(p)
@@ -219,8 +222,9 @@ def layer_check(p: dict) -> Outcome:
     grads = torch.autograd.grad(y, leaves, dy)
     plain, ref = _layer_refs(p, dy, None)
     m, (n, k), r = x.shape[0], p["weight"].shape, p["lora_a"].shape[0]
-    chosen = (f"dispatched: forward {dispatch.choose(dispatch.Problem(x.device, m, n, k, r, x.dtype))[0]}, "
-              f"dx {dispatch.choose_dx(x.device, m, n, k, r)}")
+    problem = candidates.Problem(x.device, m, n, k, r, x.dtype)
+    chosen = (f"dispatched: forward {dispatch.choose('forward', problem)[0].name}, "
+              f"dx {dispatch.choose('dx', problem)[0].name}")
     return compare({"y": y, **dict(zip(GRADS, grads))}, plain, ref, chosen)
 
 
@@ -241,7 +245,8 @@ def mixed_batch_check(sizes: Sizes, dtype: torch.dtype, device: torch.device) ->
 
     def run(backend: str, as_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         leaves = {name: t.to(device=device, dtype=as_dtype).requires_grad_(True) for name, t in rounded.items()}
-        y = multi_lora_add(leaves["base"], leaves["x"], leaves["bank_a"], leaves["bank_b"], scales, ids, backend)
+        y = multi_lora_add(leaves["base"], leaves["x"], leaves["bank_a"], leaves["bank_b"], scales, ids,
+                           backend=backend)
         grads = torch.autograd.grad(y, list(leaves.values()), dy.to(device=device, dtype=as_dtype))
         return {"y": y, **{f"d_{name}": g for name, g in zip(leaves, grads)}}
 
@@ -249,9 +254,10 @@ def mixed_batch_check(sizes: Sizes, dtype: torch.dtype, device: torch.device) ->
 
 
 def dropout_mask_check(sizes: Sizes, device: torch.device) -> Outcome:
-    """The mask kernel: entries 0 or ``1/(1-p)``, the kept fraction near ``1 - p``, the same mask for
-    the same seed and another for another seed. ``error``: |kept fraction - (1 - p)|."""
-    from ..kernels.dropout import dropout_mask
+    """The dropout mask (the uniform kernel on a GPU): entries 0 or ``1/(1-p)``, the kept fraction near
+    ``1 - p``, the same mask for the same seed and another for another seed. ``error``: |kept fraction -
+    (1 - p)|."""
+    from ..ops.dropout import dropout_mask
 
     m, k, p = sizes.mask_m, sizes.mask_k, DROPOUT_P
     mask = dropout_mask(SEED, p, m, k, device)
@@ -272,10 +278,10 @@ def dropout_mask_check(sizes: Sizes, device: torch.device) -> Outcome:
 
 def dequant_check(sizes: Sizes, dtype: torch.dtype, table: str, device: torch.device) -> Outcome:
     """The dequant kernel with code table ``table`` against ``NF4Weight.dequantize``, bit for bit."""
-    from ..kernels.nf4_dequant import dequantize_nf4
+    from ..ops.candidates import dequantize_kernel
 
     weight = _problem(sizes, dtype, device)["weight"]
-    got, expected = dequantize_nf4(weight, dtype, table), weight.dequantize(dtype)
+    got, expected = dequantize_kernel(weight, dtype, table), weight.dequantize(dtype)
     error = float((got.double() - expected.double()).abs().max())
     same = torch.equal(got, expected)
     return Outcome(error, 0.0, 0.0, same, "bit-exact vs NF4Weight.dequantize" + ("" if same else ": differs"))
@@ -324,8 +330,6 @@ def checks(device: torch.device, sizes: Sizes, part: str) -> list[Check]:
         forward("skinny", bf16),
         forward("merged", bf16),
         forward("fused", bf16),
-        forward("split", bf16),
-        forward("decode", bf16),
     ]
 
 
@@ -361,7 +365,7 @@ def environment_lines(device: torch.device) -> list[str]:
     """What ran the checks: versions, the device and its limits, the switches that change kernels."""
     import triton
 
-    from ..kernels import native_lib
+    from ..kernels import native
     from .environment import device_name, import_bitsandbytes
 
     bnb = import_bitsandbytes()
@@ -374,10 +378,10 @@ def environment_lines(device: torch.device) -> list[str]:
                      f"{props.total_memory / 2**30:.1f} GiB" + (f", {smem} B shared memory per block" if smem else ""))
     else:
         lines.append(f"device: {device_name(device, interpreted=True)}")
-    found = [str(path) for path in native_lib.search_paths() if path.is_file()]
-    lines.append(f"native library: {found[0] if found and native_lib.library() else 'absent'}")
+    found = [str(path) for path in native.search_paths() if path.is_file()]
+    lines.append(f"native library: {found[0] if found and native.library() else 'absent'}")
     lines.append("switches: " + ", ".join(f"{name}={os.environ.get(name, '')}" for name in
-                                          ("LORA_TRITON_AUTOTUNE", "TRITON_INTERPRET", native_lib.ENV_VAR)))
+                                          ("LORA_TRITON_AUTOTUNE", "TRITON_INTERPRET", native.ENV_VAR)))
     return lines
 
 

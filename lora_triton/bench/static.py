@@ -5,10 +5,10 @@ built for (sm_80, sm_86, sm_89, sm_90) and read what the compiler made of it.
 
 Each row is one (kernel, config, variant, arch, triton version) compile (``static_analysis``):
 ``smem_bytes``, ``regs`` and ``spills`` come from the compiled kernel and ptxas; ``smem_estimate`` is
-the kernel module's own bound, the one it uses to choose configs per GPU; ``offered`` says whether
-the package would launch that config on that arch (its autotune lists pruned for the GPU, its fixed
-configs chosen per arch); ``fits`` whether it can launch there at all (``runtime.NAMED_ARCHS``:
-shared memory per block, registers per block).
+the kernel module's own bound, the one ``ops.configs`` uses to choose configs per GPU; ``offered``
+says whether the package would launch that config on that arch (the autotune lists pruned for the
+GPU, the fixed tiles chosen per arch, the skinny configs that fit); ``fits`` whether it can launch
+there at all (``ops.configs.named_archs``: shared memory per block, registers per block).
 
 The report fails (exit 1) when
 
@@ -18,11 +18,13 @@ The report fails (exit 1) when
 * a dispatched kernel's sm_90 bf16/fp16 compile misses its ``BUDGETS`` (PTX instructions of the main
   loop per decoded weight element per thread, registers, spills, ptxas' wgmma serialization C7515).
 
-"Dispatched" kernels are those production launches: the candidates of the shipped dispatch table
-and of the rule, with every kernel each of them launches (the S kernel, the dropout mask), and the
-mixed-batch kernels. The sm_90 columns ``loop_ptx_per_weight_elem``, ``loop_sass_per_weight_elem``,
-``wgmma_serialized``, ``weight_operand_from_registers``, ``wgmma_waits_each_step`` and
-``lut_global_gathers`` are as ``static_analysis`` describes them.
+"Dispatched" kernels are those production launches: the kernels of the candidates
+(``ops.candidates``) that the shipped dispatch table and the rule name, for the forward, dx and
+mixed-batch operations, and the dropout uniforms every mask is made from. The experimental fused
+forward kernel (``kernels.experimental.fused``) is compiled, never dispatched. The sm_90 columns
+``loop_ptx_per_weight_elem``, ``loop_sass_per_weight_elem``, ``wgmma_serialized``,
+``weight_operand_from_registers``, ``wgmma_waits_each_step`` and ``lut_global_gathers`` are as
+``static_analysis`` describes them.
 
 ``--quick`` (CI): the dispatched kernels plus the skinny defaults, the configs the package offers on
 each of the four arches, three variants (bf16 rank 16, fp16 rank 128, fp32 rank 128: the most shared
@@ -33,6 +35,7 @@ version's wheel, installed once (``pip --target``) under ``--triton-cache``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -91,25 +94,24 @@ class Budget:
 
 
 #: Per kernel, on sm_90: the decode-size kernel's budgets; about 5.5 instructions per element all-in
-#: is what a memory-bound kernel may issue at 70% of an H200's bandwidth (shared/KERNELS.md), the
-#: budget of the dequant kernel and the fused tile kernels.
+#: is what a memory-bound kernel may issue at 70% of an H200's bandwidth, the
+#: budget of the dequant kernel and the tile kernels.
 BUDGETS = {
     "skinny": Budget(loop_ptx_per_weight_elem=3.0, spills=0, regs=128),
-    # the skinny kernel's medium-M tiles (more than 16 tokens)
+    # the skinny kernel's medium-M tiles (more than ``decode_max_m`` tokens)
     "skinny_m": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
     "dequant": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
     # W + s * B @ A: it writes the dense weight, 2 bytes per element in bf16 on top of the 0.5 it
     # reads, so the 5.5 of a kernel that only reads the packed bytes scales by 5
     "merged": Budget(loop_ptx_per_weight_elem=5.5 * (0.5 + 2) / 0.5, spills=0),
     "fused": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
-    "decode": Budget(loop_ptx_per_weight_elem=5.5, spills=0),
     "dx": Budget(loop_ptx_per_weight_elem=5.0, spills=0, regs=168),
 }
 
 #: Kernels that read no adapter: one compile per dtype covers every rank.
-RANKLESS = {"dequant", "dropout_mask"}
-#: Kernels whose operands do not depend on the activation dtype (fp32 mask).
-DTYPELESS = {"dropout_mask"}
+RANKLESS = {"dequant", "uniform"}
+#: Kernels whose operands do not depend on the activation dtype (fp32 uniforms).
+DTYPELESS = {"uniform"}
 
 
 @dataclass(frozen=True)
@@ -142,13 +144,18 @@ class Build:
 
 
 # ----------------------------------------------------------------------------- the package's choices
+def _decode_max_m() -> int:
+    """The most tokens the skinny kernel's decode-size default takes (``kernel_configs.json``)."""
+    from ..ops import configs
+
+    return configs.configs().skinny["decode_max_m"]
+
+
 def _skinny_build(config: dict, variant: dict) -> Build:
     """The compile of one skinny config: kernel ``skinny`` for decode-size token tiles, ``skinny_m``
-    for tiles of more than ``SKINNY_DECODE_MAX_M`` tokens."""
-    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M
-
+    for tiles of more than ``_decode_max_m()`` tokens."""
     c = config
-    kernel = "skinny_m" if c["block_m"] > SKINNY_DECODE_MAX_M else "skinny"
+    kernel = "skinny_m" if c["block_m"] > _decode_max_m() else "skinny"
     return Build(kernel, dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
                               **({"S_FIRST": True} if c.get("s_first") else {}),
                               **({"SCALE_WEIGHTS": True} if c.get("scale_weights") else {})),
@@ -165,34 +172,36 @@ def _skinny_config_of(build: Build) -> dict:
 
 def shipped_skinny_configs(limits=None, elem_bytes: int = 2) -> list[dict]:
     """The skinny configs a GPU launch can run: each skinny point of the shipped table (its config over
-    the default for its rank and M bucket, as ``lora_forward._launch_skinny`` merges them), and the
-    defaults at ranks 16 and 64 when the rule itself is skinny."""
-    from ..kernels.lora_forward import SKINNY_DECODE_MAX_M, padded_rank, skinny_default
-    from ..ops import dispatch
+    the default for its rank and M bucket, as the skinny candidate merges them), and the defaults at
+    ranks 16 and 64 when the rule names the skinny candidate."""
+    from ..kernels.runtime import padded_rank
+    from ..ops import candidates, configs, dispatch
 
     out = []
     for ops in dispatch.load_table()["gpus"].values():
         for p in ops.get("forward", []):
             if p["candidate"] == "skinny":
-                default = skinny_default(padded_rank(p["r"]), p["m_bucket"], elem_bytes, limits)
+                default = configs.skinny_default(padded_rank(p["r"]), p["m_bucket"], elem_bytes, limits)
                 out.append(dict(default, **(p.get("config") or {})))
-    if dispatch.RULE["forward"] == "skinny":
-        out += [skinny_default(r_pad, m, elem_bytes, limits) for r_pad in (16, 64) for m in (1, SKINNY_DECODE_MAX_M + 1)]
+    if "skinny" in candidates.RULE["forward"]:
+        out += [configs.skinny_default(r_pad, m, elem_bytes, limits) for r_pad in (16, 64)
+                for m in (1, _decode_max_m() + 1)]
     return out
 
 
 def _skinny_builds(quick: bool, variant: dict, limits) -> list[Build]:
     """The skinny configs to compile: the decode-size and medium-M defaults the package offers for the
-    variant on this arch, the shipped table's, then (unless ``quick``) every other config the GPU
-    benchmark times."""
-    from ..kernels.lora_forward import SKINNY_CONFIGS, SKINNY_DECODE_MAX_M, padded_rank, skinny_default
+    variant on this arch, the shipped table's, then (unless ``quick``) every config the GPU benchmark
+    times (``configs.skinny_bench_configs``)."""
+    from ..ops import configs
 
-    r_pad, elem = padded_rank(variant["r"]), Build("", {}, 4, 1, variant).elem_bytes
-    candidates = [skinny_default(r_pad, 1, elem, limits), skinny_default(r_pad, SKINNY_DECODE_MAX_M + 1, elem, limits),
-                  *shipped_skinny_configs(limits, elem)]
+    b = Build("skinny", {}, 4, 1, variant)
+    chosen = [configs.skinny_default(b.r_pad, 1, b.elem_bytes, limits),
+              configs.skinny_default(b.r_pad, _decode_max_m() + 1, b.elem_bytes, limits),
+              *shipped_skinny_configs(limits, b.elem_bytes)]
     if not quick:
-        candidates += SKINNY_CONFIGS
-    return _unique([_skinny_build(config, variant) for config in candidates])
+        chosen += configs.skinny_bench_configs()
+    return _unique([_skinny_build(config, variant) for config in chosen])
 
 
 def _unique(builds: list[Build]) -> list[Build]:
@@ -203,70 +212,79 @@ def _unique(builds: list[Build]) -> list[Build]:
     return out
 
 
-def _tuned_builds(kernel: str, quick: bool, variant: dict, limits) -> list[Build]:
-    """Builds of an autotuned kernel: every config of its list (full), or the fixed config the package
-    runs on this arch without autotuning (quick)."""
-    from ..kernels import lora_dx, lora_forward as lf
+def launched_tiles(kernel: str, elem_bytes: int, r_pad: int, limits) -> tuple:
+    """The ``TileConfig`` s of ``kernel`` (``"dx"`` or ``"fused"``) a GPU with ``limits`` launches, as
+    ``ops.candidates`` chooses them: the autotune tiles that fit (the last autotune tile when none does)
+    and, without autotuning (``LORA_TRITON_AUTOTUNE=0``), the first fixed tile that fits."""
+    from ..ops import configs
+
+    autotune = configs.offered_tiles(kernel, elem_bytes, r_pad, limits) or configs.tuned_tiles(kernel)[-1:]
+    return (*autotune, configs.fixed_tiles(kernel, elem_bytes, r_pad, limits)[0])
+
+
+def _tile_builds(kernel: str, quick: bool, variant: dict, limits) -> list[Build]:
+    """Builds of a tile kernel (``dx``, ``fused``): the fixed tile it runs on this arch without autotuning
+    (quick), or every tile of its autotune and fixed lists."""
+    from ..ops import configs
 
     b = Build(kernel, {}, 4, 1, variant)
-    if kernel == "dx":
-        configs = ([lora_dx.fixed_gpu_config(b.elem_bytes, b.r_pad, limits)] if quick
-                   else lora_dx.gpu_configs())
+    if quick:
+        tiles = configs.fixed_tiles(kernel, b.elem_bytes, b.r_pad, limits)[:1]
     else:
-        name = "fused" if kernel == "split" else kernel
-        configs = ([lf.fixed_gpu_config(name, b.elem_bytes, b.r_pad, limits, kernel != "split")] if quick
-                   else lf.tuned_configs(name))
-    extra = {"BLOCK_M": 16} if kernel == "decode" else {}
-    return [Build(kernel, {**c.kwargs, **extra}, c.num_warps, c.num_stages, variant) for c in configs]
+        tiles = (*configs.tuned_tiles(kernel), *getattr(configs.configs(), kernel)["fixed"])
+    return _unique([Build(kernel, t.blocks, t.num_warps, t.num_stages, variant) for t in tiles])
 
 
 def _s_builds(quick: bool, variant: dict, limits) -> list[Build]:
-    from ..kernels import lora_forward as lf
+    """The S kernel's tile on this arch (quick), or every tile of its list for the variant."""
+    from ..ops import configs
 
     b = Build("s", {}, 4, 1, variant)
-    tiles = ([lf.s_kernel_tile(b.elem_bytes, b.r_pad, limits)] if quick
-             else lf.S_TILES[(b.elem_bytes, 64 if b.r_pad <= 64 else 128)])
-    return [Build("s", dict(BLOCK_M=bm, BLOCK_K=bk), lf.S_WARPS, stages, variant) for bm, bk, stages in tiles]
+    tiles = ([configs.s_kernel_tile(b.elem_bytes, b.r_pad, limits)] if quick
+             else configs.s_kernel_tiles(b.elem_bytes, b.r_pad, None))  # None: no limits, the whole list
+    return [Build("s", dict(BLOCK_M=bm, BLOCK_K=bk), configs.configs().s_warps, stages, variant)
+            for bm, bk, stages in tiles]
 
 
 def kernel_builds(kernel: str, quick: bool, variant: dict, limits) -> list[Build]:
     """The compiles of ``kernel`` for ``variant`` on the arch of ``limits``."""
-    from ..kernels import lora_multi, nf4_dequant
+    from ..kernels import dropout, lora_multi, nf4_dequant
+    from ..ops import configs
 
     if kernel == "skinny":
         return _skinny_builds(quick, variant, limits)
-    if kernel in ("fused", "split", "decode", "dx"):
-        return _tuned_builds(kernel, quick, variant, limits)
+    if kernel in ("fused", "dx"):
+        return _tile_builds(kernel, quick, variant, limits)
     if kernel == "s":
         return _s_builds(quick, variant, limits)
     if kernel == "merged":
-        block_k = nf4_dequant.merged_block_k(64, Build("", {}, 4, 1, variant).elem_bytes,
-                                             Build("", {}, 4, 1, variant).r_pad, limits)
-        return [Build("merged", dict(BLOCK_N=nf4_dequant.MERGED_BLOCK_N, BLOCK_K=block_k), 4, 3, variant)]
+        b = Build(kernel, {}, 4, 1, variant)
+        block_k = configs.merged_block_ks(64, b.elem_bytes, b.r_pad, limits)[0]
+        return [Build(kernel, dict(BLOCK_N=nf4_dequant.MERGED_BLOCK_N, BLOCK_K=block_k), 4, 3, variant)]
     if kernel == "multi_shrink":
         return [Build(kernel, dict(BLOCK_K=lora_multi.SHRINK_BLOCK_K), 4, 3, variant)]
     if kernel == "multi_expand":
         return [Build(kernel, dict(BLOCK_N=lora_multi.EXPAND_BLOCK_N), 4, 3, variant)]
-    if kernel == "decode_epilogue":
-        return [Build(kernel, dict(BLOCK_M=16, BLOCK_N=128), 4, 3, variant)]
-    if kernel in ("dequant", "dropout_mask"):
+    if kernel == "uniform":
+        return [Build(kernel, dict(BLOCK_M=dropout.MASK_BLOCK_M, BLOCK_K=dropout.MASK_BLOCK_K), 4, 3, variant)]
+    if kernel == "dequant":
         return [Build(kernel, {}, 4, 3, variant)]
     raise KeyError(kernel)
 
 
 def smem_estimate(build: Build) -> int:
-    """The kernel module's shared-memory bound for ``build`` (what its choices per GPU rely on); 0 for
+    """The kernel module's shared-memory bound for ``build`` (what the choices per GPU rely on); 0 for
     kernels whose one config is small on every arch (the report checks them all the same)."""
-    from ..kernels import lora_dx, lora_forward as lf, nf4_dequant, nf4_skinny
+    from ..kernels import lora_dx, lora_s, nf4_dequant, nf4_skinny
+    from ..kernels.experimental import fused
 
     k, c = build.kernel, build.config
     if k in ("skinny", "skinny_m"):
         return nf4_skinny.skinny_smem(_skinny_config_of(build), build.elem_bytes, build.r_pad)
     if k == "s":
-        return lf.s_kernel_smem(c["BLOCK_M"], c["BLOCK_K"], build.num_stages, build.elem_bytes, build.r_pad)
-    if k in ("fused", "split", "decode"):
-        return lf.tile_kernel_smem("decode" if k == "decode" else "fused", c, build.num_stages, build.elem_bytes,
-                                   build.r_pad, single_pass=k != "split")
+        return lora_s.s_kernel_smem(c["BLOCK_M"], c["BLOCK_K"], build.num_stages, build.elem_bytes, build.r_pad)
+    if k == "fused":
+        return fused.fused_smem(c, build.num_stages, build.elem_bytes, build.r_pad)
     if k == "dx":
         return lora_dx.dx_smem(c, build.num_stages, build.elem_bytes, build.r_pad)
     if k == "merged":
@@ -275,57 +293,56 @@ def smem_estimate(build: Build) -> int:
 
 
 def is_offered(build: Build, limits) -> bool:
-    """True when the package would launch ``build`` on a GPU with ``limits``: a config the kernel's own
-    choice picks there (fixed configs per arch, autotune lists pruned per GPU, skinny configs that fit)."""
-    from ..kernels import lora_dx, lora_forward as lf, nf4_skinny
-    from ..kernels.runtime import default_table
+    """True when the package would launch ``build`` on a GPU with ``limits``: a config ``ops.configs``
+    picks there (fixed tiles per arch, autotune lists pruned per GPU, skinny configs that fit)."""
     import torch
+
+    from ..kernels.runtime import default_table
+    from ..ops import configs
 
     if build.variant.get("table", "shfl") != default_table(torch.device("cuda")):
         return False  # the interpreter's code-table variant, compiled for comparison
     k = build.kernel
     if k in ("skinny", "skinny_m"):
-        return nf4_skinny.skinny_fits(_skinny_config_of(build), build.elem_bytes, build.r_pad, limits)
+        return configs.skinny_fits(_skinny_config_of(build), build.elem_bytes, build.r_pad, limits)
     if k == "s":
         return _s_builds(True, build.variant, limits)[0] == build
-    if k in ("fused", "split", "decode"):
-        name = "decode" if k == "decode" else "fused"
-        offered = lf.offered_configs(name, build.elem_bytes, build.r_pad, limits, single_pass=k != "split")
-        cfg = {key: v for key, v in build.config.items() if not (k == "decode" and key == "BLOCK_M")}
-        return any(c.kwargs == cfg and (c.num_warps, c.num_stages) == (build.num_warps, build.num_stages)
-                   for c in offered)
-    if k == "dx":
-        return any(c.kwargs == build.config and (c.num_warps, c.num_stages) == (build.num_warps, build.num_stages)
-                   for c in lora_dx.offered_configs(build.elem_bytes, build.r_pad, limits))
+    if k in ("fused", "dx"):
+        return any(Build(k, t.blocks, t.num_warps, t.num_stages, build.variant) == build
+                   for t in launched_tiles(k, build.elem_bytes, build.r_pad, limits))
     if k == "merged":
         return kernel_builds("merged", True, build.variant, limits)[0] == build and limits.fits(smem_estimate(build))
     return True  # one config, launched everywhere
 
 
-#: Kernels each dispatch candidate launches (beside cuBLAS): a candidate in the shipped table or the
-#: rule makes them "dispatched".
-FORWARD_KERNELS = {"dequant": {"dequant", "s"}, "merged": {"merged", "dequant", "s"}, "skinny": {"skinny", "s"},
-                   "fused": {"fused"}, "split": {"split", "s"}, "decode": {"decode", "decode_epilogue"}, "native": set()}
-DX_KERNELS = {"dequant": {"dequant", "dropout_mask"}, "fused": {"dx", "dropout_mask"},
-              "merged": {"merged", "dequant", "dropout_mask"}}
-#: Launched whatever the table says: mixed-adapter batches and the backward's dropout mask for dA.
-ALWAYS_LAUNCHED = {"multi_shrink", "multi_expand", "dropout_mask"}
-KERNELS = ("skinny", "dequant", "s", "dropout_mask", "multi_shrink", "multi_expand", "merged", "fused", "split",
-           "decode", "decode_epilogue", "dx")
+#: Kernels each candidate of ``ops.candidates`` launches, per operation (beside cuBLAS and plain torch): a
+#: candidate of the shipped table or of the rule makes them "dispatched". The forward's ``dequant`` runs
+#: the S kernel with dropout, ``skinny`` with ``s_first`` configs; ``native`` is CUDA C++.
+FORWARD_KERNELS = {"torch": set(), "dequant": {"dequant", "s"}, "merged": {"merged"}, "skinny": {"skinny", "s"},
+                   "native": set()}
+DX_KERNELS = {"torch": set(), "dequant": {"dequant"}, "merged": {"merged"}, "fused": {"dx"}}
+MIXED_KERNELS = {"torch": set(), "triton": {"multi_shrink", "multi_expand"}}
+OPERATION_KERNELS = {"forward": FORWARD_KERNELS, "dx": DX_KERNELS, "mixed": MIXED_KERNELS}
+#: Launched whatever the table says: every dropout mask on a GPU is made from its uniforms (``ops.dropout``:
+#: dA's, the torch candidates', a mixed batch's).
+ALWAYS_LAUNCHED = {"uniform"}
+KERNELS = ("skinny", "dequant", "s", "uniform", "multi_shrink", "multi_expand", "merged", "fused", "dx")
 
 
 def dispatched_kernels() -> set[str]:
-    """Kernels production can launch: those of the shipped table's winners and of the rule's
-    choice, and the ones every GPU run launches (``ALWAYS_LAUNCHED``). ``skinny`` stands for both
-    of its budgets (``skinny``, ``skinny_m``)."""
-    from ..ops import dispatch
+    """Kernels production can launch: those of every candidate the rule lists and of the shipped table's
+    winners, per operation, and ``ALWAYS_LAUNCHED``. ``skinny`` stands for both of its budgets
+    (``skinny``, ``skinny_m``)."""
+    from ..ops import candidates, dispatch
 
-    names = set(FORWARD_KERNELS[dispatch.RULE["forward"]]) | DX_KERNELS[dispatch.RULE["dx"]] | ALWAYS_LAUNCHED
+    names = set(ALWAYS_LAUNCHED)
+    for operation, kernels in OPERATION_KERNELS.items():
+        for name in candidates.RULE[operation]:
+            names |= kernels[name]
     for ops in dispatch.load_table()["gpus"].values():
-        for p in ops.get("forward", []):
-            names |= FORWARD_KERNELS[p["candidate"]]
-        for p in ops.get("dx", []):
-            names |= DX_KERNELS[p["candidate"]]
+        for operation, points in ops.items():
+            for p in points:
+                names |= OPERATION_KERNELS[operation][p["candidate"]]
     return names
 
 
@@ -342,9 +359,9 @@ def is_dispatched(build: Build, dispatched: set[str], limits) -> bool:
 def builds(quick: bool, arch: int) -> list[Build]:
     """Every compile of the report for ``arch`` (``quick``: dispatched kernels and the skinny defaults,
     the configs offered on the arch)."""
-    from ..kernels.runtime import NAMED_ARCHS
+    from ..ops import configs
 
-    limits = NAMED_ARCHS[arch]
+    limits = configs.named_archs()[arch]
     dispatched = dispatched_kernels()
     kernels = [k for k in KERNELS if not quick or k in dispatched or k == "skinny"]
     out = []
@@ -366,7 +383,9 @@ def builds(quick: bool, arch: int) -> list[Build]:
 def _kernel_args(build: Build) -> tuple:
     """``(JITFunction, every argument by name, weight elements per main-loop iteration, options)``."""
     import torch
-    from ..kernels import dropout, lora_dx, lora_forward as lf, lora_multi, nf4_dequant, nf4_skinny
+
+    from ..kernels import dropout, lora_dx, lora_multi, lora_s, nf4_dequant, nf4_skinny
+    from ..kernels.experimental import fused
 
     v = build.variant
     act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[v["dtype"]]
@@ -386,7 +405,8 @@ def _kernel_args(build: Build) -> tuple:
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
                     **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
                     DOT_PRECISION=precision, SPLIT_K=4, S_FIRST=False, SCALE_WEIGHTS=False,
-                    LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad), EVEN_N=True, EVEN_K=True)
+                    LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad, weight["BLOCKSIZE"]), EVEN_N=True,
+                    EVEN_K=True)
         args.update(cfg)
         return nf4_skinny._skinny_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dequant":
@@ -402,19 +422,11 @@ def _kernel_args(build: Build) -> tuple:
                     ROWS_PER_PROGRAM=nf4_dequant.MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad, DOT_PRECISION=precision,
                     **cfg)
         return nf4_dequant._dequant_merged_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
-    if build.kernel in ("fused", "split"):
+    if build.kernel == "fused":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
-                    **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, SINGLE_PASS=build.kernel == "fused",
-                    HAS_BIAS=False, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
-        return lf._fused_forward_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
-    if build.kernel == "decode":
-        args = dict(x_ptr=act(), **weight, a_ptr=act(), y32_ptr=f32(), s32_ptr=f32(), **sizes, M_BUCKET=8,
-                    seed=1234, p=0.1, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
-        return lf._decode_partial_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
-    if build.kernel == "decode_epilogue":
-        args = dict(y32_ptr=f32(), s32_ptr=f32(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(), M=7, N=4096,
-                    R=rank, scale=2.0, HAS_BIAS=True, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
-        return lf._decode_epilogue_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_M"], options
+                    **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, HAS_BIAS=False, HAS_DROPOUT=False,
+                    R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
+        return fused._fused_forward_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dx":
         args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed=1234,
                     dropout_p=0.1, M=333, N=4096, K=4096, R=rank, M_BUCKET=512, R_PAD=r_pad,
@@ -424,11 +436,10 @@ def _kernel_args(build: Build) -> tuple:
     if build.kernel == "s":  # with dropout, the case the default forward launches it for
         args = dict(x_ptr=act(), a_ptr=act(), s_ptr=act(), M=333, K=4096, R=rank, seed=1234, p=0.1, HAS_DROPOUT=True,
                     R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
-        return lf._lora_s_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
-    if build.kernel == "dropout_mask":
-        args = dict(out_ptr=f32(), seed=1234, p=0.1, M=333, K=4096, BLOCK_M=dropout.MASK_BLOCK_M,
-                    BLOCK_K=dropout.MASK_BLOCK_K)
-        return dropout._dropout_mask_kernel, args, dropout.MASK_BLOCK_M * dropout.MASK_BLOCK_K, options
+        return lora_s._lora_s_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
+    if build.kernel == "uniform":
+        args = dict(out_ptr=f32(), seed=1234, M=333, K=4096, **cfg)
+        return dropout._uniform_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
     ids = torch.empty(16, dtype=torch.int64)
     if build.kernel == "multi_shrink":
         args = dict(x_ptr=act(), a_ptr=act(), ids_ptr=ids, s_ptr=act(), K=4096, R=rank, R_PAD=r_pad, **cfg)
@@ -445,10 +456,10 @@ def compile_row(build: Build, arch: int, dispatched: bool, offered: bool) -> dic
     """One row of the report (errors become a row with ``error`` set)."""
     import triton
 
-    from ..kernels.runtime import NAMED_ARCHS
+    from ..ops import configs
     from .static_analysis import analyze, compile_kernel
 
-    limits = NAMED_ARCHS[arch]
+    limits = configs.named_archs()[arch]
     # the instruction budgets were set for Hopper's half-precision code; fp32 (FMA dots) is reported only
     budgeted = arch == BUDGET_ARCH and build.variant["dtype"] != "fp32" and build.kernel in BUDGETS
     budget = BUDGETS[build.kernel] if budgeted else Budget(spills=None, wgmma_serialized=True)
@@ -503,20 +514,33 @@ def _init_worker(cache_dir: str) -> None:
 
 
 def _jobs(quick: bool) -> list[tuple[Build, int, bool, bool]]:
-    from ..kernels.runtime import NAMED_ARCHS
+    from ..ops import configs
 
     dispatched = dispatched_kernels()
     jobs = []
-    for arch, limits in NAMED_ARCHS.items():
+    for arch, limits in configs.named_archs().items():
         for b in builds(quick, arch):
             jobs.append((b, arch, is_dispatched(b, dispatched, limits), is_offered(b, limits)))
     return jobs
 
 
+@contextlib.contextmanager
+def _without_interpreter_switch():
+    """``TRITON_INTERPRET`` out of the environment while compile workers start (they inherit it): a worker
+    imports the package, which may import triton, before its initializer runs, and triton fixes its
+    interpreter switch when it is first imported."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _compile_all(jobs: list[tuple[Build, int, bool, bool]], workers: int) -> list[dict]:
     # Fresh interpreters (spawn): a process that imported the kernels under TRITON_INTERPRET=1
     # (the test run) holds interpreter functions, which cannot be compiled for a GPU.
-    with tempfile.TemporaryDirectory(prefix="lora_triton_static_") as cache, \
+    with tempfile.TemporaryDirectory(prefix="lora_triton_static_") as cache, _without_interpreter_switch(), \
             ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                 initargs=(cache,)) as pool:
         return list(pool.map(_compile_job, jobs, chunksize=1))

@@ -1,4 +1,6 @@
-"""``lora-triton demo``: the whole package at work on a small causal LM, in a few minutes on CPU.
+"""``lora-triton demo``: ``run_demo`` runs the main job on a real pretrained model
+(``smollm2_demo``), or with ``quick=True`` (``lora-triton demo --quick``, CI) this smoke test
+of the whole package on a toy causal LM, in seconds on CPU:
 
 1. Build a small Llama (``transformers``, random init, byte-level vocabulary: no download) and
    pretrain it briefly on Python's own source and docs (``text_domains``).
@@ -34,23 +36,24 @@ from ..training import ContinualLoRA
 
 @dataclass(frozen=True)
 class DemoConfig:
-    hidden: int = 128
-    layers: int = 4
+    """Sizes of the toy demo (``--quick``)."""
+
+    hidden: int = 64
+    layers: int = 2
     heads: int = 4
-    context: int = 64
-    batch: int = 16
-    pretrain_steps: int = 150
-    task_steps: int = 60
+    context: int = 32
+    batch: int = 8
+    pretrain_steps: int = 30
+    task_steps: int = 8
     rank: int = 8
     lr: float = 2e-3
     energy: float = 0.999
-    calib_batches: int = 8
-    domain_bytes: int = 200_000
-    eval_windows: int = 48
+    calib_batches: int = 2
+    domain_bytes: int = 30_000
+    eval_windows: int = 16
 
 
-QUICK = DemoConfig(hidden=64, layers=2, context=32, batch=8, pretrain_steps=30, task_steps=8, calib_batches=2,
-                   domain_bytes=30_000, eval_windows=16)
+QUICK = DemoConfig()
 
 
 def _small_llama(cfg: DemoConfig, device: torch.device) -> nn.Module:
@@ -108,15 +111,21 @@ def _as_single_adapter(model: nn.Module) -> nn.Module:
 
 def run_demo(out_dir: str = default_dir("demo"), quick: bool = False, device: str | None = None,
              show_progress: bool = True) -> dict:
-    """Run the demo, print what it finds, save the adapter under ``out_dir``; returns the numbers."""
-    cfg = QUICK if quick else DemoConfig()
+    """Run the demo, print what it finds, save the adapter(s) under ``out_dir``; returns the
+    numbers. ``quick=False``: the main job on SmolLM2-135M-Instruct (``smollm2_demo``);
+    ``quick=True``: the toy model (module docstring)."""
+    if not quick:
+        from .smollm2_demo import run_smollm2_demo
+
+        return run_smollm2_demo(out_dir, device, show_progress)
+    cfg = QUICK
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(dev)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     start = time.perf_counter()
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
-          f"lora-triton backend '{backend}'" + (f"\n{QUICK_NOTE}" if quick else ""))
+          f"lora-triton backend '{backend}'\n{QUICK_NOTE}")
 
     pretrain_text, domains = build_corpora(cfg.domain_bytes)
     data = {name: (to_tensor(train).to(dev), eval_windows(to_tensor(held), cfg.eval_windows, cfg.context).to(dev))
@@ -179,7 +188,7 @@ def run_demo(out_dir: str = default_dir("demo"), quick: bool = False, device: st
     print(f"\ntraining throughput: {tokens_per_s:,.0f} tokens/s on {dev} (backend '{backend}')")
     print(f"adapter saved in PEFT's format: {adapter_dir}/ (loaded into a fresh copy of the model: max |logit diff| "
           f"{reload_err:.2e})")
-    print(f"total {time.perf_counter() - start:.0f} s" + (f" ({QUICK_NOTE})" if quick else ""))
+    print(f"total {time.perf_counter() - start:.0f} s ({QUICK_NOTE})")
     return {"naive": (naive_before, naive_after, naive_prose), "protected": (code_before, protected_after,
             protected_prose), "tokens_per_s": tokens_per_s, "reload_err": reload_err, "adapter_dir": adapter_dir,
             "trainable_params": report.trainable_params}

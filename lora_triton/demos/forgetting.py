@@ -704,7 +704,7 @@ def mixed_table(results: dict) -> str:
 
 
 def goal_lines(results: dict, method: str = "ours") -> list[str]:
-    """The issue's three targets for ``method``, each with its number (and for ``routed`` the
+    """The three targets of the benchmark for ``method``, each with its number (and for ``routed`` the
     router's accuracy per domain)."""
     cmp = compare(results)
     keys = [k for k in results if k[0] == method]

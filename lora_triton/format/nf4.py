@@ -2,7 +2,7 @@
 
 Every function works on CPU and CUDA tensors and is vectorized (no Python loop over blocks).
 Blocks run over the flattened, row-major tensor; a tail shorter than a block is a block of
-its own. See shared/NF4_FORMAT.md for the byte layout.
+its own. The byte layout: ``NF4Weight`` (format/weight.py).
 
 Functions here take and return plain tensors; ``weight.NF4Weight`` bundles them.
 """

@@ -109,7 +109,9 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
     norms, head, inactive adapters) get ``requires_grad=False``. ``adapter_name`` may be a list:
     each gets its own adapter of these settings, all of them trainable (for training them in one
     pass on mixed batches, ``model(..., adapter_names=[...])``), the first one active.
-    Afterwards the model takes PEFT's ``adapter_names`` (``mixed_batch.enable_adapter_names``). ``bias`` must be ``"none"`` and
+    Afterwards the model takes PEFT's ``adapter_names`` (``mixed_batch.enable_adapter_names``), and
+    a ``transformers`` model's ``save_pretrained`` writes the adapters in PEFT's layout (what
+    ``transformers.Trainer`` checkpoints hold; ``trainer.enable_adapter_checkpoints``). ``bias`` must be ``"none"`` and
     ``modules_to_save`` None (not supported); ``task_type`` is recorded for ``save_adapter``.
 
     Atomic: every check (hyper-parameters, targets, adapter-name clashes, quantization of every
@@ -163,8 +165,16 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
     if fields["task_type"] is not None:
         record_task_type(model, adapter_name, fields["task_type"])
     enable_adapter_names(model)
+    from .trainer import enable_adapter_checkpoints  # here: trainer -> peft_io -> inject would be a cycle
+
+    enable_adapter_checkpoints(model)
     trainable, total = parameter_counts(model)
-    return InjectionReport(tuple(names), trainable, total, before, memory_bytes(model))
+    return InjectionReport(tuple(names), trainable, total, before, memory_bytes(model), full_precision_linears(model))
+
+
+def full_precision_linears(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's plain ``nn.Linear`` layers (not converted: full precision, no adapter)."""
+    return tuple(name for name, module in model.named_modules() if type(module) is nn.Linear)
 
 
 def _inject_several(model: nn.Module, adapter_names: list[str], **fields) -> InjectionReport:
@@ -182,7 +192,8 @@ def _inject_several(model: nn.Module, adapter_names: list[str], **fields) -> Inj
     set_adapter(model, adapter_names[0])
     set_trainable_adapters(model, adapter_names)
     trainable, total = parameter_counts(model)
-    return InjectionReport(first.converted, trainable, total, first.memory_before, memory_bytes(model))
+    return InjectionReport(first.converted, trainable, total, first.memory_before, memory_bytes(model),
+                           first.full_precision)
 
 
 def check_can_add_adapter(layer: LoRALinear4bit, name: str, adapter_name: str) -> None:

@@ -70,6 +70,8 @@ class InjectionReport:
     total_params: int
     memory_before: int
     memory_after: int
+    #: the model's other ``nn.Linear`` layers (not targeted): they stay in full precision, without adapters
+    full_precision: tuple[str, ...] = ()
 
     @property
     def trainable_percent(self) -> float:
@@ -77,7 +79,11 @@ class InjectionReport:
 
     def __str__(self) -> str:
         mib = 2**20
-        return (f"lora-triton: {len(self.converted)} layers converted to LoRALinear4bit\n"
+        count = len(self.converted)
+        kept = len(self.full_precision)
+        kept_line = (f"  {kept} other linear layer{'s' * (kept != 1)} stay in full precision (not targeted): "
+                     f"{', '.join(self.full_precision[:4])}{', ...' if kept > 4 else ''}\n" if kept else "")
+        return (f"lora-triton: {count} layer{'s' * (count != 1)} converted to LoRALinear4bit\n{kept_line}"
                 f"  trainable params: {self.trainable_params:,} of {self.total_params:,} "
                 f"({self.trainable_percent:.3f}%)\n"
                 f"  memory (params + buffers): {self.memory_before / mib:.2f} MiB -> {self.memory_after / mib:.2f} MiB "

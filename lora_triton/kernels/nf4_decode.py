@@ -7,7 +7,7 @@ of ``(n, k)`` is ``n * (K // BLOCKSIZE) + k // BLOCKSIZE``).
 
 Three ways in, chosen per kernel by the static report (bench/RESULTS.md):
 
-``load_nf4_tile``  the MMA kernels (fused/split, decode, dx): one byte = two codes per
+``load_nf4_tile``  the MMA kernels (skinny, dx, experimental fused): one byte = two codes per
                    load element; Triton copies the tile to shared memory in 16-byte pieces and
                    builds the MMA operand from it. Measured against 32-bit words there: words
                    cost 1.4-3.4x more instructions per element, because Triton moves the
@@ -45,8 +45,11 @@ element against ``shfl``'s one.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
+
+from ..format import NF4Weight
 
 TABLES = ("gather", "shfl")
 #: Shift of element ``e`` of a 32-bit word (the Python twin of ``word_shifts``).
@@ -136,7 +139,7 @@ def load_block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bl
     ``SHIFT_NESTED_INDEX``: the nested index as ``block >> 8`` (equal for ``block >= 0``, always the
     case; one shift instead of signed division's four instructions). Only the skinny kernel sets it:
     in the other kernels the shorter code moved ptxas' register allocation (triton 3.9: fused
-    16x128x128 fp16 rank 64 from 168 to 209 registers, bench/RESULTS.md fourth pass).
+    16x128x128 fp16 rank 64 from 168 to 209 registers in the static report).
     """
     if DOUBLE_QUANT:
         if IN_BOUNDS:
@@ -176,7 +179,7 @@ def load_nf4_codes(packed_ptr, table, offs_n, k0, N, K,
     whole tile is ``< K`` (no masks). ``LOCAL_ROWS``: ``offs_n`` are in-tile rows (``0 <= offs_n <
     BLOCK_N``, ``row0`` carries the tile's place), so the byte offsets inside the tile are int32 (exact
     for ``BLOCK_N * K / 2 <= 2**31``) and only the tile's base is 64-bit: fewer live registers in a
-    loop over row tiles (the fused dx's 4-byte spill, bench/RESULTS.md). Otherwise they are int64.
+    loop over row tiles (the fused dx's 4-byte spill in the static report). Otherwise they are int64.
     """
     HALF: tl.constexpr = BLOCK_K // 2
     offs_b = k0 // 2 + tl.arange(0, HALF)
@@ -282,3 +285,21 @@ def codes_of_packed(packed: np.ndarray) -> np.ndarray:
     """The codes in element order (``uint8 [2 * n]``): high nibble first, as bitsandbytes packs."""
     packed = np.asarray(packed, dtype=np.uint8)
     return np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- launch arguments
+def kernel_args(weight: NF4Weight) -> tuple:
+    """The positional kernel arguments describing ``weight``: ``(packed, code, absmax, nested_absmax,
+    nested_code, offset)``. Without double quant the nested pointers alias ``code`` (never read) and
+    ``offset`` is 0.0."""
+    if weight.double_quant:
+        return (weight.packed, weight.code, weight.absmax, weight.nested_absmax, weight.nested_code,
+                weight.offset_value)
+    return weight.packed, weight.code, weight.absmax, weight.code, weight.code, 0.0
+
+
+def word_args(weight: NF4Weight) -> tuple:
+    """``kernel_args`` with the packed bytes viewed as int32 words (``decode_words``'s input; no copy:
+    the bytes must start on a 4-byte boundary, which ``ops.validate`` checks)."""
+    assert weight.packed.data_ptr() % 4 == 0, "the packed NF4 bytes must start on a 4-byte boundary"
+    return (weight.packed.reshape(-1).view(torch.int32), *kernel_args(weight)[1:])

@@ -1,27 +1,24 @@
-"""Dense ``dequant(W)`` from the packed NF4 bytes in one Triton kernel (the dequantize + cuBLAS path).
+"""Dense ``dequant(W)`` from the packed NF4 bytes, and ``W + s * B @ A``, each in one Triton kernel.
 
-``dequantize_nf4``         ``W [N, K]`` in fp16 / bf16 / fp32, bit-identical to ``NF4Weight.dequantize``:
-                           each program decodes ``BLOCKS_PER_PROGRAM`` whole absmax blocks, one int32 word
-                           per 8 codes and one absmax per block (``nf4_decode``), values ``code * absmax``
-                           in fp32 rounded once to the output dtype.
-``dequantize_nf4_merged``  ``W + s * B @ A`` ``[N, K]``: the same decode in 2-D tiles, the rank-r product
+``launch_dequant``         ``W [N, K]`` in the output's dtype (fp16 / bf16 / fp32), bit-identical to
+                           ``NF4Weight.dequantize``: each program decodes ``BLOCKS_PER_PROGRAM`` whole
+                           absmax blocks, one int32 word per 8 codes and one absmax per block
+                           (``nf4_decode``), values ``code * absmax`` in fp32 rounded once.
+``launch_dequant_merged``  ``W + s * B @ A`` ``[N, K]``: the same decode in 2-D tiles, the rank-r product
                            added in fp32 before the one rounding (the ``merged`` candidate: the LoRA term
                            rides in the base GEMM instead of passes of its own over ``[M, N]`` / ``[M, K]``).
+
+The launchers only launch (the ops layer validates, allocates and picks the tile width).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..format import NF4Weight
-from .checks import check_nf4_weight, check_tensor, nf4_kernel_args, packed_words
-from .nf4_decode import TABLES, code_table, decode_words, load_block_absmax
-from .runtime import (GpuLimits, default_table, gpu_limits, kernel_dtype, launch_first_fitting, on_device, padded_rank,
-                      pipelined_smem, require_launchable)
+from .nf4_decode import code_table, decode_words, load_block_absmax
+from .runtime import dot_precision, on_device, pipelined_smem
 
 #: Packed bytes per program (more when one block is larger).
 DEQUANT_BYTES = 16384
@@ -45,11 +42,6 @@ def _dequant_kernel(words_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_c
     tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=in_range[:, None])
 
 
-def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The dense weight buffer both launchers fill completely (tests poison it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def blocks_per_program(blocksize: int) -> int:
     return max(1, DEQUANT_BYTES // (blocksize // 2))
 
@@ -69,28 +61,10 @@ def launch_dequant(weight_args: tuple, out: torch.Tensor, n_blocks: int, *, bloc
     return out
 
 
-def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype, table: str | None = None) -> torch.Tensor:
-    """Dense ``W [N, K]`` in ``dtype`` (fp16/bf16/fp32) from the Triton kernel, equal bit for bit
-    to ``weight.dequantize(dtype)``. ``table``: the code-table variant (default: the device's).
-    Under the interpreter bf16 is decoded in fp32 and rounded by torch.
-    """
-    check_nf4_weight(weight, weight.device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"can dequantize to float16, bfloat16 or float32 only, got {dtype}")
-    if table is not None and table not in TABLES:
-        raise ValueError(f"table must be one of {TABLES} or None (the device's), got {table!r}")
-    require_launchable(weight.device)
-    out = _new_output(weight.shape, kernel_dtype(dtype, weight.device), weight.device)
-    launch_dequant((packed_words(weight), *nf4_kernel_args(weight)[1:]), out, weight.n_blocks, blocksize=weight.blocksize,
-                   double_quant=weight.double_quant, table=table or default_table(weight.device))
-    return out.to(dtype)
-
-
 # ----------------------------------------------------------------------------- W + s * B @ A
-#: Tile of the merged kernel: rows of W per loop step, columns (at most one absmax block wide), and
-#: rows per program (the program keeps its ``[r, BLOCK_K]`` slice of A in registers over them).
+#: Rows of W per loop step of the merged kernel, and rows per program (the program keeps its
+#: ``[r, BLOCK_K]`` slice of A in registers over them); its column tile is the caller's.
 MERGED_BLOCK_N = 64
-MERGED_MAX_BLOCK_K = 128
 MERGED_ROWS_PER_PROGRAM = 512
 
 
@@ -136,70 +110,17 @@ def merged_smem(block_k: int, elem_bytes: int, r_pad: int) -> int:
                           r_pad * block_k * elem_bytes + MERGED_BLOCK_N * block_k * 4)
 
 
-def merged_block_ks(blocksize: int, elem_bytes: int = 2, r_pad: int = 16, limits: GpuLimits | None = None
-                    ) -> list[int]:
-    """Columns per tile the merged kernel tries, in order: one absmax block, at most ``MERGED_MAX_BLOCK_K``,
-    then halved down to 16; from the first whose shared-memory bound fits a GPU with ``limits``."""
-    block_ks = []
-    block_k = min(blocksize, MERGED_MAX_BLOCK_K)
-    while block_k >= 16:
-        block_ks.append(block_k)
-        block_k //= 2
-    fitting = [b for b in block_ks if limits is None or limits.fits(merged_smem(b, elem_bytes, r_pad))]
-    return block_ks[block_ks.index(fitting[0]):] if fitting else block_ks[-1:]
-
-
-def merged_block_k(blocksize: int, elem_bytes: int = 2, r_pad: int = 16, limits: GpuLimits | None = None) -> int:
-    """The tile width the merged kernel launches with first (``merged_block_ks``)."""
-    return merged_block_ks(blocksize, elem_bytes, r_pad, limits)[0]
-
-
-def dequantize_nf4_merged(weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                          dtype: torch.dtype, table: str | None = None) -> torch.Tensor:
-    """Dense ``W + scale * lora_b @ lora_a`` ``[N, K]`` in ``dtype`` (fp16/bf16/fp32), summed in fp32 and
-    rounded once: the weight of ``x @ W^T + scale * (x @ A^T) @ B^T`` as one product.
-
-    Args:
-        weight: ``NF4Weight`` ``[N, K]``, ``K`` a multiple of its block size.
-        lora_a: ``[r, K]``; lora_b: ``[N, r]``, both in ``dtype`` on weight's device, contiguous; ``r >= 1``.
-        scale: the LoRA scale (a finite Python number).
-        table: the code-table variant (default: the device's).
-    Raises:
-        TypeError / ValueError naming the argument for a bad input.
-    """
-    check_nf4_weight(weight, weight.device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"can dequantize to float16, bfloat16 or float32 only, got {dtype}")
-    if table is not None and table not in TABLES:
-        raise ValueError(f"table must be one of {TABLES} or None (the device's), got {table!r}")
-    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    n, k = weight.shape
-    r = lora_a.shape[0] if isinstance(lora_a, torch.Tensor) and lora_a.dim() == 2 else 0
-    if r < 1:
-        raise ValueError(f"lora_a must be [r, K={k}] with r >= 1, got "
-                         f"{list(lora_a.shape) if isinstance(lora_a, torch.Tensor) else type(lora_a).__name__}")
-    check_tensor("lora_a", lora_a, (r, k), weight.device, dtypes=(dtype,))
-    check_tensor("lora_b", lora_b, (n, r), weight.device, dtypes=(dtype,))
-    require_launchable(weight.device)
-    kdt = kernel_dtype(dtype, weight.device)
-    out = _new_output(weight.shape, kdt, weight.device)
-    if out.numel() == 0:
-        return out.to(dtype)
-    a, b, r_pad, table = lora_a.to(kdt), lora_b.to(kdt), padded_rank(r), table or default_table(weight.device)
-
-    def launch(block_k: int) -> None:
+def launch_dequant_merged(weight_args: tuple, lora_a: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor,
+                          scale: float, *, blocksize: int, double_quant: bool, table: str, block_k: int,
+                          r_pad: int) -> torch.Tensor:
+    """Fill ``out [N, K]`` (contiguous, fp16 / bf16 / fp32) with ``W + scale * lora_b @ lora_a`` (``lora_a [r, K]``,
+    ``lora_b [N, r]`` in out's dtype); ``weight_args`` as ``launch_dequant``'s; ``block_k`` divides the block
+    size and ``K`` (``ops.configs.merged_block_ks``)."""
+    n, k = out.shape
+    with on_device(out.device):
         _dequant_merged_kernel[(k // block_k, triton.cdiv(n, MERGED_ROWS_PER_PROGRAM))](
-            packed_words(weight), *nf4_kernel_args(weight)[1:], a, b, out, n, k, r, float(scale),
-            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TABLE=table, BLOCK_N=MERGED_BLOCK_N,
-            BLOCK_K=block_k, ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad,
-            DOT_PRECISION="ieee" if kdt == torch.float32 else "tf32",
-            enable_fp_fusion=False)  # as in dequantize_nf4: the absmax rounds as torch rounds it
-
-    block_ks = merged_block_ks(weight.blocksize, out.element_size(), r_pad, gpu_limits(weight.device))
-    with on_device(weight.device):
-        launch_first_fitting(("merged", weight.device, kdt, r_pad, weight.blocksize, weight.double_quant, table),
-                             block_ks, launch)
-    return out.to(dtype)
+            *weight_args, lora_a, lora_b, out, n, k, lora_a.shape[0], float(scale), BLOCKSIZE=blocksize,
+            DOUBLE_QUANT=double_quant, TABLE=table, BLOCK_N=MERGED_BLOCK_N, BLOCK_K=block_k,
+            ROWS_PER_PROGRAM=MERGED_ROWS_PER_PROGRAM, R_PAD=r_pad, DOT_PRECISION=dot_precision(out.dtype),
+            enable_fp_fusion=False)  # as in launch_dequant: the absmax rounds as torch rounds it
+    return out

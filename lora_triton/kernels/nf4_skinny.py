@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .dropout import dropout_scale
 from .nf4_decode import code_table, load_nf4_codes, load_tile_absmax
-from .runtime import GpuLimits, on_device, pipelined_smem
+from .runtime import on_device, pipelined_smem
 
 BLOCK_M = 16  # default tokens per program: the wgmma N dimension (>= 16 on every MMA)
 BLOCK_MS = (16, 32, 64)  # the token tiles a config may name
@@ -292,7 +292,7 @@ def lora_chunks(block_k: int, r_pad: int, blocksize: int | None = None) -> int:
 
 
 def skinny_smem(config: dict, elem_bytes: int, r_pad: int) -> int:
-    """Upper bound of the skinny kernel's shared memory for ``config`` (``check_config``'s keys), activations of
+    """Upper bound of the skinny kernel's shared memory for ``config`` (a skinny config's keys), activations of
     ``elem_bytes`` and padded rank ``r_pad``: the packed weight tile (half a byte per element, one absmax
     byte per 32 columns) once per pipeline stage, the ``[r_pad, BLOCK_K]`` A chunks of the in-loop
     shrink once per stage after the first, and once the ``x^T`` tile, the epilogue's B tile and the
@@ -306,47 +306,6 @@ def skinny_smem(config: dict, elem_bytes: int, r_pad: int) -> int:
     return pipelined_smem(stages, bn * bk // 2 + bn * max(1, bk // 32), once)
 
 
-def skinny_fits(config: dict, elem_bytes: int, r_pad: int, limits: GpuLimits | None) -> bool:
-    """True when ``config`` can launch on a GPU with ``limits`` (None: no limits known, the interpreter)."""
-    return limits is None or limits.fits(skinny_smem(config, elem_bytes, r_pad), config.get("maxnreg"),
-                                         config["num_warps"])
-
-
-CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first",
-               "scale_weights")
-#: Keys a config may leave out (older dispatch tables), with the value they mean.
-CONFIG_DEFAULTS = {"s_first": False, "scale_weights": False}
-
-
-def check_config(config: dict) -> None:
-    """Raise ValueError naming the field unless ``config`` is a complete, valid skinny config."""
-    from .nf4_decode import TABLES
-
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    missing = sorted(set(CONFIG_KEYS) - set(config) - set(CONFIG_DEFAULTS))
-    if unknown or missing:
-        raise ValueError(f"skinny config: unknown keys {unknown}, missing keys {missing}; expected {list(CONFIG_KEYS)}")
-    if config["block_m"] not in BLOCK_MS or isinstance(config["block_m"], bool):
-        raise ValueError(f"skinny config: block_m must be one of {BLOCK_MS}, got {config['block_m']!r}")
-    for key in ("block_n", "block_k"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-            raise ValueError(f"skinny config: {key} must be a power of two >= 16, got {value!r}")
-    for key in ("split_k", "num_warps", "num_stages"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"skinny config: {key} must be a positive int, got {value!r}")
-    maxnreg = config["maxnreg"]
-    if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
-        raise ValueError(f"skinny config: maxnreg must be None or an int in [24, 255] (ptxas' register cap), "
-                         f"got {maxnreg!r}")
-    for key, default in CONFIG_DEFAULTS.items():
-        if not isinstance(config.get(key, default), bool):
-            raise ValueError(f"skinny config: {key} must be a bool, got {config[key]!r}")
-    if config["table"] not in TABLES:
-        raise ValueError(f"skinny config: table must be one of {TABLES}, got {config['table']!r}")
-
-
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
                   block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
@@ -357,17 +316,13 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
     ``s_first``: ``s`` already holds ``S = drop(x) @ A^T`` (the caller ran the S kernel); the launch
     only reads it, for the LoRA expand in the epilogue (``dropout_p`` and ``seed`` are then unused).
     ``scale_weights``: the absmax multiplies each decoded weight before the MMA (``SCALE_WEIGHTS``).
-    ``weight_args`` is ``checks.nf4_kernel_args(weight)``; every tensor is contiguous on x's
-    device (validated by the ops layer). ``split_k`` is used as given (``split_k_for`` picks one).
+    ``weight_args`` is ``nf4_decode.kernel_args(weight)``; every tensor is contiguous on x's
+    device (validated by the ops layer, which also checks the config: ``ops.configs.check_skinny_config``).
+    ``split_k`` is used as given (``split_k_for`` picks one).
     """
-    check_config(dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                      num_stages=num_stages, maxnreg=maxnreg, table=table, s_first=s_first,
-                      scale_weights=scale_weights))
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
-    if block_m * max(n, r) > MAX_TILE_OFFSET:
-        raise ValueError(f"skinny kernel: block_m * N = {block_m} * {max(n, r)} exceeds the int32 tile offsets "
-                         f"(at most {MAX_TILE_OFFSET})")
+    assert block_m in BLOCK_MS and block_m * max(n, r) <= MAX_TILE_OFFSET, (block_m, n, r)
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_k = nonempty_split_k(triton.cdiv(k, block_k), split_k)
     with on_device(x.device):

@@ -1,15 +1,14 @@
 """Where kernels run: the interpreter switch, the GPU's limits, the device guard every launch runs under.
 
 * ``interpreting()`` is the one place that decides "interpreting". Triton's CPU interpreter
-  mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise math gives garbage; see
-  shared/TRITON_CPU.md). Our answer: under the interpreter only, launchers widen bf16 operands to
+  mishandles bf16 (``tl.dot`` multiplies raw bit patterns, element-wise math gives garbage).
+  Our answer: under the interpreter only, launchers widen bf16 operands to
   fp32 before the launch (exact) and round the fp32 result back to bf16 with torch
   (round-to-nearest-even) afterwards. On a GPU nothing is widened.
 * ``gpu_limits(device)`` reads what one block may use on the GPU (shared memory per block opt-in,
-  registers) from ``torch.cuda.get_device_properties``; ``NAMED_ARCHS`` holds the same numbers for
-  the GPUs the package is built for, which the static report compiles for. Kernel modules choose
-  their configs per GPU from them, and ``launch_first_fitting`` moves to the next config should
-  Triton still find one too large (``OutOfResources``, raised before anything runs).
+  registers) from ``torch.cuda.get_device_properties``; the same numbers for the GPUs the package is
+  built for are data (``ops/kernel_configs.json``). The ops layer chooses every config per GPU from
+  them; ``out_of_resources()`` is the error Triton raises, before anything runs, for a config too large.
 * ``on_device(device)`` makes the tensors' device current for a launch: Triton and the native
   library launch on the *current* device and stream.
 
@@ -25,13 +24,10 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
 
 import torch
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 
@@ -86,6 +82,12 @@ def padded_rank(r: int) -> int:
     return max(16, 1 << max(0, r - 1).bit_length())
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``: ``"ieee"`` keeps fp32 out of TF32 (its
+    1e-3 error would break fp32's bound); fp16 / bf16 operands are unaffected by it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a launcher hands to the kernel for ``dtype`` operands on ``device``
     (bf16 -> fp32 under the interpreter, everything else unchanged)."""
@@ -124,17 +126,6 @@ class GpuLimits:
         return smem_bytes <= self.smem_per_block and regs_ok and threads <= self.max_threads
 
 
-#: The GPUs the package is built for (shared/GPUS.md, NVIDIA's compute capability tables):
-#: A100 (sm_80), RTX 3090 / A10 / A40 (sm_86), RTX 4090 / L4 / L40S (sm_89), H100 / H200 (sm_90).
-#: The static report compiles every launchable config for each of them.
-NAMED_ARCHS: dict[int, GpuLimits] = {
-    80: GpuLimits(80, 166_912),
-    86: GpuLimits(86, 101_376),
-    89: GpuLimits(89, 101_376),
-    90: GpuLimits(90, 232_448),
-}
-
-
 def _indexed(device: torch.device) -> torch.device:
     """``device`` with its index (``cuda`` -> ``cuda:<current>``), so one GPU has one cache key."""
     if device.type == "cuda" and device.index is None:
@@ -156,30 +147,6 @@ def _device_limits(device: torch.device) -> GpuLimits:
     return GpuLimits(arch=10 * props.major + props.minor, smem_per_block=int(props.shared_memory_per_block_optin),
                      regs_per_block=min(65536, int(props.regs_per_multiprocessor)),
                      max_threads=int(getattr(props, "max_threads_per_block", 1024)))
-
-
-_FIRST_FITTING: dict[tuple, int] = {}
-
-
-def launch_first_fitting(key: tuple, configs: Sequence[T], launch: Callable[[T], R]) -> R:
-    """``launch(config)`` with the first of ``configs`` that the GPU can run.
-
-    Triton raises ``OutOfResources`` when a compiled kernel needs more shared memory than the device
-    allows, before it runs anything, so the next config is tried; the last one's error propagates.
-    The index that launched is remembered per ``key``, which must name the kernel, the device and
-    everything else its compile depends on (dtypes, constexprs), so later calls start there."""
-    start, too_large = _FIRST_FITTING.get(key, 0), out_of_resources()
-    for i in range(start, len(configs)):
-        try:
-            out = launch(configs[i])
-        except too_large:
-            if i == len(configs) - 1:
-                raise
-            continue
-        if i != start:
-            _FIRST_FITTING[key] = i
-        return out
-    raise ValueError("launch_first_fitting needs at least one config")
 
 
 def pipelined_smem(stages: int, stage_bytes: int, scratch_bytes: int = 0) -> int:

@@ -157,8 +157,13 @@ def estimate(shape: ModelShape, setup: TrainingSetup, method: str) -> MemoryBrea
                            trained * setup.optimizer_bytes, acts)
 
 
-def format_table(breakdowns: list[MemoryBreakdown], unit: float = 2**30, unit_name: str = "GiB") -> str:
-    """A fixed-width text table, one column per method."""
+def format_table(breakdowns: list[MemoryBreakdown], unit: float | None = None, unit_name: str | None = None) -> str:
+    """A fixed-width text table, one column per method, in ``unit`` (default: GiB, or the largest of
+    GiB / MiB / KiB in which the biggest total is at least 1, so a tiny model does not print zeros)."""
+    if unit is None:
+        largest = max((b.total for b in breakdowns), default=0)
+        unit, unit_name = next(((u, n) for u, n in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"))
+                                if largest >= u), (1, "bytes"))
     header = f"{'component':<12}" + "".join(f"{b.method:>12}" for b in breakdowns)
     lines = [header, "-" * len(header)]
     for i, (name, _) in enumerate(breakdowns[0].rows()):

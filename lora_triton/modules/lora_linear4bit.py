@@ -58,11 +58,13 @@ class LoRALinear4bit(nn.Module):
     ``layer(x, adapter_names=[...])`` runs a mixed batch: each row of ``x [B, ..., in]`` with the
     adapter named for it (``"__base__"``: none), PEFT's interface (``adapter_bank.py``). ``backend`` (``"auto"``, ``"triton"``,
     ``"torch"``, alias ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels:
-    Triton on CUDA, plain torch on CPU unless forced.
+    Triton on CUDA, plain torch on CPU unless forced. PEFT's ``LoraLayer`` names work too:
+    ``update_layer``, ``active_adapters``, ``disable_adapters``, ``enable_adapters``, ``merged_adapters``;
+    ``adapter_name=None`` builds a layer with no adapter yet.
     """
 
     def __init__(self, base_layer: NF4Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: str | bool = True, adapter_name: str = "default",
+                 use_rslora: bool = False, init_lora_weights: str | bool = True, adapter_name: str | None = "default",
                  train_bias: bool = False, backend: str | None = None):
         super().__init__()
         if not isinstance(base_layer, NF4Linear):
@@ -85,7 +87,8 @@ class LoRALinear4bit(nn.Module):
         self.router = None  # set by integration.enable_adapter_names: the model's mixed-batch routing
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        if adapter_name is not None:  # None: a layer with no adapter yet (add them with update_layer)
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -120,6 +123,52 @@ class LoRALinear4bit(nn.Module):
         self.scaling[name] = lora_scale(r, lora_alpha, use_rslora)
         self.reset_adapter(name, init_lora_weights)
         self.set_adapter(name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **options) -> None:
+        """PEFT's ``LoraLayer.update_layer``: add adapter ``adapter_name`` and make it active. ``config``
+        (a ``peft.LoraConfig``, optional) and keyword ``options`` give ``lora_dropout``,
+        ``init_lora_weights`` and ``use_rslora``; PEFT options this layer does not implement (``use_dora``,
+        ``lora_bias``, ...) are refused unless off."""
+        known = ("lora_dropout", "init_lora_weights", "use_rslora")
+        unsupported = ("use_dora", "lora_bias", "use_qalora", "use_alora")
+        chosen = {"lora_dropout": 0.0, "init_lora_weights": True, "use_rslora": False}
+        if config is not None:
+            chosen.update({key: getattr(config, key) for key in known if hasattr(config, key)})
+            options = {**{key: getattr(config, key) for key in unsupported if hasattr(config, key)}, **options}
+        chosen.update({key: options.pop(key) for key in known if key in options})
+        refused = sorted(key for key, value in options.items() if value not in (False, None))
+        if refused:
+            raise ValueError(f"LoRALinear4bit does not implement {refused} (plain LoRA only)")
+        self.add_adapter(adapter_name, r, lora_alpha, chosen["lora_dropout"], chosen["use_rslora"],
+                         chosen["init_lora_weights"])
+
+    # PEFT's names for the adapter state
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters the forward applies (PEFT's ``active_adapters``): ``[active_adapter]`` or ``[]``."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the layer computes the base output only (PEFT's ``disable_adapters``)."""
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's ``enable_adapters``: ``False`` computes the base output only until ``True``."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        if not enabled:
+            self._check_unmerged("disable the adapter")
+        self.disabled = not enabled
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the NF4 base (PEFT's ``merged_adapters``)."""
+        return [] if self.merged_adapter is None else [self.merged_adapter]
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
 
     def reset_adapter(self, name: str, init: str | bool = True) -> None:
         """Initialise adapter ``name``: ``True``/``"kaiming"`` is PEFT's default (A Kaiming-uniform,
@@ -280,15 +329,12 @@ class LoRALinear4bit(nn.Module):
         bank = stack_adapters(self, mixed.slots, ids, x.dtype, mixed.used)
         if bank is None:  # none of the batch's adapters lives in this layer
             return base.reshape(*x.shape[:-1], self.out_features)
-        x_lora = x2d
+        dropout = None
         if self.training and any(bank.dropout):
-            p_rows = torch.tensor((0.0, *bank.dropout), device=x.device, dtype=torch.float32)[bank.ids + 1]
-            keep = torch.rand(x2d.shape, device=x.device) >= p_rows[:, None]
-            x_lora = x2d * (keep / (1.0 - p_rows[:, None])).to(x2d.dtype)
-        backend = "torch" if x.dtype == torch.float64 else resolve_backend(x.device, self.backend)
+            dropout = torch.tensor(bank.dropout, dtype=torch.float32, device=x.device)
         # bank.ids come from the bank's lookup table: in range by construction, no need to read them
-        y = multi_lora_add(base, x_lora, bank.a, bank.b, bank.scales, bank.ids, backend, check_values=False,
-                           base_is_scratch=True)
+        y = multi_lora_add(base, x2d, bank.a, bank.b, bank.scales, bank.ids, dropout, self.training,
+                           resolve_backend(x.device, self.backend), check_values=False)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ weights, and usually the step's peak once activations are checkpointed.
 chunks of ``chunk_tokens`` tokens, each chunk under ``torch.utils.checkpoint``: only one chunk's
 float32 logits exist at a time, in the forward and again in the backward. The price is one more
 forward of the head's matmul per step (``2 H V`` flops a token: about 3% of a training step's
-flops on the issue-17 1B Llama, H = 2048, V = 32000, 16 layers). The value is the model's own loss: labels shifted by one, ``-100`` ignored, the mean over
+flops on a 1B Llama, H = 2048, V = 32000, 16 layers). The value is the model's own loss: labels shifted by one, ``-100`` ignored, the mean over
 the counted tokens (or the sum over ``num_items_in_batch``, as ``transformers`` does under
 gradient accumulation).
 """

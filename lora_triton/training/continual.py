@@ -54,7 +54,6 @@ from ..modules import LoRALinear4bit, NF4Linear
 from ..ops import lora_nf4_linear
 from .subspace import SubspaceStats, extend_basis, free_directions, output_factor, residual_factor
 
-_PLACEHOLDER = "_continual_placeholder"
 _BLOCK_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
 
 
@@ -71,8 +70,7 @@ class ContinualLoRALinear4bit(LoRALinear4bit):
     """
 
     def __init__(self, base_layer: NF4Linear, backend: str | None = None):
-        super().__init__(base_layer, r=1, adapter_name=_PLACEHOLDER, backend=backend)
-        self.delete_adapter(_PLACEHOLDER)
+        super().__init__(base_layer, adapter_name=None, backend=backend)
         self.register_buffer("basis", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
         self.register_buffer("residual", torch.zeros(self.in_features, 0, device=base_layer.nf4.device))
         self.register_buffer("output_factor", torch.zeros(self.out_features, 0, device=base_layer.nf4.device))

@@ -1,4 +1,9 @@
-"""Finding and loading the optional native library (top-level ``kernels/``, built by CMake) with ctypes.
+"""The optional native CUDA kernels (top-level ``kernels/``, built by CMake): loading the library with
+ctypes, and ``launch_native``.
+
+The decode-size forward ``y = x @ dequant(W)^T + s * (x @ A^T) @ B^T + b``, ``S = x @ A^T`` for
+``x [M, K]`` with ``1 <= M <= 16``, bf16 or fp16, ranks 1..128, no dropout; ``kernels/README.md``
+has the design and the C interface (``kernels/nf4_lora.h``).
 
 The library is ``liblora_triton_native.so``, built by one command from the repository root::
 
@@ -21,6 +26,10 @@ import ctypes
 import functools
 import os
 from pathlib import Path
+
+import torch
+
+from .runtime import multiprocessors, on_device
 
 ENV_VAR = "LORA_TRITON_NATIVE_LIB"
 LIBRARY_FILE = "liblora_triton_native.so"
@@ -120,3 +129,49 @@ def _load(path: str) -> ctypes.CDLL | None:
 def last_error(lib: ctypes.CDLL) -> str:
     """The library's message for the last failed call on this thread."""
     return lib.lt_last_error().decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- launching
+NATIVE_DTYPES = (torch.bfloat16, torch.float16)
+MAX_M = 16
+MAX_RANK = 128
+#: ``config["table"]``: where the 16 NF4 code values live while decoding (compile-time variants).
+TABLES = {"shared": 0, "register": 1}
+CONFIG_DEFAULT = {"split_k": 0, "row_tiles": 0, "table": "shared"}  # 0: chosen per shape by the library
+ALIGNMENT = 16  # bytes: the kernels read x, the packed weight and A with 16-byte loads
+_DTYPE_CODES = {torch.bfloat16: LT_BF16, torch.float16: LT_FP16}
+
+
+def check_status(lib: ctypes.CDLL, status: int) -> None:
+    """ValueError for the library's invalid-argument status, RuntimeError for the others."""
+    if status == LT_OK:
+        return
+    message = f"native NF4 LoRA kernels: {last_error(lib)}"
+    raise (ValueError(message) if status == LT_ERR_INVALID else RuntimeError(message))
+
+
+def launch_native(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                  nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset_value: float, n: int,
+                  k: int, blocksize: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                  bias: torch.Tensor | None, y: torch.Tensor, s: torch.Tensor, config: Config) -> None:
+    """Fill ``y [M, N]`` and ``S [M, r]`` through the library ``lib`` (validated operands on one device): the
+    call runs with x's device current and on its current stream, with a workspace and tile counters of
+    its own (zeroed on that stream), so no state is shared with another call."""
+    m, r = x.shape[0], lora_a.shape[0]
+    with on_device(x.device):
+        plan = Plan()
+        check_status(lib, lib.lt_nf4_lora_plan(m, n, k, r, ctypes.byref(config), multiprocessors(x.device),
+                                               ctypes.byref(plan)))
+        workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
+        counters = torch.zeros(max(1, plan.counters), dtype=torch.int32, device=x.device)
+        double_quant = nested_absmax is not None
+        weight = Nf4Weight(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                           nested_absmax.data_ptr() if double_quant else None,
+                           nested_code.data_ptr() if double_quant else None,
+                           offset_value if double_quant else 0.0, int(double_quant), n, k, blocksize)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        check_status(lib, lib.lt_nf4_lora_forward(
+            _DTYPE_CODES[x.dtype], x.data_ptr(), m, ctypes.byref(weight), lora_a.data_ptr(), lora_b.data_ptr(), r,
+            scale, None if bias is None else bias.data_ptr(), y.data_ptr(), s.data_ptr(), ctypes.byref(config),
+            multiprocessors(x.device), workspace.data_ptr(), plan.workspace_bytes, counters.data_ptr(),
+            counters.numel(), -1 if x.device.index is None else x.device.index, stream))

@@ -1,4 +1,4 @@
-"""Dense ``dequant(W)`` for the plain-torch backend, as fast as the machine allows.
+"""Dense ``dequant(W)`` for the plain-torch candidates, as fast as the machine allows.
 
 On CPU, bitsandbytes' native ``dequantize_4bit`` (when installed) decodes about 10x faster
 than any plain-torch formulation we measured (0.4 ms vs 9 ms for a 1024x1024 weight, one
