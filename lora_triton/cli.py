@@ -4,7 +4,7 @@
     lora-triton verify [--out-features N] [--in-features K] [--blocksize B] [--no-double-quant]
     lora-triton memory [7b|13b|70b|config.json] [--batch B] [--seq S] [--gpus N [--fsdp [--cpu-offload]]] [--measure]
     lora-triton bench [--quick] [--out DIR] [--what forward,layer,cpu] [--budget-s S]
-    lora-triton forgetting [--quick | --full] [--out-dir DIR] [--seeds N] [--jobs N]
+    lora-triton forgetting [--quick | --full | --smollm2] [--out-dir DIR] [--seeds N] [--jobs N]
 
 ``verify`` quantizes a random weight, checks the bytes against bitsandbytes (when installed),
 checks the reference layer against float64, and prints the memory the packed format saves.
@@ -172,6 +172,19 @@ def forgetting(args: argparse.Namespace) -> int:
     from .demos.forgetting import run_forgetting_benchmark
 
     writable_dir(args.out_dir, "forgetting")
+    if args.smollm2:
+        if args.seeds is not None or args.jobs is not None:
+            raise SystemExit("lora-triton forgetting: --smollm2 runs one fixed check; --seeds and --jobs are for the "
+                             "toy model's benchmark")
+        from .demos.forgetting import run_smollm2_check
+        from .demos.smollm2 import check_installed
+
+        try:
+            check_installed()
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise SystemExit(f"lora-triton forgetting: {err}") from None
+        run_smollm2_check(args.out_dir)
+        return 0
     run_forgetting_benchmark(args.quick, args.out_dir, args.seeds, args.jobs, args.full)
     return 0
 
@@ -326,10 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out-dir", default=default_dir("forgetting"), metavar="DIR",
                    help="folder for forgetting.csv, .md and .png (default: %(default)s)")
     f.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
-                   help="fresh seeds from 100 on (default: 5, with --quick 2)")
+                   help="fresh seeds from 100 on, one domain order each (default: 6, every order once; with "
+                        "--quick 2)")
     f.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes for the runs (default: one per core, at most one per run); "
                         "the numbers do not depend on it")
+    size.add_argument("--smollm2", action="store_true",
+                      help="the real-model check instead: naive, projection and routed on SmolLM2-135M-Instruct with a "
+                           "small budget (about 9 minutes on 2 CPU cores)")
     f.set_defaults(func=forgetting)
     return parser
 

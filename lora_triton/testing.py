@@ -121,3 +121,20 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 12
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
+
+
+#: The meta columns every benchmark table's rows must fill.
+BENCH_META = ("device", "threads", "torch", "timestamp", "peak_copy_gbps", "peak_matmul_tflops", "peak_matmul_dtype")
+
+
+def bnb_and_peft_installed() -> bool:
+    """Whether the bitsandbytes + PEFT contenders can run here (both importable)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True

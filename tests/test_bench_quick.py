@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -26,17 +25,9 @@ from lora_triton.ops import candidates  # noqa: E402
 
 CANDIDATES = set(candidates.FORWARD)  # the rows dispatch may choose from
 TIMED = {"dequant", "merged", "skinny", "fused"}  # every Triton candidate on the interpreter, experimental "fused" too
-META = ["device", "threads", "torch", "timestamp", "peak_copy_gbps", "peak_matmul_tflops", "peak_matmul_dtype"]
+from lora_triton.testing import BENCH_META as META, bnb_and_peft_installed as _bnb_and_peft  # noqa: E402
 
 
-def _bnb_and_peft() -> bool:
-    if importlib.util.find_spec("peft") is None:
-        return False
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def _timing_number(value: str) -> bool:

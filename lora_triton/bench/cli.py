@@ -7,6 +7,8 @@
     lora-triton bench --what static           # kernel-efficiency report: sm_90 compiles on CPU
     lora-triton bench --what model            # training steps of a whole Llama: ours vs PEFT (Q)LoRA
     lora-triton bench --what adapters         # mixed-adapter batches vs the number of adapters in them
+    lora-triton bench --what model --model smollm2   # the model table on SmolLM2-135M's shapes
+    lora-triton bench --what overhead         # host time of one layer call at tiny shapes: ours vs PEFT
     lora-triton bench --what forward --write-dispatch lora_triton/ops/dispatch_table.json
                                               # GPU: measure, then merge the fastest into a dispatch table
     lora-triton bench --what forward,layer --plan dispatch   # the points that decide the dispatch table
@@ -14,7 +16,9 @@
 
 Tables: ``forward`` (``forward.py``), ``layer`` (``layer.py``), ``cpu`` (``cpu.py``), ``model``
 (``model.py``: whole training steps, on the GPU when there is one, else the CPU), ``adapters``
-(``adapters.py``: mixed-adapter batches, GPU when there is one, else CPU), ``static``
+(``adapters.py``: mixed-adapter batches, GPU when there is one, else CPU), ``overhead``
+(``overhead.py``: host time of one layer call at tiny shapes, ours eager and compiled against
+PEFT's LoRA on bitsandbytes and on a 16-bit layer, GPU when there is one, else CPU), ``static``
 (``static.py``: no device needed, writes ``DIR/static.csv``, exits 1 when a dispatched kernel
 misses its budget). Each of the others writes
 ``DIR/<table>.csv`` and ``DIR/<table>.png`` (speed-up vs M per shape); the forward and layer
@@ -35,13 +39,15 @@ import time
 
 import torch
 
-from . import adapters, cpu, forward, layer, model
+from . import adapters, cpu, forward, layer, model, overhead
 from ..kernels.runtime import interpreting
 from ..outputs import QUICK_NOTE, default_dir
 from .environment import environment
 from .report import CsvRows, plot_speedups, print_table, write_csv
 
-TABLES = ("forward", "layer", "cpu", "model", "adapters", "static")
+TABLES = ("forward", "layer", "cpu", "model", "adapters", "overhead", "static")
+#: Tables that run on the GPU when there is one, else on the CPU (our torch path, never the interpreter).
+DEVICE_TABLES = ("model", "adapters", "overhead")
 GPU_TABLES = ("forward", "layer")
 DEFAULT_BUDGET_S = 420.0
 #: Shares of the remaining budget: the forward table decides the dispatch, so it gets two.
@@ -60,10 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="time budget of the whole run in seconds; points past it are skipped "
                              "(default: %(default)s)")
     parser.add_argument("--what", default=None, metavar="TABLES",
-                        help="comma-separated tables out of forward,layer,cpu,model,adapters,static (default: "
-                             "forward,layer on a CUDA GPU, cpu otherwise); static is the CPU-side kernel-efficiency "
-                             "report (sm_90 compiles); model times whole training steps of a Llama; adapters times "
-                             "mixed-adapter batches (1 to 64 distinct adapters) against PEFT's")
+                        help="comma-separated tables out of forward,layer,cpu,model,adapters,overhead,static "
+                             "(default: forward,layer on a CUDA GPU, cpu otherwise); static is the CPU-side "
+                             "kernel-efficiency report (sm_90 compiles); model times whole training steps of a Llama "
+                             "(--model); adapters times mixed-adapter batches (1 to 64 distinct adapters) against "
+                             "PEFT's; overhead times the host cost of one layer call at tiny shapes (ours eager and "
+                             "compiled, bitsandbytes + PEFT, 16-bit PEFT LoRA, a mixed batch of 4 adapters) with "
+                             "aten op counts and, on a GPU, kernel launches")
+    parser.add_argument("--model", default="llama", choices=model.MODELS,
+                        help="model table: llama (the Llamas of model.PLANS) or smollm2 (SmolLM2-135M's shapes, "
+                             "random weights) (default: %(default)s)")
     parser.add_argument("--write-dispatch", default=None, metavar="PATH",
                         help="merge the forward table's fastest candidate per (GPU, M bucket, N, K, r) into the "
                              "dispatch table at PATH as each point is measured (the repository's is "
@@ -147,7 +159,7 @@ def run_bench(args: argparse.Namespace) -> int:
         tables = [t for t in tables if t != "static"]
     for i, table in enumerate(tables):
         budget = budget_share(tables[i:], args.budget_s - (time.monotonic() - start))
-        if table in ("model", "adapters"):
+        if table in DEVICE_TABLES:
             ok = _run_device_table(args, budget, table) and ok
             continue
         device = torch.device("cpu") if table == "cpu" else _kernel_device(args.quick)
@@ -220,12 +232,13 @@ def dispatch_writer(path: str, device: torch.device):
 
 def _run_device_table(args: argparse.Namespace, budget_s: float, table: str) -> bool:
     """A table that runs on the GPU when there is one, else on the CPU (our layers' torch path,
-    never the interpreter): ``model`` or ``adapters``. Writes ``DIR/<table>.csv`` and ``.png``;
+    never the interpreter): one of ``DEVICE_TABLES``. Writes ``DIR/<table>.csv`` and ``.png``;
     True when it wrote rows."""
-    module = {"model": model, "adapters": adapters}[table]
+    module = {"model": model, "adapters": adapters, "overhead": overhead}[table]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = environment(device, args.quick)
-    rows = module.run(device, meta, args.quick, budget_s)
+    options = {"model": getattr(args, "model", "llama")} if table == "model" else {}
+    rows = module.run(device, meta, args.quick, budget_s, **options)
     csv_path = os.path.join(args.out, f"{table}.csv")
     write_csv(csv_path, rows, module.FIELDS)
     module.print_summary(rows)

@@ -96,7 +96,9 @@ FIELDS = META_FIELDS + ["model", "params_m", "dtype", "batch", "seq", "r", "impl
                         "share_matmul_pct", "share_other_pct", "profile_top", "note"]
 PLOT_TITLE = "training steps"
 
-_OURS_CPU = ("_EagerLoRANF4", "lora_triton::")
+#: Profiler events of our ops: the eager autograd.Functions (ops/lora_nf4.py, ops/multi_lora.py; their
+#: backward events add "Backward") and the custom ops under torch.compile.
+_OURS_CPU = ("_EagerLayer", "_EagerMixed", "lora_triton::")
 _OURS_KERNELS = re.compile(r"_(lora_s|dequant|dequant_merged|skinny|lora_dx|uniform|shrink|expand|fused_forward)_kernel|"
                            r"nf4_lora")
 _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_mkldnn_matmul",

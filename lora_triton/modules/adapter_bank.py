@@ -16,13 +16,16 @@ moves neither its address nor its version counter), and checking every weight wo
 as stacking the used ones. With gradients the stack is differentiable, so an adapter absent from
 the batch gets no gradient (``None``) and its optimizer leaves it alone: training several adapters
 in one pass equals training each on its own rows. Under ``torch.compile``, or when the rows are
-given as a tensor of ids without gradients, the bank holds every adapter of the layer (choosing
-the used ones would read the ids): an absent adapter then gets a zero gradient, which optimizers
-with momentum or weight decay still step.
+given as a tensor of ids, the bank holds every adapter of the layer (choosing the used ones would
+read the ids on the host, a device sync): an absent adapter then gets a zero gradient, which
+optimizers with momentum or weight decay still step; pass names to train several adapters at once.
+The small per-call tensors (scales, the slot table, dropout probabilities) are built once per value
+and device (``constant``), so a steady-state call copies nothing from the host.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +81,7 @@ class MixedBatch:
         ids = [index.get(name, -1) for name in adapter_names]
         uniform = adapter_names[0] if adapter_names and all(n == adapter_names[0] for n in adapter_names) else None
         used = tuple(sorted({i for i in ids if i >= 0}))
-        return cls(slots, torch.tensor(ids, dtype=torch.int64, device=device), expandable, uniform, used)
+        return cls(slots, constant(tuple(ids), torch.int64, device), expandable, uniform, used)
 
     def for_batch(self, batch: int) -> "MixedBatch":
         """This batch for an input of ``batch`` rows; ``ValueError`` (PEFT's message) if the
@@ -110,6 +113,13 @@ class StackedBank:
     dropout: tuple[float, ...]
 
 
+@functools.lru_cache(maxsize=4096)
+def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A read-only tensor of ``values`` on ``device``, made once per (values, dtype, device): no
+    host-to-device copy per call (and none during CUDA-graph capture after the first call)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def stack_adapters(layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype,
                    used: tuple[int, ...] | None = None) -> StackedBank | None:
     """The bank of ``layer``'s adapters among ``slots`` for the rows ``ids`` (int64 indices into ``slots``,
@@ -121,20 +131,15 @@ def stack_adapters(layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtyp
         names = [slots[i] for i in used if slots[i] in modules_a]
     else:
         names = [name for name in slots if name in modules_a]
-        grad = torch.is_grad_enabled() and any(
-            p.requires_grad for name in names for p in (modules_a[name].weight, layer.lora_B._modules[name].weight))
-        if grad and not compiling:  # an absent adapter must get no gradient: read which rows are there
-            present = set(ids.unique().tolist())
-            names = [name for name in names if slots.index(name) in present]
     if not names:
         return None
     weights = [(modules_a[name].weight, layer.lora_B._modules[name].weight) for name in names]
     rank = max(a.shape[0] for a, _ in weights)
     a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
     b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
-    scales = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=ids.device)
+    scales = constant(tuple(float(layer.scaling[name]) for name in names), torch.float32, ids.device)
     if tuple(names) != tuple(slots):  # slot i -> bank index (-1 where the layer lacks it); -1 (base) stays -1
         position = {name: j for j, name in enumerate(names)}
-        table = torch.tensor([-1] + [position.get(name, -1) for name in slots], dtype=torch.int64, device=ids.device)
+        table = constant((-1, *(position.get(name, -1) for name in slots)), torch.int64, ids.device)
         ids = table[ids + 1]
     return StackedBank(a, b, scales, ids, tuple(layer.lora_dropout[name] for name in names))

@@ -16,7 +16,7 @@ from torch import nn
 from ..format import NF4Weight
 from ..ops import check_backend, lora_nf4_linear, nf4_linear, resolve_backend
 from ..ops.multi_lora import multi_lora_add
-from .adapter_bank import MixedBatch, per_token_ids, stack_adapters
+from .adapter_bank import MixedBatch, constant, per_token_ids, stack_adapters
 from .nf4_linear import NF4Linear
 
 def _is_real(value) -> bool:
@@ -331,7 +331,7 @@ class LoRALinear4bit(nn.Module):
             return base.reshape(*x.shape[:-1], self.out_features)
         dropout = None
         if self.training and any(bank.dropout):
-            dropout = torch.tensor(bank.dropout, dtype=torch.float32, device=x.device)
+            dropout = constant(bank.dropout, torch.float32, x.device)
         # bank.ids come from the bank's lookup table: in range by construction, no need to read them
         y = multi_lora_add(base, x2d, bank.a, bank.b, bank.scales, bank.ids, dropout, self.training,
                            resolve_backend(x.device, self.backend), check_values=False)

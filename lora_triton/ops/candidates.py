@@ -107,10 +107,15 @@ class Operands:
         return self.lora_a.shape[0]
 
     def mask(self, dtype: torch.dtype | None = None) -> Tensor | None:
-        """The dropout mask ``[M, K]`` (None without dropout)."""
+        """The dropout mask ``[M, K]`` (None without dropout), drawn once per ``Operands`` (one layer call:
+        the backward's dx and dA share it) and per dtype."""
         if self.dropout_p == 0:
             return None
-        return dropout_mask(self.seed, self.dropout_p, self.m, self.k, self.x.device, dtype or self.x.dtype)
+        dtype = dtype or self.x.dtype
+        masks = self.__dict__.setdefault("_masks", {})
+        if dtype not in masks:
+            masks[dtype] = dropout_mask(self.seed, self.dropout_p, self.m, self.k, self.x.device, dtype)
+        return masks[dtype]
 
     def in_kernel_dtype(self) -> "Operands":
         """These operands in the dtype the kernels see (bf16 widened under the interpreter)."""

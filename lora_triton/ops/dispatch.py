@@ -113,13 +113,19 @@ def choose(operation: str, problem: Problem, table: dict | None = None) -> tuple
     """``(candidate, its config or None)`` of ``operation`` (``"forward"``, ``"dx"``, ``"mixed"``) for
     ``problem`` (module docstring); ``table``: another table than the shipped one. With the shipped
     table the answer is computed once per problem (a ``Problem`` is a small frozen key)."""
-    if table is None:
-        return _choose_shipped(operation, problem)
+    if table is None:  # the rule is part of the key: a process that changes it gets fresh answers
+        return _choose_shipped(operation, problem, tuple(RULE[operation]))
     return _choose(operation, problem, table)
 
 
+def forget_choices() -> None:
+    """Drop the cached choices (after the table or ``candidates.RULE`` changed in this process)."""
+    load_table.cache_clear()
+    _choose_shipped.cache_clear()
+
+
 @functools.lru_cache(maxsize=4096)
-def _choose_shipped(operation: str, problem: Problem) -> tuple[Candidate, dict | None]:
+def _choose_shipped(operation: str, problem: Problem, rule: tuple[str, ...]) -> tuple[Candidate, dict | None]:
     return _choose(operation, problem, None)
 
 
@@ -208,5 +214,4 @@ def write_table(table: dict, path: str = TABLE_PATH) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
-    load_table.cache_clear()
-    _choose_shipped.cache_clear()
+    forget_choices()

@@ -36,3 +36,15 @@ def dropout_mask(seed: int, p, m: int, k: int, device: torch.device, dtype: torc
     p = torch.as_tensor(p, dtype=torch.float32, device=u.device)
     p = p[:, None] if p.dim() == 1 else p
     return torch.where(u >= p, 1.0 / (1.0 - p), torch.zeros((), dtype=torch.float32, device=u.device)).to(dtype)
+
+
+#: The seed argument without dropout (never read; one shared CPU scalar instead of an allocation per call).
+NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def refuse_dropout_in_graph_capture(device: torch.device) -> None:
+    """Dropout draws its seed on the host at each call: a captured CUDA graph would replay one mask at
+    every step. Refused with a clear error rather than trained with a frozen mask."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("lora-triton: LoRA dropout under CUDA-graph capture would replay the same dropout mask "
+                           "at every replay; capture with lora_dropout=0 (or model.eval()), or run dropout eagerly")

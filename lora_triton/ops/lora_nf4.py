@@ -3,9 +3,11 @@
 ``lora_nf4_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, training, backend)`` is what modules
 call: ``y = x @ dequant(W)^T + scale * (drop(x) @ A^T) @ B^T + bias``. It validates once
 (``validate.check_layer_inputs``), flattens ``x`` to ``[M, K]``, casts the adapter and bias to the
-activation dtype (autograd takes the casts' gradients back) and calls ``lora_triton::lora_nf4``, whose
-autograd (registered by argument name) calls ``lora_triton::lora_nf4_backward``. The same ops run eager
-and under ``torch.compile`` (``fullgraph`` traces them: the ``NF4Weight`` travels as its tensors).
+activation dtype (autograd takes the casts' gradients back). Under ``torch.compile`` it calls
+``lora_triton::lora_nf4``, whose autograd (registered by argument name) calls
+``lora_triton::lora_nf4_backward`` (``fullgraph`` traces them: the ``NF4Weight`` travels as its tensors);
+eager calls take a thin ``autograd.Function`` to the same two functions, because torch's custom-op
+machinery costs as much host time as a small layer.
 
 The layer's math, written once for every candidate and backend:
 
@@ -40,6 +42,7 @@ from ..kernels.runtime import can_launch, out_of_resources
 from ..reference import LoRAGrads, refuse_double_backward
 from . import dispatch
 from .candidates import Candidate, Operands, Problem
+from .dropout import NO_SEED, refuse_dropout_in_graph_capture
 from .validate import check_layer_inputs
 
 BACKENDS = ("auto", "triton", "torch")
@@ -139,7 +142,8 @@ def _operands(x, lora_a, lora_b, bias, nf4, nf4_meta, offset, scale, dropout_p, 
     weight = NF4Weight.from_validated_fields(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
                                              nested_code=nested_code, offset=offset_t, shape=(n, k),
                                              blocksize=blocksize, dtype=torch.float32, offset_value=offset)
-    return Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, int(seed))
+    # the seed is read only when dropout uses it: a CPU scalar drawn by the caller, never a device value
+    return Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, int(seed) if dropout_p > 0 else 0)
 
 
 @torch.library.custom_op("lora_triton::lora_nf4", mutates_args=())
@@ -204,6 +208,35 @@ def _backward(ctx, dy, _ds):
 torch.library.register_autograd("lora_triton::lora_nf4", _backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager entry
+class _EagerLayer(torch.autograd.Function):
+    """Eager mode's entry to the same math (``layer_forward`` / ``layer_backward``, nothing else):
+    torch's custom-op machinery (argument defaults, pytree, redispatch, its Python autograd) costs about
+    as much host time per call as a whole small layer (the overhead table: 320 us -> 600 us per
+    forward+backward of a 64 x 64 layer on one CPU thread). Under ``torch.compile`` the ops run instead."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, weight: NF4Weight, scale: float, dropout_p: float, seed: int,
+                backend: str):
+        y, saved_s = layer_forward(Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed), backend)
+        ctx.save_for_backward(x, saved_s, lora_a, lora_b)
+        ctx.weight, ctx.attrs, ctx.has_bias = weight, (scale, dropout_p, seed, backend), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        refuse_double_backward()
+        x, saved_s, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        needs = (need_x, need_a, need_b, need_bias and ctx.has_bias)
+        if not any(needs):
+            return (None,) * 9
+        scale, dropout_p, seed, backend = ctx.attrs
+        op = Operands(x, ctx.weight, lora_a, lora_b, None, scale, dropout_p, seed)
+        grads = layer_backward(op, dy, saved_s, backend, needs)
+        return grads.dx, grads.dA, grads.dB, grads.dbias, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public entry
 def lora_nf4_linear(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float,
                     bias: Tensor | None = None, dropout_p: float = 0.0, training: bool = False,
@@ -234,10 +267,16 @@ def lora_nf4_linear(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor
     a, b = lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
     bias = None if bias is None else bias.to(dtype).contiguous()
     backend = resolve_backend(x.device, backend)
-    seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else torch.zeros((), dtype=torch.int64)
+    if p > 0:
+        refuse_dropout_in_graph_capture(x.device)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        y, _ = _forward_op(x2d, a, b, bias, _weight_tensors(weight), [n, k, weight.blocksize], weight.offset_value,
-                           float(scale), p, seed, backend)
+        if torch.compiler.is_compiling():
+            seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else NO_SEED
+            y, _ = _forward_op(x2d, a, b, bias, _weight_tensors(weight), [n, k, weight.blocksize],
+                               weight.offset_value, float(scale), p, seed, backend)
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0  # a host draw: no device value is read
+            y = _EagerLayer.apply(x2d, a, b, bias, weight, float(scale), p, seed, backend)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -19,7 +19,8 @@ host: per row ``G = s_i * dy @ B_i``, ``dx = (G @ A_i) * mask``, ``dA_i = G^T @ 
 ``dB_i = s_i * dy^T @ S`` over the rows of adapter ``i`` (zero slices for adapters absent from the
 batch), computed for the whole bank at once with one block of columns per adapter
 (``candidates.one_adapter_per_row``); ``base`` gets ``dy`` itself. Adapter ids are tensor data: a new
-mix of adapters is neither a new compile nor a graph break under ``torch.compile``.
+mix of adapters is neither a new compile nor a graph break under ``torch.compile``, which runs the two
+custom ops; eager calls take a thin ``autograd.Function`` to the same ``mixed_forward`` / ``mixed_backward``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor
 from ..reference import refuse_double_backward
 from . import dispatch
 from .candidates import Problem, adapter_mask, one_adapter_per_row, scaled_per_adapter
-from .dropout import dropout_mask
+from .dropout import NO_SEED, dropout_mask, refuse_dropout_in_graph_capture
 from .validate import check_mixed_operands
 
 BACKENDS = ("triton", "torch")
@@ -46,9 +47,9 @@ def _row_mask(x: Tensor, dropout: Optional[Tensor], ids: Tensor, seed: Tensor) -
     return dropout_mask(int(seed), p_rows, x.shape[0], x.shape[1], x.device, x.dtype)
 
 
-@torch.library.custom_op("lora_triton::multi_lora", mutates_args=())
-def _forward_op(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                dropout: Optional[Tensor], seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def mixed_forward(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
+                  dropout: Optional[Tensor], seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """``(y [M, N], S [M, R])`` of a mixed batch (module docstring): the chosen ``mixed`` candidate."""
     mask = _row_mask(x, dropout, ids, seed)
     x_lora = x if mask is None else x * mask
     n_adapters, r, k = bank_a.shape
@@ -58,15 +59,20 @@ def _forward_op(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales:
     return y, s.contiguous()
 
 
+@torch.library.custom_op("lora_triton::multi_lora", mutates_args=())
+def _forward_op(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
+                dropout: Optional[Tensor], seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return mixed_forward(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend)
+
+
 @_forward_op.register_fake
 def _(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend):
     return base.new_empty(base.shape), x.new_empty(x.shape[0], bank_a.shape[1])
 
 
-@torch.library.custom_op("lora_triton::multi_lora_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
-                 dropout: Optional[Tensor], seed: Tensor, saved_s: Tensor,
-                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def mixed_backward(dy: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
+                   dropout: Optional[Tensor], seed: Tensor, saved_s: Tensor,
+                   needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dbank_a, dbank_b)`` of the LoRA term (module docstring), empty where ``needs`` does not ask."""
     need_x, need_a, need_b = needs
     n_adapters, r, k = bank_a.shape
@@ -88,6 +94,13 @@ def _backward_op(dy: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: 
         wide = one_adapter_per_row(saved_s.to(dy.dtype), ids, n_adapters, scales)
         db = (dy.t() @ wide).view(dy.shape[1], n_adapters, r).permute(1, 0, 2).contiguous()
     return dx, da, db
+
+
+@torch.library.custom_op("lora_triton::multi_lora_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
+                 dropout: Optional[Tensor], seed: Tensor, saved_s: Tensor,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    return mixed_backward(dy, x, bank_a, bank_b, scales, ids, dropout, seed, saved_s, needs)
 
 
 @_backward_op.register_fake
@@ -119,6 +132,25 @@ def _backward(ctx, dy, _ds):
 torch.library.register_autograd("lora_triton::multi_lora", _backward, setup_context=_setup_context)
 
 
+class _EagerMixed(torch.autograd.Function):
+    """Eager mode's entry to ``mixed_forward`` / ``mixed_backward`` (as ``lora_nf4._EagerLayer``: torch's
+    custom-op machinery costs as much host time as the call); under ``torch.compile`` the ops run."""
+
+    @staticmethod
+    def forward(ctx, base, x, bank_a, bank_b, scales, ids, dropout, seed, backend):
+        y, s = mixed_forward(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend)
+        ctx.save_for_backward(x, bank_a, bank_b, scales, ids, dropout, seed, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        refuse_double_backward()
+        needs = list(ctx.needs_input_grad[1:4])  # x, bank_a, bank_b
+        grads = mixed_backward(dy, *ctx.saved_tensors, needs) if any(needs) else (None, None, None)
+        dx, da, db = (g if wanted else None for g, wanted in zip(grads, needs))
+        return dy if ctx.needs_input_grad[0] else None, dx, da, db, None, None, None, None, None
+
+
 def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
                    dropout: Tensor | None = None, training: bool = False, backend: str = "torch",
                    check_values: bool = True) -> Tensor:
@@ -138,6 +170,10 @@ def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scal
             raise ValueError(f"dropout probabilities must be in [0, 1), got {dropout.tolist()}")
     if not training:
         dropout = None
-    seed = torch.randint(0, 2**31 - 1, ()) if dropout is not None else torch.zeros((), dtype=torch.int64)
+    if dropout is not None:
+        refuse_dropout_in_graph_capture(x.device)
+    seed = torch.randint(0, 2**31 - 1, ()) if dropout is not None else NO_SEED
     x, bank_a, bank_b = x.contiguous(), bank_a.contiguous(), bank_b.contiguous()
-    return _forward_op(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend)[0]
+    if torch.compiler.is_compiling():
+        return _forward_op(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend)[0]
+    return _EagerMixed.apply(base, x, bank_a, bank_b, scales, ids, dropout, seed, backend)
