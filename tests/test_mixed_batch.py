@@ -486,3 +486,23 @@ def test_nf4_linear_against_float64(x_grad, bias_grad):
         nf4_linear(x.tolist(), weight)
     with pytest.raises(ValueError, match="in_features=192"):
         nf4_linear(x[..., :100], weight)
+
+
+def test_ids_as_a_tensor_train_like_names_without_reading_them():
+    """Rows given as a tensor of ids: the bank holds every adapter (choosing the used ones would read the
+    ids on the host), so an adapter absent from the batch gets a zero gradient instead of none; the
+    others get the gradients the same rows give by name."""
+    layer = _layer()
+    layer.set_trainable_adapters(list(layer.lora_A))
+    names = ["a2", "a0", BASE, "a2", "a0"]  # a1 absent
+    slots = tuple(layer.lora_A)
+    ids = torch.tensor([slots.index(n) if n != BASE else -1 for n in names])
+    x = torch.randn(len(names), 3, layer.in_features)
+    grads = {}
+    for how in (names, ids):
+        layer.zero_grad(set_to_none=True)
+        layer(x, adapter_names=how).square().sum().backward()
+        grads[isinstance(how, torch.Tensor)] = {n: layer.lora_B[n].weight.grad for n in slots}
+    assert grads[False]["a1"] is None and torch.equal(grads[True]["a1"], torch.zeros_like(layer.lora_B["a1"].weight))
+    for name in ("a0", "a2"):
+        torch.testing.assert_close(grads[True][name], grads[False][name])
