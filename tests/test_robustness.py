@@ -344,7 +344,9 @@ def test_the_injection_report_counts_in_words_and_names_what_stays_full_precisio
     text = str(report)
     layers = len(report.converted)
     assert f"{layers} layers converted" in text
-    assert set(report.full_precision) >= {name for name, m in model.named_modules() if name.endswith("o_proj")}
+    assert set(report.full_precision) == {name for name, m in model.named_modules()
+                                          if name.endswith(("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                                            "lm_head"))}
     assert f"{len(report.full_precision)} other linear layers stay in full precision" in text
     assert "1 layer converted" in str(inject_lora(tiny_llama(seed=1, layers=1), ["q_proj"], r=4))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..format.nf4 import check_blocksize
-from ..modules import LoRALinear4bit
+from ..modules import LoRALinear4bit, NF4Linear
 from ..modules.lora_linear4bit import check_adapter_hyperparameters
 from ..modules.nf4_linear import check_standard_bnb_layout
 from .peft_config import (check_peft_only_fields, default_target_modules, fields_from_peft_config, is_peft_config,
@@ -173,8 +173,11 @@ def inject_lora(model: nn.Module, target_modules: TargetSpec | object = "all-lin
 
 
 def full_precision_linears(model: nn.Module) -> tuple[str, ...]:
-    """Names of the model's plain ``nn.Linear`` layers (not converted: full precision, no adapter)."""
-    return tuple(name for name, module in model.named_modules() if type(module) is nn.Linear)
+    """Names of the model's plain ``nn.Linear`` layers (not converted: full precision, no adapter); the
+    adapters' own ``lora_A`` / ``lora_B`` inside our layers are not counted."""
+    ours = [name + "." for name, module in model.named_modules() if isinstance(module, (LoRALinear4bit, NF4Linear))]
+    return tuple(name for name, module in model.named_modules()
+                 if type(module) is nn.Linear and not any(name.startswith(prefix) for prefix in ours))
 
 
 def _inject_several(model: nn.Module, adapter_names: list[str], **fields) -> InjectionReport:
