@@ -21,17 +21,11 @@ import torch
 from .bench.cli import add_bench_parser
 from .demos.smollm2_demo import MainJobConfig
 from .format import SUPPORTED_BLOCKSIZES, NF4Weight
-from .outputs import default_dir
+from .outputs import default_dir, format_bytes
 from .reference import lora_forward
 from .testing import relative_error
 
 
-def _size(nbytes: int) -> str:
-    """Bytes in the largest unit that keeps the number at least 1 (B, KiB, MiB, GiB)."""
-    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if nbytes >= unit:
-            return f"{nbytes / unit:.2f} {name}"
-    return f"{nbytes} B"
 
 
 def _compare_with_bitsandbytes(weight: torch.Tensor, ours: NF4Weight) -> str:
@@ -75,7 +69,7 @@ def verify(args: argparse.Namespace) -> int:
     saved = 1 - ours.nbytes / dense16
     effect = (f"{saved:.1%} saved" if saved >= 0 else
               f"{-saved:.1%} larger: at {weight.numel()} weights the code tables outweigh the 4-bit savings")
-    print(f"  memory:      fp16/bf16 {_size(dense16)} -> NF4 {_size(ours.nbytes)} "
+    print(f"  memory:      fp16/bf16 {format_bytes(dense16)} -> NF4 {format_bytes(ours.nbytes)} "
           f"({ours.bits_per_weight:.3f} bits/weight, {effect})")
     ok = "MISMATCH" not in bnb_status and layer_err < 1e-5 and quant_err < 0.15
     print("OK" if ok else "FAILED")

@@ -2,7 +2,8 @@
 
 ``lora-triton demo``, ``forgetting`` and ``bench`` write under ``DEFAULT_ROOT/<command>``;
 the repository's ``.gitignore`` lists ``DEFAULT_ROOT``, so runs in a checkout leave git clean.
-``QUICK_NOTE`` is the line every ``--quick`` run prints (and puts in its plots' titles).
+``QUICK_NOTE`` is the line every ``--quick`` run prints (and puts in its plots' titles);
+``format_bytes`` how every command prints a size.
 """
 
 from __future__ import annotations
@@ -17,3 +18,11 @@ QUICK_NOTE = "--quick: a smoke test at tiny sizes; its numbers are not measureme
 def default_dir(command: str) -> str:
     """The default output folder of ``command`` (``"demo"``, ``"forgetting"``, ``"bench"``)."""
     return os.path.join(DEFAULT_ROOT, command)
+
+
+def format_bytes(nbytes: int) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (B, KiB, MiB, GiB), two decimals."""
+    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if nbytes >= unit:
+            return f"{nbytes / unit:.2f} {name}"
+    return f"{nbytes} B"

@@ -50,7 +50,7 @@ def test_inject_converts_freezes_and_reports():
     assert report.total_params == sum(p.numel() for p in tiny_llama().parameters()) + expected
     assert report.trainable_percent == pytest.approx(100 * expected / report.total_params)
     assert report.memory_after == memory_bytes(model) < report.memory_before == memory_bytes(tiny_llama())
-    assert "6 layers" in str(report) and "trainable params" in str(report) and "MiB" in str(report)
+    assert "6 layers" in str(report) and "trainable params" in str(report) and "353.31 KiB" in str(report)
     # B = 0 at init: the model computes the original one with the converted weights rounded to NF4.
     rounded = tiny_llama()
     with torch.no_grad():

@@ -78,13 +78,15 @@ class InjectionReport:
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        mib = 2**20
+        from ..outputs import format_bytes
+
         count = len(self.converted)
         kept = len(self.full_precision)
-        kept_line = (f"  {kept} other linear layer{'s' * (kept != 1)} stay in full precision (not targeted): "
+        verb = "s stay" if kept != 1 else " stays"
+        kept_line = (f"  {kept} other linear layer{verb} in full precision (not targeted): "
                      f"{', '.join(self.full_precision[:4])}{', ...' if kept > 4 else ''}\n" if kept else "")
         return (f"lora-triton: {count} layer{'s' * (count != 1)} converted to LoRALinear4bit\n{kept_line}"
                 f"  trainable params: {self.trainable_params:,} of {self.total_params:,} "
                 f"({self.trainable_percent:.3f}%)\n"
-                f"  memory (params + buffers): {self.memory_before / mib:.2f} MiB -> {self.memory_after / mib:.2f} MiB "
+                f"  memory (params + buffers): {format_bytes(self.memory_before)} -> {format_bytes(self.memory_after)} "
                 f"({self.memory_after / max(self.memory_before, 1):.1%} of before)")

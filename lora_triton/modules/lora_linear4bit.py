@@ -56,9 +56,9 @@ class LoRALinear4bit(nn.Module):
     bitsandbytes ``Linear4bit``'s bytes) or from an ``NF4Linear``. Several named adapters may
     exist; one is active (it trains, unless ``set_trainable_adapters`` names several).
     ``layer(x, adapter_names=[...])`` runs a mixed batch: each row of ``x [B, ..., in]`` with the
-    adapter named for it (``"__base__"``: none), PEFT's interface (``adapter_bank.py``). ``backend`` (``"auto"``, ``"triton"``,
-    ``"torch"``, alias ``"reference"``; default env ``LORA_TRITON_BACKEND``) chooses the kernels:
-    Triton on CUDA, plain torch on CPU unless forced. PEFT's ``LoraLayer`` names work too:
+    adapter named for it (``"__base__"``: none), PEFT's interface (``adapter_bank.py``). ``backend``
+    (``"auto"``, ``"triton"``, ``"torch"``, alias ``"reference"``; default env ``LORA_TRITON_BACKEND``)
+    chooses the kernels: Triton on CUDA, plain torch on CPU unless forced. PEFT's ``LoraLayer`` names work too:
     ``update_layer``, ``active_adapters``, ``disable_adapters``, ``enable_adapters``, ``merged_adapters``;
     ``adapter_name=None`` builds a layer with no adapter yet.
     """

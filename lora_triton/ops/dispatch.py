@@ -210,7 +210,8 @@ def write_table(table: dict, path: str = TABLE_PATH) -> None:
     bad = [problem for ops in table["gpus"].values() for op, points in ops.items() for point in points
            if (problem := point_problem(op, point)) is not None]
     if bad:
-        raise ValueError(f"not a dispatch table to write: {bad[0]}" + (f" (and {len(bad) - 1} more)" if bad[1:] else ""))
+        more = f" (and {len(bad) - 1} more)" if bad[1:] else ""
+        raise ValueError(f"not a dispatch table to write: {bad[0]}{more}")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
