@@ -71,7 +71,7 @@ GPU_TESTS = ("tests/test_forward_kernel.py", "tests/test_gpu_safety.py", "tests/
 NOT_GPU_TESTS = ("tests/test_gpu_check.py", "tests/test_bench_quick.py")
 DRY_RUN_TESTS = ("tests/test_dispatch.py",)
 #: What ``--tables`` may name (the bench stage's ``--what``).
-BENCH_TABLES = ("forward", "layer", "model", "adapters")
+BENCH_TABLES = ("forward", "layer", "model", "adapters", "overhead")
 TEST_WORKERS = 14  # Triton compiles bound the run, one CPU core each; the GPU machine has 16
 TEST_TIMEOUT_S = 90  # per test (pytest-timeout), so one hung test cannot take the stage
 
