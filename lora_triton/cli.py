@@ -21,7 +21,7 @@ import torch
 from .bench.cli import add_bench_parser
 from .demos.smollm2_demo import MainJobConfig
 from .format import SUPPORTED_BLOCKSIZES, NF4Weight
-from .outputs import default_dir, format_bytes
+from .outputs import default_dir, format_bytes, writable_dir
 from .reference import lora_forward
 from .testing import relative_error
 
@@ -229,21 +229,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def writable_dir(path: str, command: str) -> str:
-    """``path`` created if needed and writable, checked before any work; ``SystemExit`` saying so otherwise."""
-    import os
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise SystemExit(f"lora-triton {command}: cannot write to the output folder {path!r} "
-                         f"({err.strerror or err}); pass a writable folder with --out-dir") from None
-    return path
 
 
 def usable_device(device: str | None, command: str) -> str | None:

@@ -3,7 +3,8 @@
 ``lora-triton demo``, ``forgetting`` and ``bench`` write under ``DEFAULT_ROOT/<command>``;
 the repository's ``.gitignore`` lists ``DEFAULT_ROOT``, so runs in a checkout leave git clean.
 ``QUICK_NOTE`` is the line every ``--quick`` run prints (and puts in its plots' titles);
-``format_bytes`` how every command prints a size.
+``format_bytes`` how every command prints a size; ``writable_dir`` checks an output folder before any
+work.
 """
 
 from __future__ import annotations
@@ -26,3 +27,17 @@ def format_bytes(nbytes: int) -> str:
         if nbytes >= unit:
             return f"{nbytes / unit:.2f} {name}"
     return f"{nbytes} B"
+
+
+def writable_dir(path: str, command: str, flag: str = "--out-dir") -> str:
+    """``path`` created if needed and writable, checked before any work; ``SystemExit`` saying so otherwise."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SystemExit(f"lora-triton {command}: cannot write to the output folder {path!r} "
+                         f"({err.strerror or err}); pass a writable folder with {flag}") from None
+    return path

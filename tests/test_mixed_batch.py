@@ -506,3 +506,19 @@ def test_ids_as_a_tensor_train_like_names_without_reading_them():
     assert grads[False]["a1"] is None and torch.equal(grads[True]["a1"], torch.zeros_like(layer.lora_B["a1"].weight))
     for name in ("a0", "a2"):
         torch.testing.assert_close(grads[True][name], grads[False][name])
+
+
+def test_a_mixed_batch_under_inference_mode_leaves_nothing_that_breaks_training():
+    """The per-value constants (scales, ids, slot tables) are cached across calls: one made under
+    ``torch.inference_mode`` must still be savable for a later training step's backward."""
+    layer = _layer()
+    layer.set_trainable_adapters(list(layer.lora_A))
+    names = ["a2", "a0", BASE, "a1"]
+    x = torch.randn(len(names), 3, layer.in_features)
+    with torch.inference_mode():
+        expected = layer(x, adapter_names=names)
+    layer.train()
+    y = layer(x, adapter_names=names)
+    y.square().sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert all(layer.lora_B[n].weight.grad is not None for n in ("a0", "a1", "a2"))

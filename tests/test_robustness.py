@@ -323,12 +323,14 @@ def test_a_bad_number_says_what_is_expected(capsys):
     assert "must be a positive integer, got 0" in _cli_error(capsys, ["memory", "--seq", "0"])
 
 
-@pytest.mark.parametrize("command", [["demo"], ["demo", "--quick"], ["forgetting", "--quick"]])
-def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, command):
+@pytest.mark.parametrize("command, flag", [(["demo"], "--out-dir"), (["demo", "--quick"], "--out-dir"),
+                                           (["forgetting", "--quick"], "--out-dir"),
+                                           (["bench", "--what", "cpu", "--quick"], "--out")])
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, command, flag):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    message = _cli_error(capsys, [*command, "--out-dir", str(blocker / "out")])
-    assert "cannot write to the output folder" in message and "--out-dir" in message
+    message = _cli_error(capsys, [*command, flag, str(blocker / "out")])
+    assert "cannot write to the output folder" in message and f"writable folder with {flag}" in message
 
 
 @pytest.mark.skipif(torch.backends.cuda.is_built(), reason="needs a CPU-only build of torch")

@@ -41,7 +41,7 @@ import torch
 
 from . import adapters, cpu, forward, layer, model, overhead
 from ..kernels.runtime import interpreting
-from ..outputs import QUICK_NOTE, default_dir
+from ..outputs import QUICK_NOTE, default_dir, writable_dir
 from .environment import environment
 from .report import CsvRows, plot_speedups, print_table, write_csv
 
@@ -148,6 +148,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the selected tables; returns 0 when every one of them wrote rows."""
     tables = selected_tables(args.what, torch.cuda.is_available())
     check_plan(args.plan, tables)
+    writable_dir(args.out, "bench", "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     start, ok = time.monotonic(), True

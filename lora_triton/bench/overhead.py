@@ -382,7 +382,7 @@ def print_summary(rows: list[dict]) -> None:
     print_targets(rows)
 
 
-#: Issue 29's targets: (impl, ratio column, largest ratio met), read from the rows, never asserted.
+#: The host-overhead targets: (impl, ratio column, largest ratio met), read from the rows, never asserted.
 TARGETS = (("ours", "x_vs_peft_lora16", 1.0), ("ours", "x_vs_bnb_peft", 0.5), ("ours_mixed4", "x_vs_ours_single", 1.5))
 
 

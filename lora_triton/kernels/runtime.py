@@ -57,13 +57,6 @@ def can_launch(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
-def require_launchable(device: torch.device) -> None:
-    """Raise a RuntimeError that says what to do when Triton cannot run on ``device``."""
-    if not can_launch(device):
-        raise RuntimeError(f"cannot run Triton kernels on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
-                           "before importing lora_triton kernels (tests), or method='torch'")
-
-
 def default_table(device: torch.device) -> str:
     """The NF4 code-table variant (``nf4_decode.TABLES``) kernels use on ``device``: the warp
     shuffle on a GPU (fewest instructions in the static report), ``tl.gather`` in the interpreter

@@ -116,8 +116,11 @@ class StackedBank:
 @functools.lru_cache(maxsize=4096)
 def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A read-only tensor of ``values`` on ``device``, made once per (values, dtype, device): no
-    host-to-device copy per call (and none during CUDA-graph capture after the first call)."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    host-to-device copy per call (and none during CUDA-graph capture after the first call). Made
+    outside inference mode, so a first call under ``torch.inference_mode`` leaves a tensor that later
+    training calls can save for backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def stack_adapters(layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtype,

@@ -28,7 +28,6 @@ R = TypeVar("R")
 #: the kernel takes.
 SKINNY_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "maxnreg", "table", "s_first",
                "scale_weights")
-SKINNY_TILE_KEYS = tuple(k for k in SKINNY_KEYS if k not in ("split_k", "table"))
 #: Keys an older dispatch table's skinny config may leave out, with the value they mean.
 SKINNY_OPTIONAL = {"s_first": False, "scale_weights": False}
 

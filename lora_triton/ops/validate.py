@@ -15,7 +15,6 @@ from ..format import NF4Weight
 #: Activation dtypes the Triton kernels compute in; float64 runs through plain torch on every backend.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYER_DTYPES = KERNEL_DTYPES + (torch.float64,)
-ID_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(name: str, t, shape: tuple[int, ...], device: torch.device,
