@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lora_triton.kernels import lora_dx
 from lora_triton.ops import candidates, configs
-from lora_triton.ops.dropout import dropout_mask
+from lora_triton.ops.dropout import as_seed, dropout_mask
 from lora_triton.ops.lora_nf4 import layer_backward
 from lora_triton.reference import lora_backward, lora_forward
 from lora_triton.testing import REL_TOL, assert_like_torch, random_lora_problem, relative_error
@@ -177,8 +177,9 @@ NEEDS = list(itertools.product([False, True], repeat=4))
 
 
 def _layer_backward(prob, needs=(True, True, True, True), dy=None):
+    seed = as_seed(SEED, prob["x"].device) if prob["dropout_p"] > 0 else None
     op = candidates.Operands(prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"], None, prob["scale"],
-                             prob["dropout_p"], SEED)
+                             prob["dropout_p"], seed)
     return layer_backward(op, prob["dy"] if dy is None else dy, prob["s"], "triton", needs)
 
 

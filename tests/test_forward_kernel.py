@@ -164,7 +164,7 @@ def test_dequantize_kernel_is_bit_exact(dtype, double_quant, shape, blocksize, d
 
 def _merged(weight, a, b, scale, dtype):
     op = candidates.Operands(torch.empty(0, weight.shape[1], dtype=dtype, device=a.device), weight, a.to(dtype),
-                             b.to(dtype), None, scale, 0.0, 0)
+                             b.to(dtype), None, scale, 0.0, None)
     return candidates.merged_weight(op)
 
 

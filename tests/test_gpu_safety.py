@@ -293,7 +293,7 @@ def test_a_launch_that_does_not_fit_falls_back_to_dequant_with_one_warning(monke
     from lora_triton.ops import candidates, lora_nf4
 
     p = random_lora_problem(4, 64, 128, 8, torch.float32, 64, True, True, device, seed=6)
-    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["bias"], p["scale"], 0.0, 0)
+    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], p["bias"], p["scale"], 0.0, None)
     expected = lora_nf4.layer_forward(op, "triton")  # the rule: dequant
     too_large = dataclasses.replace(candidates.FORWARD["skinny"], launch=_out_of_resources)
     _table_chooses(monkeypatch, "forward", too_large, {"split_k": 2})
@@ -311,7 +311,7 @@ def test_a_dx_launch_that_does_not_fit_falls_back_to_dequant(monkeypatch, device
     from lora_triton.ops import candidates, lora_nf4
 
     p = random_lora_problem(4, 64, 128, 8, torch.float32, 64, True, False, device, seed=7)
-    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], None, p["scale"], 0.0, 0)
+    op = candidates.Operands(p["x"], p["weight"], p["lora_a"], p["lora_b"], None, p["scale"], 0.0, None)
     y, s = lora_nf4.layer_forward(op, "triton")
     dy = torch.randn_like(y)
     call = lambda: lora_nf4.layer_backward(op, dy, s, "triton", (True, True, True, False))  # noqa: E731

@@ -23,10 +23,9 @@ module state. Under pytest's default ``--device cpu`` the layers run the plain-t
 dropout masks come from Triton's interpreter, whose own reads are Triton's); ``--device cuda`` runs
 the same cases on the Triton backend.
 
-On the CPU the watcher cannot tell a value that lives on the host anyway (the dropout seed, drawn by
-``torch.randint`` on the CPU even for a GPU layer) from a device value: both count as reads here.
-Cases that read on the host today are marked ``xfail(strict=True)`` with the sites read; remove the
-marker when the path is fixed (an unexpected pass fails the run, so a fixed path cannot stay marked).
+Dropout draws its seed on the layer's device and the kernels load it from memory (``ops.dropout``), and
+adapter ids given as a tensor are checked on the device (``validate.check_on_device``), so nothing is
+marked as reading today: a new read fails the run.
 """
 
 from __future__ import annotations
@@ -250,27 +249,8 @@ def _inference_step(layer, x, **kwargs):
     return step
 
 
-# What reads on the host today (found by this file on the torch backend, CPU), for the xfail markers.
-# The dropout seed is a host scalar by design (no device sync on a GPU; dropout is refused under CUDA-graph
-# capture, ops.dropout): moving it to the device needs every dropout kernel to load its seed from memory.
-SEED = ("lora_triton/ops/lora_nf4.py _operands: int(seed) of the dropout seed (drawn on the host by torch.randint "
-        "at each training call with dropout), in the forward and in the backward op")
-MIXED_SEED = "lora_triton/ops/multi_lora.py _row_mask: int(seed), the same for a mixed batch training with dropout"
-IDS_TENSOR = ("lora_triton/modules/adapter_bank.py MixedBatch.from_names: int(ids.min()), int(ids.max()) of a "
-              "tensor of adapter ids, every call")
-
-
-def _known(*reasons: str):
-    return pytest.mark.xfail(strict=True, reason="host reads today: " + "; ".join(reasons))
-
-
-def _case(*values, reads: tuple[str, ...] = ()):
-    """A parameter set, marked as reading on the host today when ``reads`` names the sites."""
-    return pytest.param(*values, marks=[_known(*reads)] if reads else [])
-
-
-@pytest.mark.parametrize("mode, dropout", [_case(mode, p, reads=(SEED,) if mode == "train" and p else ())
-                                           for mode in ("train", "eval", "inference") for p in (0.0, 0.1)])
+@pytest.mark.parametrize("mode", ["train", "eval", "inference"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_single_adapter_layer(mode, dropout, device):
     layer = _layer(device, dropout)
     x, dy = _inputs(device)
@@ -285,7 +265,7 @@ def _mixed_step(mode, layer, x, dy, adapter_names):
     return _inference_step(layer, x, adapter_names=adapter_names)
 
 
-@pytest.mark.parametrize("mode", [_case("train", reads=(MIXED_SEED,)), _case("inference")])
+@pytest.mark.parametrize("mode", ["train", "inference"])
 def test_mixed_batch_of_four_adapters_by_name(mode, device):
     layer = _mixed_layer(device)
     x, dy = _inputs(device)
@@ -293,8 +273,7 @@ def test_mixed_batch_of_four_adapters_by_name(mode, device):
     assert_no_host_reads(_mixed_step(mode, layer, x, dy, names))
 
 
-@pytest.mark.parametrize("mode", [_case("train", reads=(IDS_TENSOR, MIXED_SEED)),
-                                  _case("inference", reads=(IDS_TENSOR,))])
+@pytest.mark.parametrize("mode", ["train", "inference"])
 def test_mixed_batch_of_four_adapters_by_id_tensor(mode, device):
     layer = _mixed_layer(device)
     x, dy = _inputs(device)
@@ -332,8 +311,8 @@ def _tiny_llama(device, adapter_name, dropout: float):
     return model.to(device).train()
 
 
-@pytest.mark.parametrize("mixed, dropout", [_case(False, 0.0), _case(True, 0.0), _case(False, 0.1, reads=(SEED,)),
-                                            _case(True, 0.1, reads=(MIXED_SEED,))])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_tiny_llama_forward_backward(mixed, dropout, device):
     """A whole tiny Llama with our layers on every projection, one adapter or a mixed batch (one
     adapter per sequence, the base model for one): loss forward and backward."""
@@ -398,3 +377,107 @@ def test_watcher_restores_tensor_methods():
         assert torch.Tensor.item is not before["item"]
     assert {name: getattr(torch.Tensor, name) for name in _TENSOR_METHODS} == before
     assert torch.ones(()).item() == 1.0
+
+
+def test_a_training_step_with_dropout_captures_in_a_cuda_graph_and_draws_a_new_mask_per_replay(device):
+    """The seed is drawn on the GPU inside the graph and loaded by the kernels: each replay drops other
+    elements, and a replay after ``torch.cuda.manual_seed`` repeats the one after the same seed."""
+    if device.type != "cuda":
+        pytest.skip("GPU test: CUDA graphs")
+    layer = _layer(device, dropout=0.5).train()
+    x, dy = _inputs(device)
+    grads = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, x]
+
+    def step():
+        for t in grads:
+            t.grad = None
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm-up on a side stream, as torch's docs do it
+    torch.cuda.current_stream().wait_stream(side)
+    for t in grads:
+        t.grad = torch.zeros_like(t)  # the graph accumulates into fixed buffers
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = layer(x)
+        y_static.backward(dy)
+    outputs = []
+    for seed in (None, None, 7, 7):
+        if seed is not None:
+            torch.cuda.manual_seed(seed)
+        graph.replay()
+        outputs.append(y_static.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(outputs[0], outputs[1]), "two replays drew the same dropout mask"
+    assert torch.equal(outputs[2], outputs[3]), "the same generator state must give the same mask"
+    assert all(bool(torch.isfinite(t.grad).all()) for t in grads)
+
+
+class _DecoderBlock(nn.Module):
+    """A Llama decoder block in plain torch (RMSNorm, causal grouped-query attention, SwiGLU MLP): what a
+    compiled, graph-captured block of a real model runs, without ``transformers`` (not on the GPU machine)."""
+
+    def __init__(self, hidden: int = 64, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.up_proj = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = h.shape
+        x = self.attn_norm(h)
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o_proj(att.transpose(1, 2).reshape(batch, seq, -1))
+        x = self.mlp_norm(h)
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_a_decoder_block_compiled_with_reduce_overhead_runs_in_cuda_graphs_and_matches_eager(device):
+    """``torch.compile(mode="reduce-overhead")`` of a decoder block with our layers on its seven projections:
+    no CUDA-graph skip (a host sync, a CPU tensor or an unsupported op would cause one), and the training
+    step's output and adapter gradients equal eager's."""
+    if device.type != "cuda":
+        pytest.skip("GPU test: CUDA graphs")
+    from torch._dynamo.utils import counters
+
+    from lora_triton.testing import relative_error
+
+    torch.manual_seed(11)
+    block = _DecoderBlock()
+    lora_triton.inject_lora(block, r=4, init_lora_weights=False)
+    block = block.to(device).train()
+    h = torch.randn(2, 16, 64, device=device)
+    adapters = [p for p in block.parameters() if p.requires_grad]
+
+    def step(module):
+        for p in adapters:
+            p.grad = None
+        out = module(h)
+        out.square().mean().backward()
+        return out.detach().clone(), [p.grad.clone() for p in adapters]
+
+    want_out, want_grads = step(block)
+    counters.clear()
+    compiled = torch.compile(block, mode="reduce-overhead")
+    for _ in range(3):  # cudagraph trees record on the second call and replay from the third
+        got_out, got_grads = step(compiled)
+    torch.cuda.synchronize()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert relative_error(got_out, want_out) < 1e-4
+    for got, want in zip(got_grads, want_grads):
+        assert relative_error(got, want) < 1e-3

@@ -413,7 +413,7 @@ def test_op_registration_passes_opcheck():
     from lora_triton.ops.multi_lora import _forward_op
 
     base, x, bank_a, bank_b, scales, ids = _op_operands(torch.float32)
-    seed = torch.tensor(7, dtype=torch.int64)
+    seed = torch.tensor(7, dtype=torch.int32)
     for dropout in (None, torch.tensor([0.0, 0.5, 0.1, 0.25])):
         args = (base, x.requires_grad_(), bank_a.requires_grad_(), bank_b.requires_grad_(), scales, ids, dropout,
                 seed, "torch")

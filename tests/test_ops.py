@@ -60,7 +60,8 @@ def test_every_requires_grad_combination(backend, dropout_p, need_x, need_a, nee
     p = random_lora_problem(17, 48, 64, 8, dtype=dtype, bias=True, device=device, seed=7)
     x, a, b, bias = _leaves(p, need_x, need_a, need_b, bias_mode)
     seed = 1234
-    monkeypatch.setattr(torch, "randint", lambda *args, **kw: torch.tensor(seed))  # pin the dropout seed
+    # pin the dropout seed
+    monkeypatch.setattr(torch, "randint", lambda *args, **kw: torch.tensor(seed, dtype=torch.int32))
     y = lora_nf4_linear(x, p["weight"], a, b, p["scale"], bias, dropout_p, training=True, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -113,7 +114,7 @@ def test_opcheck_forward_and_backward_ops():
 
     p = random_lora_problem(5, 24, 64, 4, bias=True, seed=4)
     w = p["weight"]
-    seed = torch.tensor(3)
+    seed = torch.tensor(3, dtype=torch.int32)
     nf4, meta = _weight_tensors(w), [24, 64, 64]
     fwd_args = (p["x"].requires_grad_(), p["lora_a"].requires_grad_(), p["lora_b"].requires_grad_(),
                 p["bias"].requires_grad_(), nf4, meta, w.offset_value, p["scale"], 0.1, seed, "torch")
@@ -304,11 +305,27 @@ def test_bad_input_is_named_clearly(case, backend):
         lora_nf4_linear(*args, backend=backend)
 
 
-def test_dropout_is_refused_under_cuda_graph_capture(monkeypatch):
-    """A captured graph would replay the host-drawn seed at every step: refused with a clear error."""
-    from lora_triton.ops.dropout import refuse_dropout_in_graph_capture
+def test_dropout_under_cuda_graph_capture_is_refused_only_without_triton(monkeypatch):
+    """With Triton the kernels load the seed from the device (a replay draws a new one); without it the
+    mask would come from a host-seeded generator, the same at every replay: refused with a clear error."""
+    from lora_triton.ops import dropout
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA-graph capture would replay the same dropout mask"):
-        refuse_dropout_in_graph_capture(torch.device("cuda", 0))
-    refuse_dropout_in_graph_capture(torch.device("cpu"))  # no capture on the CPU
+    monkeypatch.setattr(dropout, "can_launch", lambda device: False)
+    with pytest.raises(RuntimeError, match="LoRA dropout under CUDA-graph capture needs Triton"):
+        dropout.refuse_dropout_in_graph_capture(torch.device("cuda", 0))
+    dropout.refuse_dropout_in_graph_capture(torch.device("cpu"))  # no capture on the CPU
+    monkeypatch.setattr(dropout, "can_launch", lambda device: True)
+    dropout.refuse_dropout_in_graph_capture(torch.device("cuda", 0))
+
+def test_the_dropout_seed_is_drawn_where_it_is_read(monkeypatch):
+    """Where Triton runs, the kernels load the seed from the layer's device; where it cannot, torch's stream
+    reads it on the host, so it is drawn on the CPU (no device to wait for), even for a CUDA layer."""
+    from lora_triton.ops import dropout
+
+    monkeypatch.setattr(dropout, "can_launch", lambda device: False)
+    seed = dropout.new_seed(torch.device("cuda", 0))
+    assert seed.device.type == "cpu" and seed.dtype == torch.int32 and seed.dim() == 0
+    monkeypatch.setattr(dropout, "can_launch", lambda device: True)
+    seeds = {int(dropout.new_seed(torch.device("cpu"))) for _ in range(8)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 - 1 for s in seeds)

@@ -197,13 +197,15 @@ def backward_check(p: dict, dx_method: str, dropout_p: float) -> Outcome:
     """The four gradients: ``dx`` from the dx candidate ``dx_method``, the rest from the layer's backward,
     ``S`` from the default forward."""
     from ..ops import candidates
+    from ..ops.dropout import as_seed
     from ..ops.lora_nf4 import layer_backward
 
     x, dy = p["x"], _output_grad(p)
     mask = _mask(dropout_p, *x.shape, x.device)
     args = (x, p["weight"], p["lora_a"], p["lora_b"], p["scale"])
     _, s = candidates.run_forward("dequant", *args, p["bias"], dropout_p, SEED)
-    op = candidates.Operands(*args[:4], p["bias"], args[4], dropout_p, SEED)
+    seed = as_seed(SEED, x.device) if dropout_p > 0 else None
+    op = candidates.Operands(*args[:4], p["bias"], args[4], dropout_p, seed)
     grads = layer_backward(op, dy, s, "triton", (False, True, True, True))
     got = {"dx": candidates.run_dx(dx_method, dy, *args, dropout_p, SEED), "dA": grads.dA, "dB": grads.dB,
            "dbias": grads.dbias}

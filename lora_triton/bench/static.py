@@ -391,6 +391,8 @@ def _kernel_args(build: Build) -> tuple:
     act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[v["dtype"]]
     act = lambda: torch.empty(16, dtype=act_dtype)  # noqa: E731
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
+    ids = torch.empty(16, dtype=torch.int64)
+    seed = torch.empty(16, dtype=torch.int32)
     weight = dict(packed_ptr=torch.empty(16, dtype=torch.uint8), code_ptr=f32(),
                   absmax_ptr=torch.empty(16, dtype=torch.uint8), nested_absmax_ptr=f32(), nested_code_ptr=f32(),
                   offset=0.0123, BLOCKSIZE=64, DOUBLE_QUANT=True, TABLE=v["table"])
@@ -403,7 +405,7 @@ def _kernel_args(build: Build) -> tuple:
     if build.kernel in ("skinny", "skinny_m"):
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
                     partial_y_ptr=f32(), partial_s_ptr=f32(), counter_ptr=torch.empty(16, dtype=torch.int32),
-                    **sizes, scale=2.0, seed=1234, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
+                    **sizes, scale=2.0, seed_ptr=seed, p=0.1, HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=r_pad,
                     DOT_PRECISION=precision, SPLIT_K=4, S_FIRST=False, SCALE_WEIGHTS=False,
                     LORA_CHUNKS=nf4_skinny.lora_chunks(cfg["BLOCK_K"], r_pad, weight["BLOCKSIZE"]), EVEN_N=True,
                     EVEN_K=True)
@@ -424,23 +426,22 @@ def _kernel_args(build: Build) -> tuple:
         return nf4_dequant._dequant_merged_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "fused":
         args = dict(x_ptr=act(), **weight, a_ptr=act(), b_ptr=act(), bias_ptr=act(), s_ptr=act(), y_ptr=act(),
-                    **sizes, M_BUCKET=512, scale=2.0, seed=1234, p=0.1, HAS_BIAS=False, HAS_DROPOUT=False,
+                    **sizes, M_BUCKET=512, scale=2.0, seed_ptr=seed, p=0.1, HAS_BIAS=False, HAS_DROPOUT=False,
                     R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
         return fused._fused_forward_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "dx":
-        args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed=1234,
+        args = dict(dy_ptr=act(), g_ptr=act(), a_ptr=act(), dx_ptr=act(), **weight, scale=2.0, seed_ptr=seed,
                     dropout_p=0.1, M=333, N=4096, K=4096, R=rank, M_BUCKET=512, R_PAD=r_pad,
                     HAS_DROPOUT=False, EVEN_M=333 % cfg["BLOCK_M"] == 0, EVEN_N=4096 % cfg["BLOCK_N"] == 0,
                     EVEN_K=4096 % cfg["BLOCK_K"] == 0, **cfg)
         return lora_dx._lora_dx_kernel, args, cfg["BLOCK_N"] * cfg["BLOCK_K"], options
     if build.kernel == "s":  # with dropout, the case the default forward launches it for
-        args = dict(x_ptr=act(), a_ptr=act(), s_ptr=act(), M=333, K=4096, R=rank, seed=1234, p=0.1, HAS_DROPOUT=True,
-                    R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
+        args = dict(x_ptr=act(), a_ptr=act(), s_ptr=act(), M=333, K=4096, R=rank, seed_ptr=seed, p=0.1,
+                    HAS_DROPOUT=True, R_PAD=r_pad, DOT_PRECISION=precision, **cfg)
         return lora_s._lora_s_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
     if build.kernel == "uniform":
-        args = dict(out_ptr=f32(), seed=1234, M=333, K=4096, **cfg)
+        args = dict(out_ptr=f32(), seed_ptr=seed, M=333, K=4096, **cfg)
         return dropout._uniform_kernel, args, cfg["BLOCK_M"] * cfg["BLOCK_K"], options
-    ids = torch.empty(16, dtype=torch.int64)
     if build.kernel == "multi_shrink":
         args = dict(x_ptr=act(), a_ptr=act(), ids_ptr=ids, s_ptr=act(), K=4096, R=rank, R_PAD=r_pad, **cfg)
         return lora_multi._shrink_kernel, args, cfg["BLOCK_K"], options

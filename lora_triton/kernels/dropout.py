@@ -3,7 +3,9 @@
 Element ``(m, k)`` of ``x [M, K]`` is kept when ``tl.rand(seed, m * K + k) >= p`` and then
 scaled by ``1 / (1 - p)``. Every kernel that needs ``drop(x)`` (forward ``S``, backward ``dx``)
 calls ``dropout_scale`` with the same seed and offsets, so forward and backward agree without
-saving a mask the size of ``x``. ``launch_uniform`` writes the uniforms it draws (``ops.dropout`` turns
+saving a mask the size of ``x``. Kernels load the seed from memory (``load_seed``: an int32 0-d tensor
+drawn on the device), so no launch reads it on the host and a captured CUDA graph draws a new one
+at every replay. ``launch_uniform`` writes the uniforms it draws (``ops.dropout`` turns
 them into masks: the one place every path gets a mask from).
 """
 
@@ -28,7 +30,19 @@ def dropout_scale(seed, offs_m, offs_k, K, p):
 
 
 @triton.jit
-def _uniform_kernel(out_ptr, seed, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def load_seed(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed a kernel's masks use (0, and nothing read, without dropout): int32 in memory, as the
+    scalar argument it replaces was (an int64 narrowed here costs Philox about five 64-bit instructions
+    per element)."""
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    seed = load_seed(seed_ptr, True)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     offsets = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -36,9 +50,10 @@ def _uniform_kernel(out_ptr, seed, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
     tl.store(out_ptr + offsets, tl.rand(seed, offsets), mask=mask)
 
 
-def launch_uniform(out: torch.Tensor, seed: int) -> torch.Tensor:
+def launch_uniform(out: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Fill ``out [M, K]`` (fp32, contiguous) with the uniforms ``tl.rand(seed, m * K + k)`` that
-    ``dropout_scale`` draws: element ``(m, k)`` is kept at probability ``p`` iff it is ``>= p``."""
+    ``dropout_scale`` draws (``seed``: int32 0-d on out's device): element ``(m, k)`` is kept at
+    probability ``p`` iff it is ``>= p``."""
     m, k = out.shape
     if m and k:
         with on_device(out.device):

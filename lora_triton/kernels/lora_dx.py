@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import dropout_scale
+from .dropout import dropout_scale, load_seed
 from .nf4_decode import code_table, in_bounds, load_nf4_tile
 from .runtime import on_device, pipelined_smem
 
@@ -32,7 +32,7 @@ from .runtime import on_device, pipelined_smem
 def _lora_dx_kernel(
     dy_ptr, g_ptr, a_ptr, dx_ptr,
     packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-    scale, seed, dropout_p,
+    scale, seed_ptr, dropout_p,
     M, N, K, R, M_BUCKET,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
     R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -84,7 +84,7 @@ def _lora_dx_kernel(
     a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=in_r[:, None] & in_k[None, :], other=0.0)
     lora = tl.dot(g, a, input_precision="ieee") * scale
     if HAS_DROPOUT:
-        lora = lora * dropout_scale(seed, offs_m, offs_k, K, dropout_p)
+        lora = lora * dropout_scale(load_seed(seed_ptr, HAS_DROPOUT), offs_m, offs_k, K, dropout_p)
     acc += lora
 
     dx_ptrs = dx_ptr + rows[:, None] * K + offs_k[None, :]
@@ -147,7 +147,8 @@ def _autotuned(configs: tuple[triton.Config, ...]):
 
 
 def launch_dx(dy: torch.Tensor, g: torch.Tensor, lora_a: torch.Tensor, dx: torch.Tensor, weight_args: tuple,
-              scale: float, seed: int, dropout_p: float, *, blocksize: int, double_quant: bool, table: str,
+              scale: float, seed: torch.Tensor | None, dropout_p: float, *, blocksize: int, double_quant: bool,
+              table: str,
               r_pad: int, m_bucket: int, config: triton.Config | dict | None = None,
               autotune: tuple[triton.Config, ...] | None = None) -> torch.Tensor:
     """Fill ``dx [M, K]`` with ``dy @ dequant(W) + scale * (g @ lora_a) * mask`` (``dy [M, N]``, ``g [M, r]``,
@@ -156,7 +157,8 @@ def launch_dx(dy: torch.Tensor, g: torch.Tensor, lora_a: torch.Tensor, dx: torch
     autotuned over ``autotune``."""
     m, n = dy.shape
     k, r = dx.shape[1], lora_a.shape[0]
-    args = (dy, g, lora_a, dx, *weight_args, float(scale), seed, float(dropout_p), m, n, k, r, m_bucket)
+    args = (dy, g, lora_a, dx, *weight_args, float(scale), dy if seed is None else seed, float(dropout_p), m, n, k, r,
+            m_bucket)
     meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, R_PAD=r_pad, HAS_DROPOUT=dropout_p > 0)
     with on_device(dy.device):
         if autotune is not None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import dropout_scale
+from .dropout import dropout_scale, load_seed
 from .runtime import dot_precision, on_device, pipelined_smem
 
 
@@ -43,11 +43,12 @@ def s_tile_ptrs(s_ptr, offs_m, offs_r, M, R):
     return s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], (offs_m[:, None] < M) & (offs_r[None, :] < R)
 
 
-@triton.jit(do_not_specialize=["M", "R", "seed"])
-def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p,
+@triton.jit(do_not_specialize=["M", "R"])
+def _lora_s_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed_ptr, p,
                    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``S[rows] = drop(x[rows]) @ A^T`` for one block of BLOCK_M rows, stored in S's dtype."""
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     s_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -65,12 +66,14 @@ def s_kernel_smem(block_m: int, block_k: int, stages: int, elem_bytes: int, r_pa
     return pipelined_smem(stages, (block_m * block_k + block_k * r_pad) * elem_bytes, block_m * block_k * elem_bytes)
 
 
-def launch_lora_s(x: torch.Tensor, lora_a: torch.Tensor, s: torch.Tensor, seed: int, dropout_p: float, *,
+def launch_lora_s(x: torch.Tensor, lora_a: torch.Tensor, s: torch.Tensor, seed: torch.Tensor | None,
+                  dropout_p: float, *,
                   r_pad: int, block_m: int, block_k: int, num_stages: int, num_warps: int) -> None:
-    """Fill ``s [M, r]`` with ``drop(x) @ A^T`` (``x [M, K]``, ``lora_a [r, K]``, one dtype, contiguous)."""
+    """Fill ``s [M, r]`` with ``drop(x) @ A^T`` (``x [M, K]``, ``lora_a [r, K]``, one dtype, contiguous;
+    ``seed``: int32 0-d on x's device, None without dropout)."""
     m, k = x.shape
     with on_device(x.device):
         _lora_s_kernel[(triton.cdiv(m, block_m),)](
-            x, lora_a, s, m, k, lora_a.shape[0], seed, dropout_p, HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad,
-            DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
-            num_stages=num_stages)
+            x, lora_a, s, m, k, lora_a.shape[0], x if seed is None else seed, dropout_p, HAS_DROPOUT=dropout_p > 0,
+            R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import dropout_scale
+from .dropout import dropout_scale, load_seed
 from .nf4_decode import code_table, load_nf4_codes, load_tile_absmax
 from .runtime import on_device, pipelined_smem
 
@@ -160,11 +160,11 @@ def _k_step(acc, s_chunks, k0, x_ptr, packed_ptr, table, absmax_ptr, nested_absm
     return acc, s_chunks
 
 
-@triton.jit(do_not_specialize=["M", "R", "seed"])
+@triton.jit(do_not_specialize=["M", "R"])
 def _skinny_kernel(
         x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, partial_y_ptr, partial_s_ptr, counter_ptr,
-        M, N, K, R, scale, seed, p,
+        M, N, K, R, scale, seed_ptr, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -177,6 +177,7 @@ def _skinny_kernel(
     per output tile, in the epilogue (by the last split's program when ``SPLIT_K > 1``).
     Otherwise ``S`` is accumulated in the K loop and stored."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -306,7 +307,8 @@ def skinny_smem(config: dict, elem_bytes: int, r_pad: int) -> int:
     return pipelined_smem(stages, bn * bk // 2 + bn * max(1, bk // 32), once)
 
 
-def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float, seed: int, *,
+def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float,
+                  seed: torch.Tensor | None, *,
                   blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
                   block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
                   num_stages: int = 3, maxnreg: int | None = None, s_first: bool = False,
@@ -315,6 +317,7 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
 
     ``s_first``: ``s`` already holds ``S = drop(x) @ A^T`` (the caller ran the S kernel); the launch
     only reads it, for the LoRA expand in the epilogue (``dropout_p`` and ``seed`` are then unused).
+    ``seed``: int32 0-d on x's device (None without dropout).
     ``scale_weights``: the absmax multiplies each decoded weight before the MMA (``SCALE_WEIGHTS``).
     ``weight_args`` is ``nf4_decode.kernel_args(weight)``; every tensor is contiguous on x's
     device (validated by the ops layer, which also checks the config: ``ops.configs.check_skinny_config``).
@@ -335,7 +338,7 @@ def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, drop
             partial_y = partial_s = counters = y  # never read
         _skinny_kernel[(n_tiles, split_k, m_tiles)](
             x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, partial_y, partial_s, counters,
-            m, n, k, r, float(scale), int(seed), float(dropout_p),
+            m, n, k, r, float(scale), x if seed is None else seed, float(dropout_p),
             BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TABLE=table, HAS_BIAS=bias is not None,
             HAS_DROPOUT=dropout_p > 0 and not s_first, R_PAD=r_pad, DOT_PRECISION=dot_precision, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, LORA_CHUNKS=lora_chunks(block_k, r_pad, blocksize),

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..ops.validate import check_on_device
+
 #: The adapter name PEFT uses for "no adapter" in ``adapter_names``.
 BASE_ADAPTER = "__base__"
 
@@ -61,11 +63,9 @@ class MixedBatch:
                 raise TypeError(f"adapter_names as a tensor must be 1-D int32/int64 adapter indices (-1: base), got "
                                 f"{adapter_names.dtype} of shape {list(adapter_names.shape)}")
             ids = adapter_names.to(device=device, dtype=torch.int64)
-            if ids.numel() and not torch.compiler.is_compiling():
-                low, high = int(ids.min()), int(ids.max())
-                if low < -1 or high >= len(slots):
-                    raise ValueError(f"adapter indices must be in [-1, {len(slots)}) for the adapters {list(slots)} "
-                                     f"of {where}, got values in [{low}, {high}]")
+            if ids.numel() and not torch.compiler.is_compiling():  # checked on the device: no host read
+                check_on_device(((ids >= -1) & (ids < len(slots))).all(), f"adapter indices must be in "
+                                f"[-1, {len(slots)}) for the adapters {list(slots)} of {where}")
             return cls(slots, ids, expandable)
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list of adapter names (one per row, {BASE_ADAPTER!r} for none), "
@@ -73,6 +73,11 @@ class MixedBatch:
         bad = [name for name in adapter_names if not isinstance(name, str)]
         if bad:
             raise TypeError(f"adapter_names must hold str names, got {bad[:3]!r}")
+        return _from_name_tuple(cls, tuple(adapter_names), slots, device, where, expandable)
+
+    @classmethod
+    def _from_str_names(cls, adapter_names: tuple[str, ...], slots: tuple[str, ...], device: torch.device, where: str,
+                        expandable: bool) -> "MixedBatch":
         unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER} - set(slots))
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} ({where} has "
@@ -94,6 +99,14 @@ class MixedBatch:
                               self.used)
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got {n} and "
                          f"{batch} respectively.")
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_name_tuple(cls, names: tuple[str, ...], slots: tuple[str, ...], device: torch.device, where: str,
+                     expandable: bool) -> MixedBatch:
+    """``MixedBatch.from_names`` of a tuple of names, made once per (names, slots, device): a model serving
+    the same mix step after step pays for the lookup once (a refused batch raises and is not kept)."""
+    return cls._from_str_names(names, slots, device, where, expandable)
 
 
 def per_token_ids(ids: Tensor, rows: int) -> Tensor:
@@ -138,8 +151,12 @@ def stack_adapters(layer, slots: tuple[str, ...], ids: Tensor, dtype: torch.dtyp
         return None
     weights = [(modules_a[name].weight, layer.lora_B._modules[name].weight) for name in names]
     rank = max(a.shape[0] for a, _ in weights)
-    a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
-    b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
+    if all(a.shape[0] == rank for a, _ in weights):  # one rank (the common case): nothing to pad
+        a = torch.stack([a for a, _ in weights]).to(dtype)
+        b = torch.stack([b for _, b in weights]).to(dtype)
+    else:
+        a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a, _ in weights])
+        b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for _, b in weights])
     scales = constant(tuple(float(layer.scaling[name]) for name in names), torch.float32, ids.device)
     if tuple(names) != tuple(slots):  # slot i -> bank index (-1 where the layer lacks it); -1 (base) stays -1
         position = {name: j for j, name in enumerate(names)}

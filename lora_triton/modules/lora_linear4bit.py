@@ -15,7 +15,7 @@ from torch import nn
 
 from ..format import NF4Weight
 from ..ops import check_backend, lora_nf4_linear, nf4_linear, resolve_backend
-from ..ops.multi_lora import multi_lora_add
+from ..ops.multi_lora import mixed_nf4_linear
 from .adapter_bank import MixedBatch, constant, per_token_ids, stack_adapters
 from .nf4_linear import NF4Linear
 
@@ -324,18 +324,17 @@ class LoRALinear4bit(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x2d = x.reshape(-1, self.in_features)
-        base = nf4_linear(x2d, self.base_layer.nf4, self.base_layer.bias, self.backend)
         ids = per_token_ids(mixed.ids, x2d.shape[0])
         bank = stack_adapters(self, mixed.slots, ids, x.dtype, mixed.used)
         if bank is None:  # none of the batch's adapters lives in this layer
-            return base.reshape(*x.shape[:-1], self.out_features)
+            return nf4_linear(x, self.base_layer.nf4, self.base_layer.bias, self.backend)
         dropout = None
         if self.training and any(bank.dropout):
             dropout = constant(bank.dropout, torch.float32, x.device)
         # bank.ids come from the bank's lookup table: in range by construction, no need to read them
-        y = multi_lora_add(base, x2d, bank.a, bank.b, bank.scales, bank.ids, dropout, self.training,
-                           resolve_backend(x.device, self.backend), check_values=False)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = mixed_nf4_linear(x2d, self.base_layer.nf4, self.base_layer.bias, bank.a, bank.b, bank.scales, bank.ids,
+                             dropout, self.training, self.backend)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         name = self.active_adapter

@@ -60,12 +60,23 @@ def check_standard_bnb_layout(layer: nn.Module, name: str = "layer") -> None:
                          "(or set layer.support_avx512bf16_for_cpu = False before the first forward)")
 
 
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 def _is_dtensor(t) -> bool:
-    if t is None or type(t) in (torch.Tensor, nn.Parameter) or not torch.distributed.is_available():
+    if t is None or type(t) in _PLAIN_TENSORS or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def _storage_of(p) -> tuple | None:
+    """What a cached view over ``p`` depends on: the object, its device, address and shape (checked on every
+    access of ``NF4Linear.nf4``, so written for speed)."""
+    if p is None:
+        return None
+    return id(p), p.device, 0 if p.is_meta or _is_dtensor(p) else p.data_ptr(), p.shape
 
 
 def _to_storage(t: torch.Tensor) -> torch.Tensor:
@@ -222,8 +233,8 @@ class NF4Linear(nn.Module):
     # ---------------------------------------------------------------- device moves
     def _storage_state(self) -> tuple:
         """What the cached NF4Weight views: each NF4 parameter's object, device, address and shape."""
-        return tuple(None if p is None else (id(p), p.device, 0 if p.device.type == "meta" or _is_dtensor(p)
-                                             else p.data_ptr(), tuple(p.shape)) for p in self._nf4_key())
+        params = self._parameters
+        return tuple(_storage_of(params.get(name)) for name in NF4_PARAMETERS)
 
     def _apply(self, fn, recurse=True):
         # The NF4 parameters are integer tensors: .half()/.to(dtype) leave them alone and only

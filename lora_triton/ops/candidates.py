@@ -32,7 +32,7 @@ from ..kernels.runtime import (can_launch, default_table, dot_precision, gpu_lim
                                m_bucket, multiprocessors, padded_rank)
 from . import configs
 from .dense import dequantize_dense
-from .dropout import dropout_mask
+from .dropout import as_seed, dropout_mask
 from .validate import KERNEL_DTYPES
 
 
@@ -79,7 +79,8 @@ def new_output(*shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class Operands:
     """One layer call's operands, prepared by the op: ``x [M, K]``, adapter and bias in x's dtype, all
-    contiguous on x's device; ``dropout_p`` applied with the mask of ``seed`` (``ops.dropout``)."""
+    contiguous on x's device; ``dropout_p`` applied with the mask of ``seed`` (``ops.dropout``: an int32 0-d
+    tensor on x's device, None without dropout)."""
 
     x: Tensor
     weight: NF4Weight
@@ -88,7 +89,7 @@ class Operands:
     bias: Tensor | None
     scale: float
     dropout_p: float
-    seed: int
+    seed: Tensor | None
 
     @property
     def m(self) -> int:
@@ -466,8 +467,8 @@ DX: dict[str, Candidate] = {c.name: c for c in (
 
 # ============================================================================ mixed batches
 def adapter_mask(ids: Tensor, n_adapters: int) -> Tensor:
-    """bool ``[M, n]``: row ``m`` uses adapter ``i`` (no column for id -1), built on the device, never read."""
-    return ids[:, None] == torch.arange(n_adapters, device=ids.device)
+    """bool ``[M, n, 1]``: row ``m`` uses adapter ``i`` (no column for id -1), built on the device, never read."""
+    return (ids[:, None] == torch.arange(n_adapters, device=ids.device))[:, :, None]
 
 
 def scaled_per_adapter(values: Tensor, scales: Tensor) -> Tensor:
@@ -476,32 +477,32 @@ def scaled_per_adapter(values: Tensor, scales: Tensor) -> Tensor:
     return (values.to(wide) * scales.to(wide)[None, :, None]).to(values.dtype)
 
 
-def one_adapter_per_row(values: Tensor, ids: Tensor, n_adapters: int, scales: Tensor | None = None) -> Tensor:
-    """``[M, n * R]`` from ``values [M, R]``: row ``m``'s values in its adapter's block of ``R`` columns
-    (times that adapter's scale when given), exact zeros elsewhere. A product with a bank concatenated along
-    R (``[n * R, ...]``) then gives each row its own adapter's product: the other blocks add exact zeros."""
-    m, r = values.shape
-    wide = values[:, None, :].expand(m, n_adapters, r)
+def one_adapter_per_row(values: Tensor, mask: Tensor, scales: Tensor | None = None) -> Tensor:
+    """``[M, n * R]`` from ``values [M, n, R]`` (or ``[M, R]``, the same for every adapter) and ``mask =
+    adapter_mask(ids, n)``: row ``m``'s values in its adapter's block of ``R`` columns (times that adapter's
+    scale when given), exact zeros elsewhere (``torch.where``: an overflow in another block cannot leak in).
+    A product with a bank concatenated along R (``[n * R, ...]``) then gives each row its own adapter's
+    product: the other blocks add exact zeros."""
+    m, n_adapters = mask.shape[:2]
+    if values.dim() == 2:
+        values = values[:, None, :].expand(m, n_adapters, values.shape[1])
     if scales is not None:
-        wide = scaled_per_adapter(wide, scales)
-    wide = torch.where(adapter_mask(ids, n_adapters)[:, :, None], wide, torch.zeros((), dtype=values.dtype,
-                                                                                     device=values.device))
-    return wide.reshape(m, n_adapters * r)
+        values = scaled_per_adapter(values, scales)
+    return torch.where(mask, values, 0.0).reshape(m, n_adapters * values.shape[2])
 
 
 def _torch_mixed(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor,
                  ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain torch without reading the ids: ``x`` against every adapter of the bank at once (``[M, n * R]``),
-    each row's own block kept (``torch.where``: another adapter's overflow cannot leak in), then one ``addmm``
-    with the bank's B concatenated along R. It costs ``n`` times the LoRA FLOPs of one adapter: banks are
-    built of the adapters a batch uses."""
+    """Plain torch without reading the ids: ``x`` against every adapter of the bank at once (``[M, n, R]``),
+    each row's own block kept, then one ``addmm`` with the bank's B concatenated along R. It costs ``n``
+    times the LoRA FLOPs of one adapter: banks are built of the adapters a batch uses."""
     n_adapters, r, k = bank_a.shape
+    mask = adapter_mask(ids, n_adapters)
     s_all = (x @ bank_a.reshape(n_adapters * r, k).t()).view(x.shape[0], n_adapters, r)
-    s = torch.where(adapter_mask(ids, n_adapters)[:, :, None], s_all, torch.zeros((), dtype=x.dtype,
-                                                                                  device=x.device)).sum(1)
-    wide = one_adapter_per_row(s.to(base.dtype), ids, n_adapters, scales)
+    own = torch.where(mask, s_all, 0.0)  # [M, n, R]: zeros outside each row's own block
+    wide = one_adapter_per_row(own.to(base.dtype), mask, scales)
     b_cat = bank_b.to(base.dtype).permute(1, 0, 2).reshape(base.shape[1], n_adapters * r)
-    return torch.addmm(base, wide, b_cat.t()), s
+    return torch.addmm(base, wide, b_cat.t()), own.sum(1)
 
 
 def _triton_mixed(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor,
@@ -538,18 +539,22 @@ def _refuse(candidate: Candidate, problem: Problem) -> None:
         raise ValueError(f"the {candidate.operation} candidate {candidate.name!r} cannot run this problem: {reason}")
 
 
+def _seed(seed: int | Tensor, dropout_p: float, x: Tensor) -> Tensor | None:
+    return as_seed(seed, x.device) if dropout_p > 0 else None
+
+
 def run_forward(name: str, x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float,
-                bias: Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
+                bias: Tensor | None = None, dropout_p: float = 0.0, seed: int | Tensor = 0,
                 config: dict | None = None) -> tuple[Tensor, Tensor]:
     """``(y [M, N], S [M, r])`` from the forward candidate ``name`` on the Triton backend (the torch
     candidate runs anywhere): for benchmarks and tests that compare candidates. ``x [M, K]``, adapter and
-    bias in x's dtype, contiguous on one device (``validate.check_operands``); ``ValueError`` when the
-    candidate does not support the problem."""
+    bias in x's dtype, contiguous on one device (``validate.check_operands``; ``seed`` an int or an int32
+    0-d tensor on x's device); ``ValueError`` when the candidate does not support the problem."""
     from .validate import check_operands
 
     check_operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
     candidate = FORWARD[name]
-    op = Operands(x, weight, lora_a, lora_b, bias, float(scale), float(dropout_p), seed)
+    op = Operands(x, weight, lora_a, lora_b, bias, float(scale), float(dropout_p), _seed(seed, dropout_p, x))
     problem = Problem(x.device, op.m, op.n, op.k, op.r, x.dtype, dropout_p > 0, weight.blocksize)
     if config is not None:
         if not candidate.takes_config:
@@ -560,14 +565,14 @@ def run_forward(name: str, x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b:
 
 
 def run_dx(name: str, dy: Tensor, x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor, scale: float,
-           dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+           dropout_p: float = 0.0, seed: int | Tensor = 0) -> Tensor:
     """``dx [M, K]`` from the dx candidate ``name`` (as ``run_forward``), ``G = dy @ B`` included."""
     from .validate import check_operands, check_tensor
 
     check_operands(x, weight, lora_a, lora_b, None, scale, dropout_p, seed)
     check_tensor("dy", dy, (x.shape[0], weight.shape[0]), x.device, (x.dtype,))
     candidate = DX[name]
-    op = Operands(x, weight, lora_a, lora_b, None, float(scale), float(dropout_p), seed)
+    op = Operands(x, weight, lora_a, lora_b, None, float(scale), float(dropout_p), _seed(seed, dropout_p, x))
     _refuse(candidate, Problem(x.device, op.m, op.n, op.k, op.r, x.dtype, dropout_p > 0, weight.blocksize))
     return candidate.launch(op, dy, dy @ lora_b if candidate.needs_g else None, None)
 
@@ -582,7 +587,7 @@ def run_experimental_fused(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b:
     from .validate import check_operands
 
     check_operands(x, weight, lora_a, lora_b, bias, scale, 0.0, 0)
-    op = Operands(x, weight, lora_a, lora_b, bias, float(scale), 0.0, 0)
+    op = Operands(x, weight, lora_a, lora_b, bias, float(scale), 0.0, None)
     problem = Problem(x.device, op.m, op.n, op.k, op.r, x.dtype, False, weight.blocksize)
     reason = kernels_refuse(problem) or _rank_tile(configs.max_rank("fused"))(problem)
     if reason is not None:
@@ -593,7 +598,7 @@ def run_experimental_fused(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b:
     if k.m == 0:
         return _back_to(x.dtype, y, s)
     r_pad, limits = padded_rank(k.r), gpu_limits(x.device)
-    args = (k.x, kernel_args(k.weight), k.lora_a, k.lora_b, k.bias, s, y, k.scale, 0, 0.0)
+    args = (k.x, kernel_args(k.weight), k.lora_a, k.lora_b, k.bias, s, y, k.scale, None, 0.0)
     common = dict(blocksize=weight.blocksize, double_quant=weight.double_quant, table=default_table(x.device),
                   r_pad=r_pad, m_bucket=m_bucket(k.m))
     if interpreting():

@@ -30,6 +30,7 @@ elsewhere; ``LORA_TRITON_BACKEND`` sets the default. Every backend takes every s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Optional
@@ -38,11 +39,11 @@ import torch
 from torch import Tensor
 
 from ..format import NF4Weight
-from ..kernels.runtime import can_launch, out_of_resources
+from ..kernels.runtime import can_launch, interpreting, out_of_resources
 from ..reference import LoRAGrads, refuse_double_backward
 from . import dispatch
 from .candidates import Candidate, Operands, Problem
-from .dropout import NO_SEED, refuse_dropout_in_graph_capture
+from .dropout import new_seed
 from .validate import check_layer_inputs
 
 BACKENDS = ("auto", "triton", "torch")
@@ -62,7 +63,13 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
 
     ``requested`` (default: env ``LORA_TRITON_BACKEND``, else ``"auto"``) is one of ``BACKENDS`` (or an
     alias). Asking for ``"triton"`` where it cannot run raises instead of silently falling back."""
-    requested = requested or os.environ.get("LORA_TRITON_BACKEND", "auto")
+    key = (device, requested or os.environ.get("LORA_TRITON_BACKEND", "auto"), interpreting())
+    # answered once per key in eager calls (a cache wrapper is not traced by torch.compile)
+    return _backend_for.__wrapped__(*key) if torch.compiler.is_compiling() else _backend_for(*key)
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_for(device: torch.device, requested: str, interpreting: bool) -> str:
     check_backend(requested)
     requested = BACKEND_ALIASES.get(requested, requested)
     if requested == "auto":
@@ -100,17 +107,20 @@ def _launch(operation: str, problem: Problem, run) -> object:
         return run(fallback, None)
 
 
-def layer_forward(op: Operands, backend: str) -> tuple[Tensor, Tensor]:
-    """``(y [M, N], S [M, r])`` of the layer (module docstring)."""
-    return _launch("forward", problem_of(op, backend), lambda c, config: c.launch(op, config))
+def layer_forward(op: Operands, backend: str, problem: Problem | None = None) -> tuple[Tensor, Tensor]:
+    """``(y [M, N], S [M, r])`` of the layer (module docstring); ``problem``: ``problem_of(op, backend)``
+    when the caller has it."""
+    problem = problem or problem_of(op, backend)
+    return _launch("forward", problem, lambda c, config: c.launch(op, config))
 
 
 def layer_backward(op: Operands, dy: Tensor, saved_s: Tensor, backend: str,
-                   needs: tuple[bool, bool, bool, bool]) -> LoRAGrads:
-    """``LoRAGrads`` of ``(dx, dA, dB, dbias)``, each only where ``needs`` asks (module docstring)."""
+                   needs: tuple[bool, bool, bool, bool], problem: Problem | None = None) -> LoRAGrads:
+    """``LoRAGrads`` of ``(dx, dA, dB, dbias)``, each only where ``needs`` asks (module docstring);
+    ``problem``: the forward's, when the caller kept it."""
     need_dx, need_da, need_db, need_dbias = needs
     dy = dy.to(op.x.dtype).contiguous()  # the expanded (stride-0) gradient of .sum() lands here
-    problem = problem_of(op, backend)
+    problem = problem or problem_of(op, backend)
     lora = op.scale != 0  # scale 0 (``nf4_linear``: the base alone): the LoRA term and its gradients are 0
 
     def dx_of(candidate: Candidate, config):
@@ -142,13 +152,12 @@ def _operands(x, lora_a, lora_b, bias, nf4, nf4_meta, offset, scale, dropout_p, 
     weight = NF4Weight.from_validated_fields(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
                                              nested_code=nested_code, offset=offset_t, shape=(n, k),
                                              blocksize=blocksize, dtype=torch.float32, offset_value=offset)
-    # the seed is read only when dropout uses it: a CPU scalar drawn by the caller, never a device value
-    return Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, int(seed) if dropout_p > 0 else 0)
+    return Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed if dropout_p > 0 else None)
 
 
 @torch.library.custom_op("lora_triton::lora_nf4", mutates_args=())
 def _forward_op(x: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor], nf4: list[Optional[Tensor]],
-                nf4_meta: list[int], offset: float, scale: float, dropout_p: float, seed: Tensor,
+                nf4_meta: list[int], offset: float, scale: float, dropout_p: float, seed: Optional[Tensor],
                 backend: str) -> tuple[Tensor, Tensor]:
     op = _operands(x, lora_a, lora_b, bias, nf4, nf4_meta, offset, scale, dropout_p, seed)
     y, s = layer_forward(op, backend)
@@ -162,8 +171,8 @@ def _(x, lora_a, lora_b, bias, nf4, nf4_meta, offset, scale, dropout_p, seed, ba
 
 @torch.library.custom_op("lora_triton::lora_nf4_backward", mutates_args=())
 def _backward_op(dy: Tensor, saved_s: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, nf4: list[Optional[Tensor]],
-                 nf4_meta: list[int], offset: float, scale: float, dropout_p: float, seed: Tensor, backend: str,
-                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 nf4_meta: list[int], offset: float, scale: float, dropout_p: float, seed: Optional[Tensor],
+                 backend: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     op = _operands(x, lora_a, lora_b, None, nf4, nf4_meta, offset, scale, dropout_p, seed)
     grads = layer_backward(op, dy, saved_s, backend, tuple(needs))
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in (grads.dx, grads.dA, grads.dB, grads.dbias))
@@ -213,15 +222,19 @@ class _EagerLayer(torch.autograd.Function):
     """Eager mode's entry to the same math (``layer_forward`` / ``layer_backward``, nothing else):
     torch's custom-op machinery (argument defaults, pytree, redispatch, its Python autograd) costs about
     as much host time per call as a whole small layer (the overhead table: 320 us -> 600 us per
-    forward+backward of a 64 x 64 layer on one CPU thread). Under ``torch.compile`` the ops run instead."""
+    forward+backward of a 64 x 64 layer on one CPU thread). Under ``torch.compile`` the ops run instead.
+    The tensors come in as arguments (autograd tracks them); ``op`` and ``problem`` carry the rest as
+    two arguments, because every argument costs host time in ``apply``."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, weight: NF4Weight, scale: float, dropout_p: float, seed: int,
-                backend: str):
-        y, saved_s = layer_forward(Operands(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed), backend)
-        ctx.save_for_backward(x, saved_s, lora_a, lora_b)
-        ctx.weight, ctx.attrs, ctx.has_bias = weight, (scale, dropout_p, seed, backend), bias is not None
-        return y
+    def forward(ctx, x, lora_a, lora_b, bias, call: "_Call"):
+        # x keeps its leading dims: flattening here, not before, keeps two views out of the graph
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        op = Operands(x2d, call.weight, lora_a, lora_b, bias, call.scale, call.dropout_p, call.seed)
+        y, saved_s = layer_forward(op, call.problem.backend, call.problem)
+        ctx.save_for_backward(x2d, saved_s, lora_a, lora_b)  # saved-tensor hooks (offload, checkpoints) see them
+        ctx.call, ctx.x_shape, ctx.has_bias = call, x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -230,11 +243,22 @@ class _EagerLayer(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         needs = (need_x, need_a, need_b, need_bias and ctx.has_bias)
         if not any(needs):
-            return (None,) * 9
-        scale, dropout_p, seed, backend = ctx.attrs
-        op = Operands(x, ctx.weight, lora_a, lora_b, None, scale, dropout_p, seed)
-        grads = layer_backward(op, dy, saved_s, backend, needs)
-        return grads.dx, grads.dA, grads.dB, grads.dbias, None, None, None, None, None
+            return None, None, None, None, None
+        call = ctx.call
+        op = Operands(x, call.weight, lora_a, lora_b, None, call.scale, call.dropout_p, call.seed)
+        grads = layer_backward(op, dy.reshape(-1, dy.shape[-1]), saved_s, call.problem.backend, needs, call.problem)
+        dx = None if grads.dx is None else grads.dx.view(ctx.x_shape)
+        return dx, grads.dA, grads.dB, grads.dbias, None
+
+
+class _Call:
+    """What a layer call adds to its tensors: the NF4 weight, scale, dropout, seed and the problem, as one
+    ``apply`` argument (a plain class is one pytree leaf; ``apply`` pays for every argument it flattens)."""
+
+    __slots__ = ("weight", "scale", "dropout_p", "seed", "problem")
+
+    def __init__(self, weight: NF4Weight, scale: float, dropout_p: float, seed: Tensor | None, problem: Problem):
+        self.weight, self.scale, self.dropout_p, self.seed, self.problem = weight, scale, dropout_p, seed, problem
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -257,27 +281,32 @@ def lora_nf4_linear(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tensor
         TypeError / ValueError naming the argument for a bad input (``validate.check_layer_inputs``).
     """
     check_layer_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p)
-    autocast = torch.is_autocast_enabled(x.device.type)
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
     if autocast:
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(torch.get_autocast_dtype(device.type))
     dtype = x.dtype
     n, k = weight.shape
     p = float(dropout_p) if training else 0.0
-    x2d = x.reshape(-1, k).contiguous()
-    a, b = lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
-    bias = None if bias is None else bias.to(dtype).contiguous()
-    backend = resolve_backend(x.device, backend)
-    if p > 0:
-        refuse_dropout_in_graph_capture(x.device)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        if torch.compiler.is_compiling():
-            seed = torch.randint(0, 2**31 - 1, ()) if p > 0 else NO_SEED
-            y, _ = _forward_op(x2d, a, b, bias, _weight_tensors(weight), [n, k, weight.blocksize],
-                               weight.offset_value, float(scale), p, seed, backend)
-        else:
-            seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0  # a host draw: no device value is read
-            y = _EagerLayer.apply(x2d, a, b, bias, weight, float(scale), p, seed, backend)
-    return y.reshape(*x.shape[:-1], n)
+    a, b = _as_operand(lora_a, dtype), _as_operand(lora_b, dtype)
+    bias = None if bias is None else _as_operand(bias, dtype)
+    backend = resolve_backend(device, backend)
+    with torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext():
+        if not torch.compiler.is_compiling():
+            seed = new_seed(device) if p > 0 else None
+            problem = Problem(device, x.numel() // k, n, k, a.shape[0], dtype, p > 0, weight.blocksize, backend)
+            return _EagerLayer.apply(x, a, b, bias, _Call(weight, float(scale), p, seed, problem))
+        seed = new_seed(device) if p > 0 else None
+        y, _ = _forward_op(x.reshape(-1, k).contiguous(), a, b, bias, _weight_tensors(weight),
+                           [n, k, weight.blocksize], weight.offset_value, float(scale), p, seed, backend)
+        return y.view(*x.shape[:-1], n)
+
+
+def _as_operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, contiguous (itself when it already is: the common case costs no op)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, backend: str | None = None) -> Tensor:

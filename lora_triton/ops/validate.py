@@ -53,10 +53,16 @@ def check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def check_seed(seed) -> None:
-    """A dropout seed: an int in ``[0, 2**31)`` (the kernels read it as int32)."""
+def check_seed(seed, device: torch.device) -> None:
+    """A dropout seed: a Python int in ``[0, 2**31)``, or an int32 0-d tensor on ``device`` (its value, drawn
+    by ``ops.dropout.new_seed``, is not read)."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int32 or seed.dim() != 0 or seed.device != device:
+            raise ValueError(f"seed must be an int32 0-d tensor on {device}, got {seed.dtype} of shape "
+                             f"{list(seed.shape)} on {seed.device}")
+        return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
+        raise TypeError(f"seed must be a Python int or an int32 tensor, got {type(seed).__name__}")
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed!r}")
 
@@ -87,6 +93,18 @@ def check_adapter(weight: NF4Weight, lora_a, lora_b) -> int:
 def check_layer_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     """The arguments of ``ops.lora_nf4_linear`` (any leading dims of x, any float dtypes of the adapter
     and bias: the op casts them to x's dtype)."""
+    check_base_inputs(x, weight, bias)
+    check_adapter(weight, lora_a, lora_b)
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: the layer's tensors must share one "
+                             "device (move the module with .to(device))")
+    check_scale(scale)
+    check_dropout(dropout_p)
+
+
+def check_base_inputs(x, weight, bias) -> None:
+    """``x [..., K]`` (a float tensor), the ``NF4Weight [N, K]`` and ``bias [N]`` or None, on one device."""
     check_nf4_weight(weight)
     n, k = weight.shape
     if not isinstance(x, Tensor):
@@ -101,13 +119,21 @@ def check_layer_inputs(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> Non
                             f"{bias.dtype if isinstance(bias, Tensor) else type(bias).__name__}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape {[n]}, got {list(bias.shape)}")
-    check_adapter(weight, lora_a, lora_b)
-    for name, t in (("weight", weight.packed), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+    for name, t in (("weight", weight.packed), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: the layer's tensors must share one "
                              "device (move the module with .to(device))")
-    check_scale(scale)
-    check_dropout(dropout_p)
+
+
+def check_on_device(ok: Tensor, message: str) -> None:
+    """``ValueError(message)`` unless the bool tensor ``ok`` holds True, without reading a device value on the
+    host: on a GPU ``torch._assert_async`` queues a device-side assert (the error surfaces at the next
+    synchronization and ends the CUDA context, as an out-of-range index does in torch's own indexing ops);
+    on the CPU it raises at once."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 def check_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
@@ -128,27 +154,28 @@ def check_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) ->
         check_tensor("bias", bias, (n,), x2d.device, (x2d.dtype,))
     check_scale(scale)
     check_dropout(dropout_p)
-    check_seed(seed)
+    check_seed(seed, x2d.device)
 
 
 def check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values: bool = True) -> None:
-    """The operands of ``ops.multi_lora_add``: ``base [M, N]``, ``x [M, K]``, ``bank_a [n, R, K]``, ``bank_b
-    [n, N, R]`` (x's float dtype), ``scales`` float32 ``[n]``, ``ids`` int64 ``[M]`` on one device. With
-    ``check_values`` (eager only: reading them is a device sync) the ids must be in ``[-1, n)`` and the
-    scales finite."""
-    for name, t in (("base", base), ("x", x), ("bank_a", bank_a), ("bank_b", bank_b), ("scales", scales),
-                    ("ids", ids)):
+    """The operands of ``ops.multi_lora_add``: ``base [M, N]`` (None: computed by the caller's op, ``N`` read
+    off ``bank_b``), ``x [M, K]``, ``bank_a [n, R, K]``, ``bank_b [n, N, R]`` (x's float dtype), ``scales``
+    float32 ``[n]``, ``ids`` int64 ``[M]`` on one device. With ``check_values`` (eager only, checked on the
+    device: ``check_on_device``) the ids must be in ``[-1, n)`` and the scales finite."""
+    named = (("base", base), ("x", x), ("bank_a", bank_a), ("bank_b", bank_b), ("scales", scales), ("ids", ids))
+    named = tuple((name, t) for name, t in named if t is not None or name != "base")
+    for name, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2 or base.dim() != 2 or bank_a.dim() != 3 or bank_b.dim() != 3:
+    if x.dim() != 2 or (base is not None and base.dim() != 2) or bank_a.dim() != 3 or bank_b.dim() != 3:
         raise ValueError(f"expected base [M, N], x [M, K], bank_a [n, R, K], bank_b [n, N, R]; got base "
-                         f"{list(base.shape)}, x {list(x.shape)}, bank_a {list(bank_a.shape)}, bank_b "
-                         f"{list(bank_b.shape)}")
+                         f"{None if base is None else list(base.shape)}, x {list(x.shape)}, bank_a "
+                         f"{list(bank_a.shape)}, bank_b {list(bank_b.shape)}")
     (m, k), (n_adapters, r, _) = x.shape, bank_a.shape
-    n = base.shape[1]
-    want = {"base": (m, n), "bank_a": (n_adapters, r, k), "bank_b": (n_adapters, n, r), "scales": (n_adapters,),
-            "ids": (m,)}
-    for name, t in (("base", base), ("bank_a", bank_a), ("bank_b", bank_b), ("scales", scales), ("ids", ids)):
+    n = bank_b.shape[1] if base is None else base.shape[1]
+    want = {"base": (m, n), "x": (m, k), "bank_a": (n_adapters, r, k), "bank_b": (n_adapters, n, r),
+            "scales": (n_adapters,), "ids": (m,)}
+    for name, t in named:
         if tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must have shape {list(want[name])}, got {list(t.shape)}")
     if x.dtype not in LAYER_DTYPES or bank_a.dtype != x.dtype or bank_b.dtype != x.dtype:
@@ -156,12 +183,11 @@ def check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values: boo
                         f"{bank_b.dtype}")
     if scales.dtype != torch.float32 or ids.dtype != torch.int64:
         raise TypeError(f"scales must be float32 and ids int64, got {scales.dtype} and {ids.dtype}")
-    devices = {t.device for t in (base, x, bank_a, bank_b, scales, ids)}
+    devices = {t.device for _, t in named}
     if len(devices) != 1:
         raise ValueError(f"all operands must be on one device, got {sorted(map(str, devices))}")
-    if check_values and not torch.compiler.is_compiling() and not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"scales must be finite, got {scales.tolist()}")
-    if check_values and m and not torch.compiler.is_compiling():
-        low, high = int(ids.min()), int(ids.max())
-        if low < -1 or high >= n_adapters:
-            raise ValueError(f"ids must be in [-1, {n_adapters}) (-1: no adapter), got values in [{low}, {high}]")
+    if check_values and not torch.compiler.is_compiling():
+        check_on_device(torch.isfinite(scales).all(), "scales must be finite")
+        if m:
+            check_on_device(((ids >= -1) & (ids < n_adapters)).all(), f"ids must be in [-1, {n_adapters}) (-1: no "
+                            "adapter)")

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dropout import load_seed
 from ..lora_s import load_x_tile, lora_s_step, s_tile_ptrs
 from ..nf4_decode import code_table, load_nf4_tile
 from ..runtime import dot_precision, on_device, pipelined_smem
@@ -61,17 +62,18 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
 
-@triton.jit(do_not_specialize=["M", "R", "M_BUCKET", "seed"])
+@triton.jit(do_not_specialize=["M", "R", "M_BUCKET"])
 def _fused_forward_kernel(
         x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         a_ptr, b_ptr, bias_ptr, s_ptr, y_ptr,
-        M, N, K, R, M_BUCKET, scale, seed, p,
+        M, N, K, R, M_BUCKET, scale, seed_ptr, p,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
         TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``y``; ``S`` accumulates in the K loop, stored by the first N tile."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -125,7 +127,7 @@ def _autotuned(configs: tuple[triton.Config, ...]):
 
 
 def launch_fused(x: torch.Tensor, weight_args: tuple, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 bias: torch.Tensor | None, s: torch.Tensor, y: torch.Tensor, scale: float, seed: int,
+                 bias: torch.Tensor | None, s: torch.Tensor, y: torch.Tensor, scale: float, seed: torch.Tensor | None,
                  dropout_p: float, *, blocksize: int, double_quant: bool, table: str, r_pad: int, m_bucket: int,
                  config: triton.Config | dict | None = None, autotune: tuple[triton.Config, ...] | None = None
                  ) -> None:
@@ -135,7 +137,7 @@ def launch_fused(x: torch.Tensor, weight_args: tuple, lora_a: torch.Tensor, lora
     m, k = x.shape
     n, r = y.shape[1], lora_a.shape[0]
     args = (x, *weight_args, lora_a, lora_b, x if bias is None else bias, s, y, m, n, k, r, m_bucket, float(scale),
-            seed, float(dropout_p))
+            x if seed is None else seed, float(dropout_p))
     meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
                 HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), TABLE=table)
     grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)  # noqa: E731
