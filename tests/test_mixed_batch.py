@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from lora_triton.integration import (adapter_ids, adapter_slots, load_adapter, l
                                      set_trainable_adapters)
 from lora_triton.integration.mixed_batch import route_adapters
 from lora_triton.ops import nf4_linear
-from lora_triton.testing import REL_TOL, relative_error, tiny_llama
+from lora_triton.testing import REL_TOL, assert_like_torch, relative_error, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BASE = "__base__"
@@ -522,3 +523,75 @@ def test_a_mixed_batch_under_inference_mode_leaves_nothing_that_breaks_training(
     y.square().sum().backward()
     torch.testing.assert_close(y.detach(), expected)
     assert all(layer.lora_B[n].weight.grad is not None for n in ("a0", "a1", "a2"))
+
+
+def _mixed_layer_reference(x, dense, bias, bank_a, bank_b, scales, ids):
+    """``x @ dense^T + bias`` plus each row's own adapter term, written out adapter by adapter."""
+    rows = ids[None, :] == torch.arange(bank_a.shape[0])[:, None]  # [n, M]
+    lora = torch.stack([scales[i].to(x.dtype) * (x @ bank_a[i].t()) @ bank_b[i].t() for i in range(bank_a.shape[0])])
+    return x @ dense.t() + bias + (lora * rows[:, :, None].to(x.dtype)).sum(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [0, 1, 3, 17])
+@pytest.mark.parametrize("needs", list(itertools.product([False, True], repeat=4)))
+def test_mixed_layer_node_against_float64(needs, m, dtype):
+    """``mixed_nf4_linear`` (one autograd node: base product and each row's adapter term) for every
+    requires_grad combination of x, bias and both banks, odd shapes (M = 0, 1, 3, 17; N = 17), against
+    float64 within a small multiple of plain torch's error at the same dtype."""
+    from lora_triton.format import NF4Weight
+    from lora_triton.ops.multi_lora import mixed_nf4_linear
+
+    gen = torch.Generator().manual_seed(m)
+    weight = NF4Weight.quantize(torch.randn(17, 192, generator=gen), 64, True)
+    values = dict(x=torch.randn(m, 192, generator=gen), bias=torch.randn(17, generator=gen),
+                  bank_a=torch.randn(4, 3, 192, generator=gen) / 8, bank_b=torch.randn(4, 17, 3, generator=gen))
+    scales = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    ids = torch.randint(-1, 4, (m,), generator=gen)
+    dy = torch.randn(m, 17, generator=gen)
+
+    def leaves(as_dtype):
+        return {name: t.to(as_dtype, copy=True).requires_grad_(need) for (name, t), need in zip(values.items(), needs)}
+
+    ours, plain, ref = leaves(dtype), leaves(dtype), leaves(torch.float64)
+    y = mixed_nf4_linear(ours["x"], weight, ours["bias"], ours["bank_a"], ours["bank_b"], scales, ids,
+                         training=True, backend="torch")
+    y_plain = _mixed_layer_reference(plain["x"], weight.dequantize(dtype), plain["bias"], plain["bank_a"],
+                                     plain["bank_b"], scales, ids)
+    y_ref = _mixed_layer_reference(ref["x"], weight.dequantize(torch.float64), ref["bias"], ref["bank_a"],
+                                   ref["bank_b"], scales, ids)
+    assert y.dtype == dtype and y.shape == (m, 17) and y.requires_grad == any(needs)
+    if m:
+        assert_like_torch(y, y_ref, y_plain, what="y")
+    if not any(needs):
+        return
+    for out in (y, y_plain, y_ref):
+        out.backward(dy.to(out.dtype))
+    for name, need in zip(values, needs):
+        if not need:
+            assert ours[name].grad is None, name
+        elif m:
+            assert_like_torch(ours[name].grad, ref[name].grad, plain[name].grad, what=f"d{name}")
+        else:
+            assert ours[name].grad.shape == values[name].shape and not ours[name].grad.any(), name
+
+
+def test_mixed_layer_node_bad_input():
+    from lora_triton.format import NF4Weight
+    from lora_triton.ops.multi_lora import mixed_nf4_linear
+
+    weight = NF4Weight.quantize(torch.randn(10, 64), 64, True)
+    x, bank_a, bank_b = torch.randn(3, 64), torch.randn(4, 2, 64), torch.randn(4, 10, 2)
+    scales, ids = torch.ones(4), torch.tensor([0, -1, 3])
+    with pytest.raises(TypeError, match="weight must be an NF4Weight"):
+        mixed_nf4_linear(x, weight.dequantize(torch.float32), None, bank_a, bank_b, scales, ids)
+    with pytest.raises(ValueError, match="in_features=64"):
+        mixed_nf4_linear(x[:, :32], weight, None, bank_a, bank_b, scales, ids)
+    with pytest.raises(ValueError, match=r"bank_b must have shape \[4, 10, 2\]"):
+        mixed_nf4_linear(x, weight, None, bank_a, bank_b[:, :5], scales, ids)
+    with pytest.raises(TypeError, match="scales must be float32 and ids int64"):
+        mixed_nf4_linear(x, weight, None, bank_a, bank_b, scales, ids.int())
+    with pytest.raises(ValueError, match=r"bias must have shape \[10\]"):
+        mixed_nf4_linear(x, weight, torch.zeros(9), bank_a, bank_b, scales, ids)
+    with pytest.raises(ValueError, match=r"dropout must be a float32 tensor \[4\]"):
+        mixed_nf4_linear(x, weight, None, bank_a, bank_b, scales, ids, dropout=torch.zeros(3), training=True)

@@ -148,8 +148,7 @@ def _autotuned(configs: tuple[triton.Config, ...]):
 
 def launch_dx(dy: torch.Tensor, g: torch.Tensor, lora_a: torch.Tensor, dx: torch.Tensor, weight_args: tuple,
               scale: float, seed: torch.Tensor | None, dropout_p: float, *, blocksize: int, double_quant: bool,
-              table: str,
-              r_pad: int, m_bucket: int, config: triton.Config | dict | None = None,
+              table: str, r_pad: int, m_bucket: int, config: triton.Config | dict | None = None,
               autotune: tuple[triton.Config, ...] | None = None) -> torch.Tensor:
     """Fill ``dx [M, K]`` with ``dy @ dequant(W) + scale * (g @ lora_a) * mask`` (``dy [M, N]``, ``g [M, r]``,
     ``lora_a [r, K]``, ``dx`` in one dtype, contiguous; ``weight_args`` = ``nf4_decode.kernel_args``),

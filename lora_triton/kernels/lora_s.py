@@ -67,8 +67,8 @@ def s_kernel_smem(block_m: int, block_k: int, stages: int, elem_bytes: int, r_pa
 
 
 def launch_lora_s(x: torch.Tensor, lora_a: torch.Tensor, s: torch.Tensor, seed: torch.Tensor | None,
-                  dropout_p: float, *,
-                  r_pad: int, block_m: int, block_k: int, num_stages: int, num_warps: int) -> None:
+                  dropout_p: float, *, r_pad: int, block_m: int, block_k: int, num_stages: int,
+                  num_warps: int) -> None:
     """Fill ``s [M, r]`` with ``drop(x) @ A^T`` (``x [M, K]``, ``lora_a [r, K]``, one dtype, contiguous;
     ``seed``: int32 0-d on x's device, None without dropout)."""
     m, k = x.shape

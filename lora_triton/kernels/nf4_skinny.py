@@ -308,9 +308,8 @@ def skinny_smem(config: dict, elem_bytes: int, r_pad: int) -> int:
 
 
 def launch_skinny(x, weight_args, lora_a, lora_b, bias, y, s, scale: float, dropout_p: float,
-                  seed: torch.Tensor | None, *,
-                  blocksize: int, double_quant: bool, r_pad: int, dot_precision: str, table: str,
-                  block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
+                  seed: torch.Tensor | None, *, blocksize: int, double_quant: bool, r_pad: int, dot_precision: str,
+                  table: str, block_n: int, block_k: int, split_k: int, block_m: int = BLOCK_M, num_warps: int = 4,
                   num_stages: int = 3, maxnreg: int | None = None, s_first: bool = False,
                   scale_weights: bool = False) -> None:
     """Fill ``y [M, N]`` and ``S [M, r]`` (preallocated, x's dtype) with one launch.

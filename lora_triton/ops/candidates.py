@@ -80,7 +80,7 @@ def new_output(*shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 class Operands:
     """One layer call's operands, prepared by the op: ``x [M, K]``, adapter and bias in x's dtype, all
     contiguous on x's device; ``dropout_p`` applied with the mask of ``seed`` (``ops.dropout``: an int32 0-d
-    tensor on x's device, None without dropout)."""
+    tensor, on x's device where Triton runs, on the CPU elsewhere; None without dropout)."""
 
     x: Tensor
     weight: NF4Weight

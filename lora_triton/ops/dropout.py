@@ -24,6 +24,8 @@ from torch import Tensor
 
 from ..kernels.runtime import can_launch
 
+_CPU = torch.device("cpu")
+
 
 def new_seed(device: torch.device) -> Tensor:
     """A fresh dropout seed: int32 0-d in ``[0, 2**31 - 1)``, drawn on ``device`` where Triton's kernels load
@@ -37,8 +39,6 @@ def as_seed(seed: int | Tensor, device: torch.device) -> Tensor:
     """``seed`` as the tensor the kernels load: a Python int (tests, benchmarks) is copied to ``device``."""
     return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int32, device=device)
 
-
-_CPU = torch.device("cpu")
 
 
 def uniforms(seed: int | Tensor, m: int, k: int, device: torch.device) -> Tensor:

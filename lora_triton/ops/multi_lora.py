@@ -36,7 +36,7 @@ from . import dispatch
 from .candidates import Operands, Problem, adapter_mask, one_adapter_per_row
 from .dropout import dropout_mask, new_seed
 from .lora_nf4 import layer_backward, layer_forward, nf4_linear, resolve_backend
-from .validate import check_base_inputs, check_mixed_operands, check_on_device
+from .validate import check_base_inputs, check_dropout_probabilities, check_mixed_operands
 
 BACKENDS = ("triton", "torch")
 
@@ -152,17 +152,6 @@ class _EagerMixed(torch.autograd.Function):
         return dy if ctx.needs_input_grad[0] else None, dx, da, db, None, None, None, None, None
 
 
-def check_dropout_probabilities(dropout, n_adapters: int, device: torch.device, check_values: bool) -> None:
-    """``dropout``: a float32 tensor ``[n_adapters]`` on ``device`` (with ``check_values``: each in ``[0, 1)``,
-    checked on the device)."""
-    if not isinstance(dropout, Tensor) or dropout.dtype != torch.float32 or tuple(dropout.shape) != (
-            n_adapters,) or dropout.device != device:
-        raise ValueError(f"dropout must be a float32 tensor [{n_adapters}] on {device} (one probability "
-                         f"per adapter), got {dropout!r}")
-    if check_values and not torch.compiler.is_compiling():
-        check_on_device(((dropout >= 0) & (dropout < 1)).all(), "dropout probabilities must be in [0, 1)")
-
-
 def multi_lora_add(base: Tensor, x: Tensor, bank_a: Tensor, bank_b: Tensor, scales: Tensor, ids: Tensor,
                    dropout: Tensor | None = None, training: bool = False, backend: str = "torch",
                    check_values: bool = True) -> Tensor:
@@ -242,7 +231,7 @@ def mixed_nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None, bank_a: 
     only the shapes are checked and nothing is read). Eager calls run one autograd node; under
     ``torch.compile`` the two ops run."""
     check_base_inputs(x, weight, bias)
-    check_mixed_operands(None, x, bank_a, bank_b, scales, ids, check_values=False)
+    check_mixed_operands(None, x, bank_a, bank_b, scales, ids, check_values=False, out_features=weight.shape[0])
     backend = resolve_backend(x.device, backend)
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         base = nf4_linear(x, weight, bias, backend)

@@ -136,6 +136,17 @@ def check_on_device(ok: Tensor, message: str) -> None:
         raise ValueError(message) from None
 
 
+def check_dropout_probabilities(dropout, n_adapters: int, device: torch.device, check_values: bool) -> None:
+    """``dropout``: a float32 tensor ``[n_adapters]`` on ``device`` (with ``check_values``: each in ``[0, 1)``,
+    checked on the device)."""
+    if not isinstance(dropout, Tensor) or dropout.dtype != torch.float32 or tuple(dropout.shape) != (
+            n_adapters,) or dropout.device != device:
+        raise ValueError(f"dropout must be a float32 tensor [{n_adapters}] on {device} (one probability "
+                         f"per adapter), got {dropout!r}")
+    if check_values and not torch.compiler.is_compiling():
+        check_on_device(((dropout >= 0) & (dropout < 1)).all(), "dropout probabilities must be in [0, 1)")
+
+
 def check_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> None:
     """Prepared operands of one candidate (``ops.candidates``): ``x [M, K]``, adapter and bias in x's dtype,
     every tensor contiguous on x's device."""
@@ -157,9 +168,10 @@ def check_operands(x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed) ->
     check_seed(seed, x2d.device)
 
 
-def check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values: bool = True) -> None:
-    """The operands of ``ops.multi_lora_add``: ``base [M, N]`` (None: computed by the caller's op, ``N`` read
-    off ``bank_b``), ``x [M, K]``, ``bank_a [n, R, K]``, ``bank_b [n, N, R]`` (x's float dtype), ``scales``
+def check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values: bool = True,
+                         out_features: int | None = None) -> None:
+    """The operands of ``ops.multi_lora_add``: ``base [M, N]`` (None: computed by the caller's op, ``N`` is
+    ``out_features``), ``x [M, K]``, ``bank_a [n, R, K]``, ``bank_b [n, N, R]`` (x's float dtype), ``scales``
     float32 ``[n]``, ``ids`` int64 ``[M]`` on one device. With ``check_values`` (eager only, checked on the
     device: ``check_on_device``) the ids must be in ``[-1, n)`` and the scales finite."""
     named = (("base", base), ("x", x), ("bank_a", bank_a), ("bank_b", bank_b), ("scales", scales), ("ids", ids))
@@ -172,7 +184,7 @@ def check_mixed_operands(base, x, bank_a, bank_b, scales, ids, check_values: boo
                          f"{None if base is None else list(base.shape)}, x {list(x.shape)}, bank_a "
                          f"{list(bank_a.shape)}, bank_b {list(bank_b.shape)}")
     (m, k), (n_adapters, r, _) = x.shape, bank_a.shape
-    n = bank_b.shape[1] if base is None else base.shape[1]
+    n = out_features if base is None else base.shape[1]
     want = {"base": (m, n), "x": (m, k), "bank_a": (n_adapters, r, k), "bank_b": (n_adapters, n, r),
             "scales": (n_adapters,), "ids": (m,)}
     for name, t in named:
